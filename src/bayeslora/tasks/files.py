@@ -1,0 +1,116 @@
+"""Local JSONL task files, validated line by line.
+
+Two schemas, one JSON object per line (blank lines are skipped); every line of a file has the same one:
+
+* multiple choice: ``{"question": str, "choices": [str, ...], "answer": int}`` (at least two choices,
+  ``answer`` indexes ``choices``), optionally ``"context": str``, the cloze prompt the choices continue
+  (default ``"Question: <question>\\nAnswer:"``);
+* classification: ``{"text": str, "text_pair": str (optional), "label": int}`` (labels 0..K-1).
+
+A file serves as whichever split it is given for: ``--task file.jsonl`` trains on all of it,
+``--eval-tasks file.jsonl`` or ``bayeslora eval --task file.jsonl`` evaluates on all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import ClassificationExample, MultipleChoiceExample, Task
+
+_MC_KEYS = {"question", "choices", "answer"}
+_CLS_KEYS = {"text", "label"}
+_MC_ALLOWED = _MC_KEYS | {"context", "id"}
+_CLS_ALLOWED = _CLS_KEYS | {"text_pair", "id"}
+
+
+class TaskFileError(ValueError):
+    """A task file line that does not fit its schema; the message names the file, line and reason."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_line(row: object) -> MultipleChoiceExample | ClassificationExample:
+    """Validate one decoded JSON line and build its example; ``ValueError`` says what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    keys = set(row)
+    if keys >= _MC_KEYS:
+        if unknown := keys - _MC_ALLOWED:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} for a multiple-choice line")
+        question, choices, answer = row["question"], row["choices"], row["answer"]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError('"question" must be a non-empty string')
+        if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise ValueError('"choices" must be a list of non-empty strings')
+        if len(choices) < 2:
+            raise ValueError(f'"choices" needs at least 2 entries, got {len(choices)}')
+        if not _is_int(answer) or not 0 <= answer < len(choices):
+            raise ValueError(f'"answer" must be an integer index into the {len(choices)} choices, got {answer!r}')
+        context = row.get("context")
+        if context is not None and not isinstance(context, str):
+            raise ValueError('"context" must be a string')
+        return MultipleChoiceExample.from_question(question.strip(), choices, answer, context=context)
+    if keys >= _CLS_KEYS:
+        if unknown := keys - _CLS_ALLOWED:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} for a classification line")
+        text, label, pair = row["text"], row["label"], row.get("text_pair")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError('"text" must be a non-empty string')
+        if pair is not None and not isinstance(pair, str):
+            raise ValueError('"text_pair" must be a string')
+        if not _is_int(label) or label < 0:
+            raise ValueError(f'"label" must be a non-negative integer, got {label!r}')
+        return ClassificationExample(text=text, label=label, text_pair=pair)
+    raise ValueError(
+        f"fields {sorted(keys)} fit neither schema: multiple choice needs question, choices, answer; "
+        f"classification needs text, label"
+    )
+
+
+def load_jsonl_task(path: str | Path) -> Task:
+    """A :class:`Task` from a local JSONL file (both splits are the whole file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(f"Task file {path} does not exist.")
+    examples: list[MultipleChoiceExample | ClassificationExample] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = parse_line(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise TaskFileError(f"{path}, line {number}: not valid JSON ({error.msg}).") from error
+            except ValueError as error:
+                raise TaskFileError(f"{path}, line {number}: {error}.") from error
+            if examples and type(example) is not type(examples[0]):
+                raise TaskFileError(
+                    f"{path}, line {number}: mixes schemas (earlier lines are "
+                    f"{_kind_of(examples[0])}, this one is {_kind_of(example)})."
+                )
+            examples.append(example)
+    if not examples:
+        raise TaskFileError(f"Task file {path} has no examples.")
+    if isinstance(examples[0], MultipleChoiceExample):
+        kind, num_classes = "multiple-choice", max(e.num_classes for e in examples)
+    else:
+        kind = "classification"
+        num_classes = max(e.label for e in examples) + 1
+        if num_classes < 2:
+            raise TaskFileError(f"{path}: classification needs at least 2 labels, found only label 0.")
+    return Task(
+        name=str(path),
+        kind=kind,
+        train=examples,
+        eval=examples,
+        num_classes=num_classes,
+        source=f"local file {path} ({len(examples)} examples)",
+        heldout_eval=False,
+    )
+
+
+def _kind_of(example) -> str:
+    return "multiple choice" if isinstance(example, MultipleChoiceExample) else "classification"

@@ -1,0 +1,345 @@
+"""The Python API, mirroring the CLI: ``train`` a run, ``evaluate`` a run (or a base model zero-shot).
+
+import bayeslora as bl
+
+run = bl.train(model="smollm2-135m", task="arc-easy", method="lora", max_steps=100, batch_size=4,
+               lr=3e-4, output_dir="runs/arc-lora")
+metrics = bl.evaluate(run, task="obqa", limit=200)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import transformers
+from torch import nn
+
+from .config import RunConfig, make_config
+from .evaluation import eval_examples, evaluate_model, write_evaluation
+from .io import read_json, write_dir_atomic, write_json_atomic, write_text_atomic
+from .methods import get_method
+from .models import check_target_modules, default_target_modules, load_model
+from .runs import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    TRAIN_LOG,
+    TRAIN_SUMMARY,
+    RunExistsError,
+    eval_dir,
+    new_run_dir,
+    read_run_config,
+)
+from .scoring import Scorer, make_scorer
+from .system import peak_memory_mb, versions
+from .tasks import DATA_SEED, Task, load_task, seeded_subset
+from .training import BayesLoraTrainer, ExampleDataset, JsonlLogger, training_arguments
+
+
+def _head_for(task: Task) -> str:
+    return "classification" if task.kind == "classification" else "causal-lm"
+
+
+def _resolved_scoring(task: Task, scoring: str | None) -> str:
+    if task.kind == "classification":
+        return "classification"
+    return scoring or "cloze"
+
+
+def _check_eval_task(train_task: Task, eval_task: Task) -> None:
+    """An evaluation task must fit the trained head."""
+    if _head_for(train_task) != _head_for(eval_task):
+        raise ValueError(
+            f"Cannot evaluate a model trained on '{train_task.name}' ({train_task.kind}) on "
+            f"'{eval_task.name}' ({eval_task.kind}): the task kinds differ."
+        )
+    if train_task.kind == "classification" and train_task.num_classes != eval_task.num_classes:
+        raise ValueError(
+            f"'{eval_task.name}' has {eval_task.num_classes} classes but the head trained on "
+            f"'{train_task.name}' has {train_task.num_classes}."
+        )
+
+
+def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | None = None) -> Scorer:
+    """The scorer a run uses for ``task``."""
+    return make_scorer(
+        task,
+        tokenizer,
+        _resolved_scoring(task, config.scoring),
+        max_length=config.max_length,
+        cloze_normalization=config.cloze_normalization,
+        num_classes=num_classes,
+    )
+
+
+def attach_adapter(model: nn.Module, config: RunConfig, task: Task):
+    """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model)."""
+    from peft import get_peft_model
+
+    method = get_method(config.method)
+    targets = config.target_modules or default_target_modules(model)
+    check_target_modules(model, targets)
+    task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
+    with warnings.catch_warnings():
+        # Adapting a tied lm_head (SmolLM2) is intended: the adapter acts on the output head only and the
+        # shared embedding matrix itself is never changed, so PEFT's tying warning does not apply.
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        return get_peft_model(model, method.build_config(config, targets, task_type)), targets
+
+
+def save_adapter(model: nn.Module, path: Path) -> None:
+    """Save the PEFT adapter to ``path`` atomically. Only adapter weights are written: the base model's
+    embeddings are never changed (LoRA on a tied ``lm_head`` leaves the shared matrix as it is), so PEFT's
+    habit of saving whole embedding matrices when an embedding-tied layer is adapted is turned off."""
+    write_dir_atomic(path, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+
+
+def _trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train(
+    config: RunConfig | None = None,
+    *,
+    recipe: str | Path | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Fine-tune a model and evaluate it; returns the run directory.
+
+    Args:
+        config: a full :class:`RunConfig`; or build one from ``recipe`` (YAML) and ``overrides``.
+        progress: show progress bars.
+
+    Everything is validated (options, method, tasks) before the run directory is created; the directory
+    is refused if it exists, unless ``overwrite`` (see :func:`bayeslora.runs.new_run_dir`).
+    """
+    if config is None:
+        config = make_config(recipe, **overrides)
+    elif recipe or overrides:
+        raise ValueError("pass either a RunConfig or recipe/overrides, not both")
+    config.validate()
+    get_method(config.method)
+    task = load_task(config.task)
+    train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
+    eval_names = config.eval_tasks if config.eval_tasks is not None else ([config.task] if task.heldout_eval else [])
+    eval_tasks = [task if name == config.task else load_task(name) for name in eval_names]
+    for eval_task in eval_tasks:
+        _check_eval_task(task, eval_task)
+    run_dir = config.resolved_output_dir()
+    if run_dir.exists() and not config.overwrite:  # fail before loading anything heavy
+        raise RunExistsError(
+            f"Run directory {run_dir} already exists. Choose another --output-dir, or pass --overwrite to "
+            f"replace it (the old run is kept until the new one finishes)."
+        )
+
+    with new_run_dir(run_dir, config.overwrite) as run:
+        transformers.set_seed(config.seed)
+        model, tokenizer = _load_for(config, task)
+        model, targets = attach_adapter(model, config, task)
+        resolved = dataclasses.replace(
+            config,
+            target_modules=targets,
+            scoring=None if task.kind == "classification" else _resolved_scoring(task, config.scoring),
+            output_dir=str(run_dir),
+            overwrite=False,
+            eval_tasks=eval_names,
+        )
+        _write_config(run / CONFIG_FILE, resolved)
+        scorer = build_scorer(task, tokenizer, config)
+        trainer = BayesLoraTrainer(
+            model=model,
+            args=training_arguments(config, run / "checkpoints", progress=progress),
+            train_dataset=ExampleDataset(train_examples),
+            data_collator=scorer.collate,
+            scorer=scorer,
+            callbacks=[JsonlLogger(run / TRAIN_LOG)],
+        )
+        output = trainer.train()
+        model = trainer.model
+        save_adapter(model, run / ADAPTER_DIR)
+        device = next(model.parameters()).device
+        summary = {
+            "task": config.task,
+            "method": config.method,
+            "model": config.model,
+            "task_source": task.source,
+            "train_examples": len(train_examples),
+            "steps": output.global_step,
+            "train_loss": output.training_loss,
+            "train_runtime_s": round(output.metrics.get("train_runtime", 0.0), 2),
+            "step_time_s": round(output.metrics.get("train_runtime", 0.0) / max(1, output.global_step), 3),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "trainable_params": _trainable_parameters(model),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "versions": versions(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(run / TRAIN_SUMMARY, summary)
+        for eval_task in eval_tasks:
+            _evaluate_and_write(model, tokenizer, resolved, task, eval_task, run, summary, progress=progress)
+    return run_dir
+
+
+def _write_config(path: Path, config: RunConfig) -> None:
+    import yaml
+
+    header = (
+        "# bayeslora run configuration (resolved). Reproduce with:\n"
+        f"#   bayeslora train --config {path} --output-dir <new dir>\n"
+    )
+    write_text_atomic(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _resolve_samples(config: RunConfig, samples: int | None) -> int:
+    """Posterior samples for an evaluation: 1 for zero-shot and deterministic methods."""
+    if config.method == ZERO_SHOT:
+        return 1
+    return get_method(config.method).samples(samples if samples is not None else config.samples)
+
+
+def _evaluate_and_write(
+    model: nn.Module,
+    tokenizer,
+    config: RunConfig,
+    train_task: Task,
+    eval_task: Task,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    *,
+    samples: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    out_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``eval_task`` and write ``eval/<task>/`` of ``run_dir`` (or ``out_dir``)."""
+    n_samples = _resolve_samples(config, samples)
+    num_classes = train_task.num_classes if eval_task.kind == "classification" else None
+    scorer = build_scorer(eval_task, tokenizer, config, num_classes=num_classes)
+    limit = limit if limit is not None else config.limit
+    examples = eval_examples(eval_task, limit)
+    metrics, prediction = evaluate_model(
+        model,
+        scorer,
+        examples,
+        n_samples=n_samples,
+        batch_size=batch_size or config.eval_batch_size,
+        progress=progress,
+    )
+    record: dict[str, Any] = {
+        "task": eval_task.name,
+        "method": config.method,
+        "model": config.model,
+        "scoring": scorer.name,
+        **({"cloze_normalization": config.cloze_normalization} if scorer.name == "cloze" else {}),
+        **metrics,
+        "limit": limit,
+        "seed": config.seed,
+        "run": str(run_dir),
+        "task_source": eval_task.source,
+    }
+    if summary:
+        record["train_task"] = train_task.name
+        for key in ("steps", "trainable_params", "train_runtime_s", "step_time_s", "peak_memory_mb"):
+            if key in summary:
+                record[key] = summary[key]
+    out_dir = out_dir or eval_dir(run_dir, eval_task.name)
+    title = f"{config.method} on {eval_task.name} ({scorer.name}, N={n_samples})"
+    write_evaluation(out_dir, record, prediction, title)
+    return record
+
+
+ZERO_SHOT = "zero-shot"
+
+
+def _load_for(config: RunConfig, task: Task):
+    """The base model and tokenizer of ``config`` with the head ``task`` needs."""
+    return load_model(
+        config.model,
+        head=_head_for(task),
+        num_labels=task.num_classes if task.kind == "classification" else None,
+        num_layers=config.num_layers,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def evaluate(
+    run: str | Path | None = None,
+    *,
+    model: str | None = None,
+    task: str | None = None,
+    samples: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate a trained run (``run``) or a base model zero-shot (``model``); returns the metrics.
+
+    Args:
+        run: a run directory written by :func:`train`.
+        model: instead of a run, a base model evaluated without adapter (method ``zero-shot``).
+        task: evaluation task (default: the run's training task).
+        samples: posterior samples (default: the method's; 0 = posterior mean for Bayesian methods).
+        limit: evaluate on a fixed seeded subsample of this many examples.
+        output_dir: the directory whose ``eval/<task>/`` receives the results (default: the run directory;
+            for zero-shot ``runs/<model>-zero-shot``).
+        overwrite: replace an existing ``eval/<task>/`` (refused otherwise).
+        options: further RunConfig options, e.g. ``scoring``, ``num_layers``, ``max_length``.
+    """
+    if (run is None) == (model is None):
+        raise ValueError("evaluate needs exactly one of a run directory or a base model")
+    if run is not None:
+        stored = read_run_config(run)
+        config = make_config(**{**stored, **options})
+        train_task = load_task(config.task)
+        eval_task = train_task if task in (None, config.task) else load_task(task)
+        _check_eval_task(train_task, eval_task)
+        base_dir = Path(output_dir) if output_dir else Path(run)
+    else:
+        if task is None:
+            raise ValueError("zero-shot evaluation needs a task")
+        config = dataclasses.replace(make_config(model=model, task=task, **options), method=ZERO_SHOT)
+        eval_task = train_task = load_task(task)
+        if eval_task.kind == "classification":
+            raise ValueError(
+                f"'{task}' is a classification task: a base model has no trained classification head to "
+                f"evaluate zero-shot. Train a run first."
+            )
+        base_dir = Path(output_dir) if output_dir else Path("runs") / f"{Path(model).name}-zero-shot"
+    out_dir = eval_dir(base_dir, eval_task.name)
+    if out_dir.exists() and not overwrite:
+        raise RunExistsError(
+            f"{out_dir} already holds an evaluation. Pass --overwrite to replace it, or --output-dir to write "
+            f"elsewhere."
+        )
+    network, tokenizer = _load_for(config, train_task)
+    summary = None
+    if run is not None:
+        from peft import PeftModel
+
+        network = PeftModel.from_pretrained(network, str(Path(run) / ADAPTER_DIR))
+        summary_path = Path(run) / TRAIN_SUMMARY
+        summary = read_json(summary_path) if summary_path.is_file() else None
+    network.eval()
+    return _evaluate_and_write(
+        network,
+        tokenizer,
+        config,
+        train_task,
+        eval_task,
+        base_dir,
+        summary,
+        samples=samples,
+        limit=limit,
+        batch_size=batch_size,
+        out_dir=out_dir,
+        progress=progress,
+    )

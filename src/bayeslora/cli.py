@@ -1,0 +1,186 @@
+"""The ``bayeslora`` command line: train | eval | demo | env | tasks | methods.
+
+``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
+so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
+recipe < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from .assets import AssetNotInstalledError
+from .config import RunConfig, coerce_value, field_type, make_config
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One flag per RunConfig field (or the fields in ``only``), defaulting to "not given"."""
+    for f in dataclasses.fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        scalar, is_list, _ = field_type(f)
+        kwargs: dict = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if scalar is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.name.upper()
+            if is_list:
+                kwargs["nargs"] = "+"
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {key: coerce_value(key, value) for key, value in vars(args).items() if key in names}
+    return make_config(getattr(args, "config", None), **overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    config = _config_from_args(args)
+    run = train(config, progress=not args.quiet)
+    print(f"\nRun written to {run}")
+    _print_run_metrics(run)
+    return 0
+
+
+def _print_run_metrics(run) -> None:
+    from .io import read_json
+    from .report import format_table
+    from .runs import EVAL_DIR
+
+    rows = [read_json(p) for p in sorted((run / EVAL_DIR).glob("*/metrics.json"))]
+    if rows:
+        print(format_table(rows))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate
+    from .report import format_table
+
+    options = {
+        key: coerce_value(key, value)
+        for key, value in vars(args).items()
+        if key in ("scoring", "num_layers", "max_length", "dtype", "cloze_normalization", "eval_batch_size")
+    }
+    metrics = evaluate(
+        args.run,
+        model=args.model,
+        task=args.task,
+        samples=args.samples,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        **options,
+    )
+    print(format_table([metrics]))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, progress=not args.quiet)
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from . import assets
+    from .system import device_summary, versions
+
+    info = {
+        "versions": versions(),
+        "devices": device_summary(),
+        "cache_dir": str(assets.cache_dir()),
+        "embedded_assets": assets.installed_assets(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS
+
+    for spec in TASKS.values():
+        print(f"{spec.name:15s} {spec.kind:16s} {spec.description}")
+    print(f"{'mmlu:<subject>':15s} {'multiple-choice':16s} one MMLU subject (evaluation only)")
+    print(f"{'<file>.jsonl':15s} {'either':16s} a local JSONL file (see README, 'Task files')")
+    print(f"{'hf:<id>':15s} {'either':16s} a Hugging Face dataset (needs the network)")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+
+    for method in METHODS.values():
+        print(f"{method.name:12s} {method.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bayeslora`` command."""
+    parser = argparse.ArgumentParser(
+        prog="bayeslora",
+        description="Bayesian fine-tuning of language models with low-rank adapters.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback on errors.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="Fine-tune a model, then evaluate it.")
+    train.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe of options (flags override it).")
+    _add_config_flags(train)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="Evaluate a run (or a base model zero-shot).")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="Run directory written by `bayeslora train`.")
+    source.add_argument("--model", help="Evaluate this base model zero-shot instead of a run.")
+    evaluate.add_argument("--task", help="Evaluation task (default: the run's training task).")
+    evaluate.add_argument("--samples", type=int, help="Posterior samples (0: posterior mean).")
+    evaluate.add_argument("--limit", type=int, help="Fixed seeded subsample of this many examples.")
+    evaluate.add_argument("--output-dir", help="Write eval/<task>/ here instead of into the run.")
+    evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing eval/<task>/.")
+    _add_config_flags(
+        evaluate,
+        only=("scoring", "cloze_normalization", "num_layers", "max_length", "dtype", "eval_batch_size"),
+    )
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    demo = commands.add_parser("demo", help="Fine-tune the embedded default and print the calibration table.")
+    demo.add_argument("--output-dir", default=None, help="Where the demo runs go (default: runs/demo-<time>).")
+    demo.set_defaults(handler=_cmd_demo)
+
+    commands.add_parser("env", help="Versions, devices, cache and embedded assets.").set_defaults(handler=_cmd_env)
+    commands.add_parser("tasks", help="List the built-in tasks.").set_defaults(handler=_cmd_tasks)
+    commands.add_parser("methods", help="List the methods.").set_defaults(handler=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bayeslora`` console script; errors print one clear message and exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError, AssetNotInstalledError) as error:
+        if args.debug:
+            raise
+        print(f"bayeslora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

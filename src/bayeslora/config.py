@@ -1,0 +1,204 @@
+"""The run configuration: one dataclass whose fields carry their help text.
+
+The same fields are the CLI flags (``--batch-size``), the keys of a YAML recipe (``batch_size: 8``) and
+the ``config.yaml`` a run directory keeps to be reproduced. Precedence: defaults < recipe < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import read_yaml
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with help text (and optional CLI choices)."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a fine-tuning run; ``config.yaml`` in a run directory is this, resolved."""
+
+    # --- what to train ---
+    model: str = _opt("smollm2-135m", "Base model: built-in alias (smollm2-135m, minilm-l6), local folder or HF id.")
+    task: str = _opt("arc-easy", "Training task: registry name (see `bayeslora tasks`), local .jsonl file or hf:<id>.")
+    method: str = _opt("lora", "Adapter method (see `bayeslora methods`).")
+    scoring: str | None = _opt(
+        None,
+        "How a multiple-choice task is scored: cloze (each choice's log-likelihood; the default, learns on "
+        "small models) or letter (next-token logits of A/B/C..., the BLoB protocol for 7B-class models).",
+        choices=("cloze", "letter"),
+    )
+    cloze_normalization: str = _opt(
+        "mean",
+        "Cloze choice score: mean or sum of the continuation's token log-likelihoods.",
+        choices=("mean", "sum"),
+    )
+    # --- adapter ---
+    rank: int = _opt(8, "LoRA rank r.")
+    alpha: float = _opt(16.0, "LoRA scaling numerator: ΔW is scaled by alpha / rank.")
+    dropout: float = _opt(0.0, "Dropout on the adapter input during training.")
+    target_modules: list[str] | None = _opt(
+        None,
+        "Modules to adapt (names of linear layers); default per architecture (Llama: q_proj v_proj lm_head).",
+    )
+    # --- training ---
+    max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
+    epochs: float = _opt(1.0, "Passes over the training set (used when --max-steps is not set).")
+    batch_size: int = _opt(8, "Examples (questions) per optimizer step and device, before accumulation.")
+    grad_accum: int = _opt(1, "Gradient accumulation steps.")
+    lr: float = _opt(1e-4, "Peak learning rate of AdamW (linear warm-up, then linear decay to 0).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _opt(0.06, "Fraction of the steps spent warming the learning rate up.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    train_size: int | None = _opt(None, "Train on a fixed seeded subsample of this many examples.")
+    max_length: int = _opt(512, "Longest token sequence; longer prompts lose their beginning (with a warning).")
+    seed: int = _opt(1, "Random seed (adapter initialisation, data order, posterior samples).")
+    # --- evaluation ---
+    eval_tasks: list[str] | None = _opt(
+        None,
+        "Tasks to evaluate on after training (default: the training task, when it has an evaluation split).",
+    )
+    samples: int | None = _opt(
+        None, "Posterior samples averaged at evaluation (default: the method's; 1 for deterministic methods)."
+    )
+    eval_batch_size: int = _opt(16, "Examples per evaluation batch.")
+    limit: int | None = _opt(None, "Evaluate on a fixed seeded subsample of this many examples.")
+    # --- system ---
+    output_dir: str | None = _opt(None, "Run directory (default: runs/<task>-<method>-seed<seed>).")
+    overwrite: bool = _opt(False, "Replace an existing run directory (it is kept until the new run succeeds).")
+    num_layers: int | None = _opt(None, "Keep only the first N transformer blocks (quick experiments, tests).")
+    dtype: str = _opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.")
+    report_to: list[str] = _opt(["none"], "Trainer logging integrations (tensorboard, wandb, ...), or none.")
+    logging_steps: int = _opt(10, "Log the training loss every N steps.")
+    trust_remote_code: bool = _opt(False, "Allow models whose code lives on the Hub (off: only trusted code runs).")
+
+    def resolved_output_dir(self) -> Path:
+        """The run directory: ``output_dir``, else ``runs/<task>-<method>-seed<seed>``."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        task = Path(self.task).stem if self.task.endswith(".jsonl") else self.task.replace(":", "-").replace("/", "-")
+        return Path("runs") / f"{task}-{self.method}-seed{self.seed}"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming every option that is out of range, and how to fix it."""
+        problems = []
+        if self.rank <= 0:
+            problems.append(f"--rank must be a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            problems.append(f"--alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            problems.append(f"--max-steps must be positive, got {self.max_steps}")
+        if self.epochs <= 0:
+            problems.append(f"--epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "max_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.samples is not None and self.samples < 0:
+            problems.append(f"--samples must be >= 0 (0 = posterior mean), got {self.samples}")
+        for name in ("train_size", "limit", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("scoring", "cloze_normalization"):
+            choices = _choices(name)
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'")
+        if self.target_modules is not None and not self.target_modules:
+            problems.append("--target-modules is empty")
+        if problems:
+            raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    return next(f.metadata.get("choices", ()) for f in dataclasses.fields(RunConfig) if f.name == name)
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(scalar type, is_list, is_optional) of a RunConfig field."""
+    hint = typing.get_type_hints(RunConfig)[f.name]
+    optional = False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        optional = True
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    """Check and convert one recipe / flag value to the field's type (``ValueError`` if it does not fit)."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    if name not in fields:
+        raise ValueError(f"Unknown option '{name}'. Known options: {', '.join(fields)}.")
+    scalar, is_list, optional = field_type(fields[name])
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"Option '{name}' cannot be empty.")
+    if is_list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError(f"Option '{name}' must be a list, got {value!r}.")
+        return [_coerce_scalar(name, scalar, item) for item in items]
+    return _coerce_scalar(name, scalar, value)
+
+
+def _coerce_scalar(name: str, scalar: type, value: Any) -> Any:
+    if scalar is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"Option '{name}' must be true or false, got {value!r}.")
+    if scalar is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if scalar is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, scalar) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return scalar(value)
+        except ValueError:
+            pass
+    raise ValueError(f"Option '{name}' must be {scalar.__name__}, got {value!r}.")
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML recipe, checked against :class:`RunConfig` (unknown keys are errors)."""
+    data = read_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Recipe {path} must be a mapping of option: value, got {type(data).__name__}.")
+    return {key: coerce_value(key, value) for key, value in data.items()}
+
+
+def make_config(recipe: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """A validated :class:`RunConfig`: defaults, then the recipe's values, then ``overrides``."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({key: coerce_value(key, value) for key, value in overrides.items()})
+    config = RunConfig(**values)
+    config.validate()
+    return config

@@ -1,0 +1,124 @@
+"""The predictive distribution: class probabilities averaged over posterior samples.
+
+For a Bayesian adapter, ``p̄(y|x) = (1/N) Σ_s softmax(f(x; θ_s))`` with θ_s drawn from the posterior.
+The N samples of a batch run as ONE forward pass over the batch tiled N times (see
+:meth:`bayeslora.scoring.Scorer.repeat`): each copy of an example gets its own weight sample, which
+costs Me-LoRA only N·B small r×r matrices. Deterministic adapters use N = 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .scoring import Batch, Scorer
+from .tasks import Example
+
+
+@dataclass
+class Prediction:
+    """Predictions for a list of examples, in their original order.
+
+    Attributes:
+        probs: ``(N_examples, C)`` sample-averaged class probabilities (0 for missing choices).
+        labels: ``(N_examples,)`` true classes.
+        sample_probs: ``(n_samples, N_examples, C)`` per-sample probabilities, when kept.
+    """
+
+    probs: Tensor
+    labels: Tensor
+    sample_probs: Tensor | None = None
+
+
+def move_batch(batch: Batch, device: torch.device) -> Batch:
+    """All tensors of ``batch`` on ``device``."""
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, scorer: Scorer, batch: Batch, n_samples: int = 1) -> tuple[Tensor, Tensor]:
+    """Predictive probabilities of one collated batch.
+
+    Args:
+        model: the (adapted) model, in eval mode.
+        scorer: the scorer that collated ``batch``.
+        batch: a collated batch (moved to the model's device here).
+        n_samples: posterior samples averaged (1: one pass, as for deterministic adapters).
+
+    Returns:
+        ``(probs (B, C), sample_probs (n_samples, B, C))``.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    batch = move_batch(batch, model_device(model))
+    num_examples = batch["labels"].shape[0]
+    tiled = scorer.repeat(batch, n_samples) if n_samples > 1 else batch
+    logits = scorer.class_logits(model, tiled)  # (n_samples·B, C)
+    sample_probs = logits.float().softmax(-1).view(n_samples, num_examples, -1)  # (n_samples, B, C)
+    return sample_probs.mean(0), sample_probs
+
+
+def _length_order(examples: Sequence[Example]) -> list[int]:
+    """Example indices sorted by text length, so that batches hold similar lengths (less padding)."""
+
+    def size(example: Example) -> int:
+        if hasattr(example, "contexts"):
+            return len(set(example.contexts)) * len(example.contexts[0]) + sum(map(len, example.continuations))
+        return len(example.text) + len(example.text_pair or "")
+
+    return sorted(range(len(examples)), key=lambda i: size(examples[i]))
+
+
+def iterate_batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[int]]:
+    """Index batches in length order (eval only: the order is restored afterwards)."""
+    order = _length_order(examples)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def predict(
+    model: nn.Module,
+    scorer: Scorer,
+    examples: Sequence[Example],
+    *,
+    n_samples: int = 1,
+    batch_size: int = 16,
+    keep_samples: bool = False,
+    progress: bool = True,
+) -> Prediction:
+    """Predictive class probabilities for ``examples`` (sample-averaged over ``n_samples``).
+
+    Batches are formed by length (less padding) and the results put back in the original order.
+    ``keep_samples`` also returns the per-sample probabilities ``(n_samples, N, C)``.
+    """
+    if not examples:
+        raise ValueError("no examples to predict")
+    was_training = model.training
+    model.eval()
+    probs = torch.zeros(len(examples), scorer.num_classes)
+    samples = torch.zeros(n_samples, len(examples), scorer.num_classes) if keep_samples else None
+    labels = torch.zeros(len(examples), dtype=torch.long)
+    bar = tqdm(total=len(examples), desc="evaluating", unit="ex", disable=not progress, leave=False)
+    try:
+        for indices in iterate_batches(examples, batch_size):
+            batch = scorer.collate([examples[i] for i in indices])
+            mean, per_sample = predict_batch(model, scorer, batch, n_samples)
+            index = torch.tensor(indices)
+            probs[index] = mean.cpu()
+            labels[index] = batch["labels"]
+            if samples is not None:
+                samples[:, index] = per_sample.cpu()
+            bar.update(len(indices))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return Prediction(probs=probs, labels=labels, sample_probs=samples)

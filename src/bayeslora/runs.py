@@ -1,0 +1,91 @@
+"""The run directory: what a training run leaves behind, and how it is created safely.
+
+Layout::
+
+    <run>/
+      config.yaml          the resolved RunConfig + library versions (enough to reproduce the run)
+      train_log.jsonl      one JSON object per logging step (loss, nll, learning rate, ...)
+      train_summary.json   steps, wall time, step time, peak memory, trainable parameters
+      adapter/             PEFT format: adapter_config.json + adapter_model.safetensors
+      eval/<task>/         metrics.json, reliability.png, predictions.safetensors
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .io import read_yaml
+
+CONFIG_FILE = "config.yaml"
+TRAIN_LOG = "train_log.jsonl"
+TRAIN_SUMMARY = "train_summary.json"
+ADAPTER_DIR = "adapter"
+EVAL_DIR = "eval"
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already exists and overwriting was not requested."""
+
+
+def eval_dir(run_dir: str | Path, task: str) -> Path:
+    """``<run>/eval/<task>`` with the task name made safe as one path component."""
+    name = Path(task).stem if task.endswith(".jsonl") else task
+    return Path(run_dir) / EVAL_DIR / name.replace("/", "-").replace(":", "-")
+
+
+@contextmanager
+def new_run_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Create run directory ``path`` for the duration of a run.
+
+    An existing directory is an error unless ``overwrite``; then it is moved aside and deleted only when
+    the new run succeeds. If the new run fails, the old directory is put back and the failed attempt is
+    kept next to it as ``<name>.failed-<time>``, so no earlier result is ever lost.
+    """
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = None
+    if path.exists():
+        if not overwrite:
+            raise RunExistsError(
+                f"Run directory {path} already exists. Choose another --output-dir, or pass --overwrite to "
+                f"replace it (the old run is kept until the new one finishes)."
+            )
+        backup = path.with_name(f".{path.name}.replaced-{stamp}")
+        os.replace(path, backup)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    except BaseException:
+        if backup is not None:
+            failed = path.with_name(f"{path.name}.failed-{stamp}")
+            os.replace(path, failed)
+            os.replace(backup, path)
+            print(f"The run failed; {path} is restored, the failed attempt is in {failed}.", file=sys.stderr)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The ``config.yaml`` of a finished run, with a clear error if ``run_dir`` is not one."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a bayeslora run directory: {CONFIG_FILE} is missing.")
+    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} holds no trained adapter ({ADAPTER_DIR}/adapter_config.json is missing): the run did not "
+            f"finish. Train it again with --overwrite."
+        )
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a bayeslora run configuration (expected a mapping of options).")
+    return data

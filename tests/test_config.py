@@ -1,0 +1,97 @@
+"""RunConfig: coercion, recipes, precedence and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from bayeslora.config import RunConfig, coerce_value, load_recipe, make_config
+
+
+def test_precedence_defaults_then_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rank: 4\nlr: 0.001\ntarget_modules: [q_proj, v_proj]\n")
+    config = make_config(recipe, lr="2e-4")
+    assert config.rank == 4 and config.lr == 2e-4 and config.target_modules == ["q_proj", "v_proj"]
+    assert config.batch_size == RunConfig().batch_size
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("rank", "16", 16),
+        ("rank", 16.0, 16),
+        ("alpha", 32, 32.0),
+        ("overwrite", "true", True),
+        ("max_steps", None, None),
+        ("target_modules", "q_proj,v_proj", ["q_proj", "v_proj"]),
+        ("report_to", ["tensorboard"], ["tensorboard"]),
+    ],
+)
+def test_coercion(name, value, expected):
+    assert coerce_value(name, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("rank", "eight", "must be int"),
+        ("overwrite", "maybe", "true or false"),
+        ("rank", None, "cannot be empty"),
+        ("ranks", 8, "Unknown option 'ranks'"),
+    ],
+)
+def test_coercion_errors(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        coerce_value(name, value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rank": 0}, "--rank must be a positive integer"),
+        ({"rank": -3}, "--rank must be a positive integer"),
+        ({"lr": 0.0}, "--lr must be positive"),
+        ({"dropout": 1.0}, "--dropout"),
+        ({"scoring": "logits"}, "--scoring must be one of cloze, letter"),
+        ({"samples": -1}, "--samples"),
+        ({"target_modules": []}, "--target-modules is empty"),
+        ({"limit": 0}, "--limit must be positive"),
+    ],
+)
+def test_validation_names_the_option(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**overrides)
+
+
+def test_recipe_rejects_unknown_keys_and_non_mappings(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rnak: 8\n")
+    with pytest.raises(ValueError, match="Unknown option 'rnak'"):
+        load_recipe(bad)
+    bad.write_text("- rank\n")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        load_recipe(bad)
+    bad.write_text("rank: [\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_default_output_dir():
+    assert str(RunConfig(task="mmlu:college_physics", method="lora", seed=3).resolved_output_dir()) == (
+        "runs/mmlu-college_physics-lora-seed3"
+    )
+    assert str(RunConfig(task="data/my.jsonl").resolved_output_dir()) == "runs/my-lora-seed1"
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    from bayeslora.demo import DEMO_RECIPE
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted(root.rglob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        if "accelerate" not in recipe.parts:
+            make_config(recipe)
+    assert load_recipe(root / "lora" / "smollm2-135m-arc-easy.yaml") == DEMO_RECIPE

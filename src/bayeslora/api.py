@@ -9,6 +9,7 @@ metrics = bl.evaluate(run, task="obqa", limit=200)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -83,11 +84,29 @@ def attach_adapter(model: nn.Module, config: RunConfig, task: Task):
     targets = config.target_modules or default_target_modules(model)
     check_target_modules(model, targets)
     task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
-    with warnings.catch_warnings():
-        # Adapting a tied lm_head (SmolLM2) is intended: the adapter acts on the output head only and the
-        # shared embedding matrix itself is never changed, so PEFT's tying warning does not apply.
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+    with _quiet_peft_wrapping():
         return get_peft_model(model, method.build_config(config, targets, task_type)), targets
+
+
+@contextlib.contextmanager
+def _quiet_peft_wrapping():
+    """Silence two warnings of PEFT's model wrapping that do not concern users: adapting a tied ``lm_head``
+    (SmolLM2) is intended, since the adapter acts on the output head only and never changes the shared
+    embedding matrix; and ``is_gradient_checkpointing`` is a transformers-internal deprecation."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_adapter(base: nn.Module, adapter_dir: str | Path):
+    """A saved adapter on ``base`` (``PeftModel.from_pretrained``), in eval mode."""
+    from peft import PeftModel
+
+    with _quiet_peft_wrapping():
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model
 
 
 def save_adapter(model: nn.Module, path: Path) -> None:
@@ -323,9 +342,7 @@ def evaluate(
     network, tokenizer = _load_for(config, train_task)
     summary = None
     if run is not None:
-        from peft import PeftModel
-
-        network = PeftModel.from_pretrained(network, str(Path(run) / ADAPTER_DIR))
+        network = load_adapter(network, Path(run) / ADAPTER_DIR)
         summary_path = Path(run) / TRAIN_SUMMARY
         summary = read_json(summary_path) if summary_path.is_file() else None
     network.eval()

@@ -27,7 +27,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "alpha": 16.0,
     "max_steps": 100,
     "batch_size": 4,
-    "lr": 3e-4,
+    "lr": 1e-3,
     "seed": 1,
     "limit": 300,
 }

@@ -1,0 +1,20 @@
+"""bayeslora's PEFT tuners, registered with PEFT on import."""
+
+from .._peft_compat import register
+from .base import BayesianLowRankLayer, BayesianLowRankModel
+from .blob import BlobConfig, BlobLayer, BlobModel
+from .melora import MeLoraConfig, MeLoraLayer, MeLoraModel
+
+register("melora", MeLoraConfig, MeLoraModel, prefix="melora_")
+register("blob", BlobConfig, BlobModel, prefix="blob_")
+
+__all__ = [
+    "BayesianLowRankLayer",
+    "BayesianLowRankModel",
+    "BlobConfig",
+    "BlobLayer",
+    "BlobModel",
+    "MeLoraConfig",
+    "MeLoraLayer",
+    "MeLoraModel",
+]

@@ -1,0 +1,240 @@
+"""What the Bayesian low-rank tuners share: config fields, the layer skeleton, the PEFT model class.
+
+A layer adds ``s·Δ(x)`` to a frozen linear layer ``y = W0 x``, with ``s = lora_alpha / r`` and a
+method-specific stochastic low-rank ``Δ``. Subclasses implement :meth:`BayesianLowRankLayer.update_layer`
+(create the adapter's parameters), ``adapter_output`` (``Δ(x)`` without the scaling, sampling unless
+:func:`~bayeslora.sampling.use_posterior_mean`), ``get_delta_weight`` (the posterior-mean ΔW, used for
+merging) and ``kl`` (KL(q || p) of the adapter's posterior to its prior).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import Tensor, nn
+
+SigmaParam = Literal["softplus", "exp", "square"]
+_MIN_STD = 1e-8  # σ never reaches 0, so log σ in the KL stays finite
+
+
+def positive(raw: Tensor, kind: SigmaParam) -> Tensor:
+    """A standard deviation from an unconstrained parameter: ``softplus(ρ)``, ``exp(ρ)`` or ``G²`` (BLoB),
+    floored at 1e-8 and (for ``exp``) computed on a clamped ``ρ`` so that it stays finite."""
+    if kind == "softplus":
+        std = F.softplus(raw)
+    elif kind == "exp":
+        std = torch.exp(raw.clamp(max=80.0))
+    elif kind == "square":
+        std = raw.square()
+    else:
+        raise ValueError(f"unknown σ parameterisation '{kind}': softplus, exp or square")
+    return std.clamp_min(_MIN_STD)
+
+
+def inverse_positive(std: float, kind: SigmaParam) -> float:
+    """The raw parameter value whose :func:`positive` is ``std``."""
+    if std <= 0:
+        raise ValueError(f"a standard deviation must be positive, got {std}")
+    if kind == "softplus":
+        return std + math.log(-math.expm1(-std))  # softplus⁻¹(σ) = log(e^σ − 1), stable form
+    if kind == "exp":
+        return math.log(std)
+    if kind == "square":
+        return math.sqrt(std)
+    raise ValueError(f"unknown σ parameterisation '{kind}': softplus, exp or square")
+
+
+def gaussian_kl(mean: Tensor, std: Tensor, prior_mean: Tensor | float, prior_std: float) -> Tensor:
+    """KL(N(mean, std²) || N(prior_mean, prior_std²)) summed over all entries, in closed form:
+
+    Σ [ log(σ_p / σ) + (σ² + (μ − μ_p)²) / (2 σ_p²) − ½ ]
+
+    Accumulated in float64 (thousands of terms of similar size are summed).
+    """
+    mean, std = mean.double(), std.double()
+    terms = math.log(prior_std) - std.log() + (std.square() + (mean - prior_mean).square()) / (2 * prior_std**2) - 0.5
+    return terms.sum()
+
+
+@dataclass
+class LowRankBayesConfig(PeftConfig):
+    """Fields every Bayesian low-rank tuner shares (the same meaning as in PEFT's ``LoraConfig``)."""
+
+    r: int = field(default=8, metadata={"help": "Rank r of the low-rank update."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator: ΔW is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input during training."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names (or a regex) of the linear layers to adapt."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never to adapt."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unsupported; must stay None."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Only these layer indices."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained and saved (a classifier head, for instance)."}
+    )
+
+    #: subclasses set the PEFT method name
+    method_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        from .._peft_compat import ensure_peft_type
+
+        super().__post_init__()
+        self.peft_type = ensure_peft_type(self.method_name)
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias != "none":
+            raise ValueError(f"bias='{self.bias}' is not supported by {self.method_name}; use 'none'")
+        if self.target_parameters:
+            raise ValueError(f"{self.method_name} adapts linear modules only; target_parameters must be None")
+
+
+class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
+    """A frozen linear layer plus a Bayesian low-rank adapter per adapter name."""
+
+    #: names of the ParameterDicts holding the variance parameters (for their own learning rate)
+    variance_parameter_names: ClassVar[tuple[str, ...]] = ()
+    other_param_names = ("r", "lora_alpha", "scaling", "adapter_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.adapter_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__} adapts torch.nn.Linear layers only, got {type(base).__name__}; "
+                f"choose linear target modules."
+            )
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    # --- to implement ---
+    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+        """``Δ(x)`` of one adapter (before the ``lora_alpha / r`` scaling), ``(..., out_features)``."""
+        raise NotImplementedError
+
+    def kl(self, adapter: str) -> Tensor:
+        """KL(q || p) of the adapter's posterior to its prior (a float64 scalar)."""
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """The posterior-mean weight update ``s·E[ΔW]``, ``(out_features, in_features)``."""
+        raise NotImplementedError
+
+    # --- shared ---
+    def _register_common(self, adapter_name: str, r: int, lora_alpha: float, dropout: float) -> None:
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.adapter_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _finish_update(self, adapter_name: str, inference_mode: bool) -> None:
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _has(self, adapter: str) -> bool:
+        return adapter in getattr(self, self.adapter_layer_names[0])
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if not self._has(adapter):
+                continue
+            first = getattr(self, self.adapter_layer_names[0])[adapter]
+            inputs = self._cast_input_dtype(x, first.dtype)
+            delta = self.adapter_output(self.adapter_dropout[adapter](inputs), adapter)
+            result = result + (delta * self.scaling[adapter]).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the posterior-mean update of the active adapters to the base weight."""
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if not self._has(adapter):
+                continue
+            weight = self.get_base_layer().weight
+            delta = self.get_delta_weight(adapter).detach().to(weight.dtype)
+            if safe_merge and not torch.isfinite(weight.data + delta).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter} seems broken")
+            weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract merged updates from the base weight."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight = self.get_base_layer().weight
+            weight.data -= self.get_delta_weight(adapter).detach().to(weight.dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__.lower()}." + super().__repr__()
+
+
+class BayesianLowRankModel(BaseTuner):
+    """The PEFT model class of a Bayesian low-rank tuner: wraps each target ``nn.Linear`` in ``layer_cls``."""
+
+    layer_cls: ClassVar[type[BayesianLowRankLayer]]  # subclasses also set tuner_layer_cls = layer_cls
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, self.layer_cls):
+            target.update_layer(adapter_name, config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"Target module {current_key} is a {type(base).__name__}; {config.method_name} adapts "
+                f"torch.nn.Linear layers only."
+            )
+        new_module = self.layer_cls(target, adapter_name, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until activated
+        self._replace_module(parent, target_name, new_module, target)
+
+    def bayesian_layers(self) -> list[BayesianLowRankLayer]:
+        """Every adapter layer of this model."""
+        return [m for m in self.model.modules() if isinstance(m, self.layer_cls)]
+
+    def kl(self) -> Tensor:
+        """KL(q || p) summed over the active adapters of every layer (a float64 scalar)."""
+        terms = [
+            layer.kl(adapter)
+            for layer in self.bayesian_layers()
+            for adapter in layer.active_adapters
+            if layer._has(adapter)
+        ]
+        return torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64)

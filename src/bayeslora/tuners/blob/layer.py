@@ -1,0 +1,89 @@
+"""The BLoB layer: a Gaussian on every entry of A, sampled with flipout.
+
+y = W0 x + s·B·M·x + s·B[((x ⊙ r_A)·Eᵀ) ⊙ s_A],   E = σ ⊙ ε,   σ = G²,
+
+with r_A ∈ {±1}^(R, T, n) and s_A ∈ {±1}^(R, T, r) random signs per token. As in the reference
+implementation one noise matrix E is drawn per forward pass; when a pass holds N posterior copies of a
+batch (batched sampling, see :mod:`bayeslora.sampling`), each copy draws its own E, which is exactly N
+reference passes in one. The (R, T, n) sign tensor kept for the backward pass is BLoB's memory cost.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...sampling import current_row_copies, use_posterior_mean
+from ..base import BayesianLowRankLayer, gaussian_kl, positive
+from .config import BlobConfig
+
+
+def _random_signs(shape: torch.Size, like: Tensor) -> Tensor:
+    return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(0.5).mul_(2).sub_(1)
+
+
+class BlobLayer(BayesianLowRankLayer):
+    """BLoB on one ``nn.Linear``: ``blob_A`` (r, n) the mean M of A, ``blob_A_g`` (r, n) with σ = G²,
+    ``blob_B`` (m, r) deterministic."""
+
+    adapter_layer_names = ("blob_A", "blob_B", "blob_A_g")
+    variance_parameter_names = ("blob_A_g",)
+    other_param_names = (*BayesianLowRankLayer.other_param_names, "prior_std")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BlobConfig, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.blob_A = nn.ParameterDict({})
+        self.blob_B = nn.ParameterDict({})
+        self.blob_A_g = nn.ParameterDict({})
+        self.prior_std: dict[str, float] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: BlobConfig, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name``: M Kaiming-uniform (LoRA's A), B = 0, G ~ U(ε/√2, ε)."""
+        r = config.r
+        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+        self.prior_std[adapter_name] = config.prior_std
+        self.blob_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.blob_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        self.blob_A_g[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        nn.init.kaiming_uniform_(self.blob_A[adapter_name], a=math.sqrt(5))
+        nn.init.uniform_(self.blob_A_g[adapter_name], config.init_eps / math.sqrt(2), config.init_eps)
+        self._finish_update(adapter_name, config.inference_mode)
+
+    def std(self, adapter: str) -> Tensor:
+        """σ = G², the standard deviation of each entry of A."""
+        return positive(self.blob_A_g[adapter], "square")
+
+    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+        mean, B = self.blob_A[adapter], self.blob_B[adapter]
+        h = x @ mean.T  # (R, T, n) @ (n, r) -> (R, T, r)
+        if not use_posterior_mean():
+            h = h + self._flipout_noise(x, adapter)
+        return h @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
+
+    def _flipout_noise(self, x: Tensor, adapter: str) -> Tensor:
+        """((x ⊙ r_A)·Eᵀ) ⊙ s_A with one E per forward pass (per posterior copy when copies are announced)."""
+        sigma = self.std(adapter)  # (r, n)
+        r = sigma.shape[0]
+        signed = x * _random_signs(x.shape, x)  # x ⊙ r_A, (R, T, n)
+        copies = current_row_copies()
+        rows = x.shape[0] if x.dim() > 1 else 1
+        if copies is None or copies.shape[0] != rows:
+            noise = sigma * torch.randn_like(sigma)  # E, (r, n)
+            projected = signed @ noise.T  # (R, T, r)
+        else:
+            copies = copies.to(x.device)
+            noise = sigma * torch.randn((int(copies.max()) + 1, *sigma.shape), device=x.device, dtype=sigma.dtype)
+            per_row = signed.reshape(rows, -1, x.shape[-1])  # (R, T, n)
+            projected = torch.bmm(per_row, noise[copies].transpose(1, 2)).reshape(*x.shape[:-1], r)  # (R, T, r)
+        return projected * _random_signs(projected.shape, projected)  # ⊙ s_A
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        return self.scaling[adapter] * (self.blob_B[adapter] @ self.blob_A[adapter])  # (m, r) (r, n) -> (m, n)
+
+    def kl(self, adapter: str) -> Tensor:
+        return gaussian_kl(self.blob_A[adapter], self.std(adapter), 0.0, self.prior_std[adapter])

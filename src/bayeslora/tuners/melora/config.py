@@ -1,0 +1,65 @@
+"""Configuration of Me-LoRA, memory-efficient Bayesian LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..base import LowRankBayesConfig
+
+CORES = ("full", "diag")
+CORE_INITS = ("identity", "orthogonal")
+SIGMA_PARAMS = ("softplus", "exp")
+PRIOR_MEANS = ("identity", "zero")
+
+
+@dataclass
+class MeLoraConfig(LowRankBayesConfig):
+    """Me-LoRA: ΔW = s·B·S·A with deterministic A (r×n), B (m×r) and a random r×r core
+    S = M_S + Σ_S ⊙ ε, ε_ij ~ N(0, 1), drawn once per example.
+
+    Trainable numbers per layer: r(n + m) + 2r² (``full``) or r(n + m) + 2r (``diag``), against BLoB's
+    r(2n + m). Choices and why:
+
+    * ``core_init`` — M_S starts full-rank (identity by default). With B = 0 at the start, a zero M_S would
+      make every gradient zero (A's gradient goes through B·M_S, B's through M_S·A).
+    * ``sigma_init`` — every entry of Σ_S starts at this value, in units of the core's initial scale (the
+      rows of the identity or of an orthogonal core have norm 1). BLoB's σ ≈ 0.002 on entries of A of size
+      ~1/√n is a different scale; Σ_S is measured against M_S ≈ I.
+    * ``prior_mean`` — the prior on S is centred on the identity by default. The factorisation has a scale
+      freedom, B·S·A = (cB)(S/c)A: with a zero-mean prior the KL could be lowered for free by shrinking S
+      and growing B. An identity-centred prior pins S's scale (shrinking S moves it away from I).
+    """
+
+    method_name: ClassVar[str] = "melora"
+
+    core: str = field(
+        default="full",
+        metadata={"help": "Covariance of the core: full (r² independent entries) or diag (r entries, as ScalaBL)."},
+    )
+    core_init: str = field(
+        default="identity", metadata={"help": "Initial mean M_S: identity or orthogonal (random, seeded)."}
+    )
+    sigma_init: float = field(
+        default=0.1, metadata={"help": "Initial σ of every core entry, relative to the core's scale (rows of norm 1)."}
+    )
+    sigma_param: str = field(default="softplus", metadata={"help": "σ = softplus(ρ) or exp(ρ)."})
+    prior_mean: str = field(default="identity", metadata={"help": "Mean of the Gaussian prior on S: identity or zero."})
+    prior_std: float = field(default=1.0, metadata={"help": "Standard deviation of the prior on each entry of S."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, allowed in (
+            ("core", CORES),
+            ("core_init", CORE_INITS),
+            ("sigma_param", SIGMA_PARAMS),
+            ("prior_mean", PRIOR_MEANS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"MeLoraConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.sigma_init <= 0:
+            raise ValueError(f"MeLoraConfig.sigma_init must be positive, got {self.sigma_init}")
+        if self.prior_std <= 0:
+            raise ValueError(f"MeLoraConfig.prior_std must be positive, got {self.prior_std}")

@@ -11,6 +11,7 @@ The Python API mirrors the command line::
     metrics = bl.evaluate(run, limit=300)
 """
 
+from . import tuners  # noqa: F401  (registers Me-LoRA and BLoB with PEFT)
 from .api import attach_adapter, build_scorer, evaluate, train
 from .config import RunConfig, make_config
 from .inference import Prediction, predict, predict_batch
@@ -19,6 +20,7 @@ from .metrics import classification_metrics
 from .models import MODEL_ALIASES, load_model, load_tokenizer
 from .scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from .tasks import TASKS, load_task
+from .tuners import BlobConfig, MeLoraConfig
 
 __version__ = "0.1.0"
 
@@ -26,9 +28,11 @@ __all__ = [
     "METHODS",
     "MODEL_ALIASES",
     "TASKS",
+    "BlobConfig",
     "ClassificationScorer",
     "ClozeScorer",
     "LetterScorer",
+    "MeLoraConfig",
     "Prediction",
     "RunConfig",
     "attach_adapter",

@@ -13,17 +13,21 @@ import contextlib
 import dataclasses
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
+from transformers import TrainerCallback
 
 from .config import RunConfig, make_config
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .io import read_json, write_dir_atomic, write_json_atomic, write_text_atomic
 from .methods import get_method
 from .models import check_target_modules, default_target_modules, load_model
+from .objectives import bayesian_objective, bayesian_tuner, variance_parameters
 from .runs import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -125,6 +129,7 @@ def train(
     *,
     recipe: str | Path | None = None,
     progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
     **overrides: Any,
 ) -> Path:
     """Fine-tune a model and evaluate it; returns the run directory.
@@ -132,6 +137,7 @@ def train(
     Args:
         config: a full :class:`RunConfig`; or build one from ``recipe`` (YAML) and ``overrides``.
         progress: show progress bars.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. an evaluation every epoch).
 
     Everything is validated (options, method, tasks) before the run directory is created; the directory
     is refused if it exists, unless ``overwrite`` (see :func:`bayeslora.runs.new_run_dir`).
@@ -169,13 +175,20 @@ def train(
         )
         _write_config(run / CONFIG_FILE, resolved)
         scorer = build_scorer(task, tokenizer, config)
+        extra_loss, objective_callbacks, special_lrs = None, [], []
+        if bayesian_tuner(model) is not None:
+            extra_loss, objective_callbacks = bayesian_objective(config, len(train_examples))
+            if config.sigma_lr is not None:
+                special_lrs = [(variance_parameters(model), config.sigma_lr)]
         trainer = BayesLoraTrainer(
             model=model,
             args=training_arguments(config, run / "checkpoints", progress=progress),
             train_dataset=ExampleDataset(train_examples),
             data_collator=scorer.collate,
             scorer=scorer,
-            callbacks=[JsonlLogger(run / TRAIN_LOG)],
+            extra_loss=extra_loss,
+            special_lrs=special_lrs,
+            callbacks=[*objective_callbacks, *callbacks, JsonlLogger(run / TRAIN_LOG)],
         )
         output = trainer.train()
         model = trainer.model
@@ -241,6 +254,7 @@ def _evaluate_and_write(
     scorer = build_scorer(eval_task, tokenizer, config, num_classes=num_classes)
     limit = limit if limit is not None else config.limit
     examples = eval_examples(eval_task, limit)
+    torch.manual_seed(config.seed)  # sampled predictions are reproducible for a given seed
     metrics, prediction = evaluate_model(
         model,
         scorer,

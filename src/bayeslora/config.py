@@ -51,6 +51,36 @@ class RunConfig:
         None,
         "Modules to adapt (names of linear layers); default per architecture (Llama: q_proj v_proj lm_head).",
     )
+    # --- Bayesian adapters (melora, blob) ---
+    prior_std: float | None = _opt(
+        None, "Prior standard deviation (default: melora 1.0 on each core entry, blob 0.2 on each entry of A)."
+    )
+    sigma_init: float | None = _opt(
+        None,
+        "Initial posterior std (default: melora 0.1 on each core entry, relative to the core's unit-norm rows; "
+        "blob ε = 0.05, σ = G² with G ~ U(ε/√2, ε)).",
+    )
+    core: str = _opt(
+        "full", "melora: core covariance, full (r² entries) or diag (r entries, ScalaBL).", choices=("full", "diag")
+    )
+    core_init: str = _opt("identity", "melora: initial core mean M_S.", choices=("identity", "orthogonal"))
+    prior_mean: str = _opt(
+        "identity",
+        "melora: prior mean of the core (identity pins the B·S·A scale freedom).",
+        choices=("identity", "zero"),
+    )
+    sigma_param: str = _opt("softplus", "melora: σ = softplus(ρ) or exp(ρ).", choices=("softplus", "exp"))
+    kl_schedule: str = _opt(
+        "elbo",
+        "elbo: loss = mean NLL + β·KL/N_train with β annealed 0→kl_weight over --kl-warmup; blob: the BLoB "
+        "paper's recipe (KL stepped by its own SGD with π_i re-weighting).",
+        choices=("elbo", "blob"),
+    )
+    kl_weight: float = _opt(1.0, "elbo: final β, the weight of KL/N_train (1 = the ELBO).")
+    kl_warmup: float = _opt(0.1, "elbo: fraction of the steps over which β grows linearly from 0.")
+    sigma_lr: float | None = _opt(None, "Learning rate of the variance parameters (default: --lr); larger lets σ move.")
+    kl_lr: float = _opt(0.01, "blob schedule: learning rate of the separate SGD step on π_i·KL.")
+    blob_gamma: float = _opt(8.0, "blob schedule: γ in the cycle length M = 100·N^(π/γ) / batch size.")
     # --- training ---
     max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
     epochs: float = _opt(1.0, "Passes over the training set (used when --max-steps is not set).")
@@ -115,7 +145,19 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("scoring", "cloze_normalization"):
+        if self.prior_std is not None and self.prior_std <= 0:
+            problems.append(f"--prior-std must be positive, got {self.prior_std}")
+        if self.sigma_init is not None and self.sigma_init <= 0:
+            problems.append(f"--sigma-init must be positive, got {self.sigma_init}")
+        if self.sigma_lr is not None and self.sigma_lr <= 0:
+            problems.append(f"--sigma-lr must be positive, got {self.sigma_lr}")
+        if self.kl_weight < 0:
+            problems.append(f"--kl-weight must be >= 0, got {self.kl_weight}")
+        if not 0 <= self.kl_warmup <= 1:
+            problems.append(f"--kl-warmup must be in [0, 1], got {self.kl_warmup}")
+        if self.kl_lr <= 0 or self.blob_gamma <= 0:
+            problems.append("--kl-lr and --blob-gamma must be positive")
+        for name in ("scoring", "cloze_normalization", "core", "core_init", "prior_mean", "sigma_param", "kl_schedule"):
             choices = _choices(name)
             value = getattr(self, name)
             if value is not None and value not in choices:

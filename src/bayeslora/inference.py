@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .sampling import posterior_mean, sample_copies
 from .scoring import Batch, Scorer
 from .tasks import Example
 
@@ -52,17 +53,23 @@ def predict_batch(model: nn.Module, scorer: Scorer, batch: Batch, n_samples: int
         model: the (adapted) model, in eval mode.
         scorer: the scorer that collated ``batch``.
         batch: a collated batch (moved to the model's device here).
-        n_samples: posterior samples averaged (1: one pass, as for deterministic adapters).
+        n_samples: posterior samples averaged, run as one pass over the batch tiled ``n_samples`` times
+            (each copy of an example draws its own weights); 0 predicts with the posterior mean.
 
     Returns:
-        ``(probs (B, C), sample_probs (n_samples, B, C))``.
+        ``(probs (B, C), sample_probs (max(n_samples, 1), B, C))``.
     """
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0 (0 = posterior mean), got {n_samples}")
     batch = move_batch(batch, model_device(model))
     num_examples = batch["labels"].shape[0]
+    if n_samples == 0:
+        with posterior_mean():
+            probs = scorer.class_logits(model, batch).float().softmax(-1)  # (B, C)
+        return probs, probs[None]
     tiled = scorer.repeat(batch, n_samples) if n_samples > 1 else batch
-    logits = scorer.class_logits(model, tiled)  # (n_samples·B, C)
+    with sample_copies(num_examples):
+        logits = scorer.class_logits(model, tiled)  # (n_samples·B, C)
     sample_probs = logits.float().softmax(-1).view(n_samples, num_examples, -1)  # (n_samples, B, C)
     return sample_probs.mean(0), sample_probs
 
@@ -105,7 +112,7 @@ def predict(
     was_training = model.training
     model.eval()
     probs = torch.zeros(len(examples), scorer.num_classes)
-    samples = torch.zeros(n_samples, len(examples), scorer.num_classes) if keep_samples else None
+    samples = torch.zeros(max(n_samples, 1), len(examples), scorer.num_classes) if keep_samples else None
     labels = torch.zeros(len(examples), dtype=torch.long)
     bar = tqdm(total=len(examples), desc="evaluating", unit="ex", disable=not progress, leave=False)
     try:

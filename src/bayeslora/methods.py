@@ -76,4 +76,54 @@ def _lora_config(config: RunConfig, targets: list[str], task_type: str) -> PeftC
     )
 
 
+def _melora_config(config: RunConfig, targets: list[str], task_type: str) -> PeftConfig:
+    from .tuners import MeLoraConfig
+
+    return MeLoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        core=config.core,
+        core_init=config.core_init,
+        sigma_init=0.1 if config.sigma_init is None else config.sigma_init,
+        sigma_param=config.sigma_param,
+        prior_mean=config.prior_mean,
+        prior_std=1.0 if config.prior_std is None else config.prior_std,
+    )
+
+
+def _blob_config(config: RunConfig, targets: list[str], task_type: str) -> PeftConfig:
+    from .tuners import BlobConfig
+
+    return BlobConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        init_eps=0.05 if config.sigma_init is None else config.sigma_init,
+        prior_std=0.2 if config.prior_std is None else config.prior_std,
+    )
+
+
 register_method(Method("lora", "plain LoRA, PEFT's own implementation (the MLE baseline)", _lora_config))
+register_method(
+    Method(
+        "melora",
+        "Me-LoRA: deterministic A, B and a Gaussian r×r core S between them (ΔW = s·B·S·A)",
+        _melora_config,
+        stochastic=True,
+        default_samples=10,
+    )
+)
+register_method(
+    Method(
+        "blob",
+        "BLoB: a Gaussian on every entry of A, flipout (Wang et al., NeurIPS 2024)",
+        _blob_config,
+        stochastic=True,
+        default_samples=10,
+    )
+)

@@ -13,6 +13,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +25,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .scoring import Scorer
 from .tasks import Example
 
-#: ``extra_loss(model, trainer) -> {name: term}``; terms are added to the loss and logged by name.
-ExtraLoss = Callable[[nn.Module, "BayesLoraTrainer"], dict[str, Tensor]]
+
+@dataclass
+class LossTerms:
+    """What an extra loss contributes: ``terms`` are added to the loss (and logged), ``logs`` only logged."""
+
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+#: ``extra_loss(model, trainer) -> LossTerms``, evaluated at every training step.
+ExtraLoss = Callable[[nn.Module, "BayesLoraTrainer"], LossTerms]
 
 
 class ExampleDataset(Dataset):
@@ -46,23 +56,57 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class BayesLoraTrainer(Trainer):
-    """A ``Trainer`` whose loss is the cross-entropy of the scorer's class logits plus extra terms."""
+    """A ``Trainer`` whose loss is the cross-entropy of the scorer's class logits plus extra terms.
+
+    Args:
+        scorer: turns batches into class logits.
+        extra_loss: further loss terms (the KL of Bayesian adapters).
+        special_lrs: learning rates for particular parameters, ``[(parameters, lr), ...]`` (the variance
+            parameters of Bayesian adapters); they get no weight decay.
+    """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
-    def __init__(self, *args, scorer: Scorer, extra_loss: ExtraLoss | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        scorer: Scorer,
+        extra_loss: ExtraLoss | None = None,
+        special_lrs: Sequence[tuple[Sequence[nn.Parameter], float]] = (),
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.extra_loss = extra_loss
+        self.special_lrs = list(special_lrs)
         self._running: dict[str, list[float]] = defaultdict(list)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's AdamW, with extra parameter groups for :attr:`special_lrs`."""
+        if self.optimizer is None and self.special_lrs:
+            opt_model = self.model if model is None else model
+            special = {id(p) for params, _ in self.special_lrs for p in params}
+            decay = set(self.get_decay_parameter_names(opt_model))
+            rest = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in special]
+            groups = [
+                {"params": [p for n, p in rest if n in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0},
+            ]
+            groups += [{"params": list(params), "lr": lr, "weight_decay": 0.0} for params, lr in self.special_lrs]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``CE(class_logits, labels)`` averaged over the batch, plus the extra terms."""
         logits = self.scorer.class_logits(model, inputs)  # (B, C)
         nll = F.cross_entropy(logits, inputs["labels"])
         terms = {"nll": nll}
+        logs: dict[str, float] = {}
         if self.extra_loss is not None:
-            terms.update(self.extra_loss(model, self))
+            extra = self.extra_loss(model, self)
+            terms.update(extra.terms)
+            logs.update(extra.logs)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             bad = [name for name, value in terms.items() if not torch.isfinite(value)]
@@ -73,6 +117,8 @@ class BayesLoraTrainer(Trainer):
             )
         for name, value in terms.items():
             self._running[name].append(float(value.detach()))
+        for name, value in logs.items():
+            self._running[name].append(value)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import bayeslora as bl
-from bayeslora.training import BayesLoraTrainer, ExampleDataset, NonFiniteLossError, training_arguments
+from bayeslora.training import BayesLoraTrainer, ExampleDataset, LossTerms, NonFiniteLossError, training_arguments
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_non_finite_loss_stops_with_the_step_and_term(tiny_llama, toy_task, tmp_
 
     def broken_prior(model, trainer):
         value = torch.tensor(float("nan")) if trainer.state.global_step >= 2 else torch.tensor(0.0)
-        return {"kl": value}
+        return LossTerms(terms={"kl": value})
 
     trainer = BayesLoraTrainer(
         model=model,

@@ -1,0 +1,309 @@
+"""Me-LoRA and BLoB: parity with LoRA in their degenerate settings, KL against torch.distributions,
+the sampled weight distribution, per-example sampling, PEFT save/load/merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import bayeslora  # noqa: F401  (registers the tuners)
+from bayeslora.inference import predict_batch
+from bayeslora.objectives import blob_cycle_length, blob_pi, model_kl
+from bayeslora.sampling import posterior_mean, rows_of_examples
+from bayeslora.scoring import ClozeScorer
+from bayeslora.tasks import MultipleChoiceExample
+from bayeslora.tuners import BlobConfig, BlobLayer, MeLoraConfig, MeLoraLayer
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def tiny_llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def lora_with_random_b(model):
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return lora
+
+
+def copy_lora_into(bayes, lora, a_name: str, b_name: str) -> None:
+    """Give the Bayesian adapter LoRA's A (its mean) and B."""
+    lora_layers = {n: m for n, m in lora.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, module in bayes.named_modules():
+            if isinstance(module, MeLoraLayer | BlobLayer):
+                source = lora_layers[name]
+                getattr(module, a_name)["default"].copy_(source.lora_A["default"].weight)
+                getattr(module, b_name)["default"].copy_(source.lora_B["default"].weight)
+
+
+def test_melora_with_identity_core_and_zero_variance_equals_lora():
+    ids = torch.randint(0, 64, (3, 9))
+    lora = lora_with_random_b(tiny_llama())
+    expected = lora(input_ids=ids).logits
+    melora = get_peft_model(tiny_llama(), MeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    copy_lora_into(melora, lora, "melora_A", "melora_B")
+    with torch.no_grad(), posterior_mean():
+        assert torch.equal(melora(input_ids=ids).logits, expected)  # M_S = I: exactly LoRA
+    with torch.no_grad():
+        for module in melora.modules():
+            if isinstance(module, MeLoraLayer):
+                module.melora_core_rho["default"].fill_(-1e4)  # Σ_S -> 0 (floored at 1e-8)
+        torch.testing.assert_close(melora(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_blob_with_zero_variance_equals_lora():
+    ids = torch.randint(0, 64, (3, 9))
+    lora = lora_with_random_b(tiny_llama())
+    expected = lora(input_ids=ids).logits
+    blob = get_peft_model(tiny_llama(), BlobConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    copy_lora_into(blob, lora, "blob_A", "blob_B")
+    with torch.no_grad(), posterior_mean():
+        assert torch.equal(blob(input_ids=ids).logits, expected)
+    with torch.no_grad():
+        for module in blob.modules():
+            if isinstance(module, BlobLayer):
+                module.blob_A_g["default"].zero_()
+        torch.testing.assert_close(blob(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("core", ["full", "diag"])
+@pytest.mark.parametrize("prior_mean", ["identity", "zero"])
+def test_melora_kl_matches_torch_distributions(core, prior_mean):
+    layer = MeLoraLayer(nn.Linear(6, 5), "default", MeLoraConfig(r=3, core=core, prior_mean=prior_mean, prior_std=0.7))
+    with torch.no_grad():
+        layer.melora_core["default"].normal_()
+        layer.melora_core_rho["default"].normal_()
+    mean, std = layer.melora_core["default"], layer.core_std("default")
+    center = torch.zeros_like(mean) if prior_mean == "zero" else layer.prior_center("default")
+    expected = kl_divergence(Normal(mean.double(), std.double()), Normal(center.double(), 0.7)).sum()
+    torch.testing.assert_close(layer.kl("default"), expected)
+
+
+def test_blob_kl_matches_torch_distributions():
+    layer = BlobLayer(nn.Linear(6, 5), "default", BlobConfig(r=3))
+    mean, std = layer.blob_A["default"], layer.std("default")
+    expected = kl_divergence(Normal(mean.double(), std.double()), Normal(0.0, 0.2)).sum()
+    torch.testing.assert_close(layer.kl("default"), expected)
+    # the paper's initialisation: σ = G² with G ~ U(ε/√2, ε), ε = 0.05
+    assert float(std.detach().min()) >= 0.05**2 / 2 and float(std.detach().max()) <= 0.05**2
+
+
+def test_identity_prior_pins_the_scale_freedom():
+    """B·S·A = (cB)(S/c)A: a zero-mean prior rewards shrinking S for free; the identity prior does not."""
+    layer = MeLoraLayer(nn.Linear(4, 4), "default", MeLoraConfig(r=3, sigma_init=0.3))
+    kls = {}
+    for prior in ("identity", "zero"):
+        layer.prior_mean["default"] = prior
+        kls[prior] = []
+        for c in (1.0, 0.5):
+            with torch.no_grad():
+                layer.melora_core["default"].copy_(torch.eye(3) * c)
+            kls[prior].append(float(layer.kl("default")))
+    assert kls["zero"][1] < kls["zero"][0]  # the scale freedom is real under a zero-mean prior
+    assert kls["identity"][1] > kls["identity"][0]  # and penalised under the identity prior
+
+
+def test_melora_sampled_weights_have_the_analytic_mean_and_covariance():
+    """vec ΔW = s (Aᵀ ⊗ B) vec S: mean s·B·M·A, covariance s² (Aᵀ⊗B) diag(vec Σ²) (Aᵀ⊗B)ᵀ."""
+    torch.manual_seed(0)
+    n, m, r = 3, 2, 2
+    base = nn.Linear(n, m, bias=False)
+    nn.init.zeros_(base.weight)
+    layer = MeLoraLayer(base, "default", MeLoraConfig(r=r, lora_alpha=2.0))
+    with torch.no_grad():
+        layer.melora_B["default"].normal_()
+        layer.melora_core["default"].normal_()
+        layer.melora_core_rho["default"].normal_(0, 0.5)
+    A, B, M = (
+        layer.melora_A["default"].double(),
+        layer.melora_B["default"].double(),
+        layer.melora_core["default"].double(),
+    )
+    s, sigma = layer.scaling["default"], layer.core_std("default").double()
+    samples = 200_000
+    probe = torch.eye(n).expand(samples, n, n)  # each example: the n basis vectors as its tokens
+    with torch.no_grad():
+        columns = layer(probe).double()  # (K, n, m): row j is ΔW e_j, the j-th column of ΔW
+    vec = columns.reshape(samples, n * m)  # column-major vec(ΔW)
+    kron = s * torch.kron(A.T.contiguous(), B)  # (n·m, r·r)
+    mean = kron @ M.T.reshape(-1)
+    cov = kron @ torch.diag(sigma.T.reshape(-1) ** 2) @ kron.T
+    torch.testing.assert_close(vec.mean(0), mean, atol=0.02 * float(mean.abs().max()) + 1e-3, rtol=0)
+    empirical = torch.cov(vec.T)
+    torch.testing.assert_close(empirical, cov, atol=0.02 * float(cov.abs().max()), rtol=0)
+    assert torch.linalg.matrix_rank(cov) <= r * r
+
+
+@pytest.mark.parametrize("config", [MeLoraConfig(r=3), BlobConfig(r=3)], ids=["melora", "blob"])
+def test_samples_per_example_differ_and_repeat_with_the_seed(config):
+    layer_cls = MeLoraLayer if isinstance(config, MeLoraConfig) else BlobLayer
+    layer = layer_cls(nn.Linear(5, 4), "default", config)
+    with torch.no_grad():
+        getattr(layer, layer.adapter_layer_names[1])["default"].normal_()  # B != 0
+        if isinstance(layer, BlobLayer):
+            layer.blob_A_g["default"].fill_(0.5)
+    x = torch.randn(1, 6, 5).expand(4, 6, 5)  # four identical rows
+    with torch.no_grad():
+        torch.manual_seed(7)
+        first = layer(x)
+        torch.manual_seed(7)
+        again = layer(x)
+        torch.manual_seed(7)
+        with rows_of_examples(torch.tensor([0, 0, 1, 1])):
+            grouped = layer(x)
+    assert torch.equal(first, again)  # same seed, same samples
+    assert not torch.allclose(first[0], first[1])  # each row its own sample
+    if isinstance(layer, MeLoraLayer):  # one core per example, shared by its rows
+        # (identical rows may differ by float rounding of the batched matmul, ~1e-7)
+        torch.testing.assert_close(grouped[0], grouped[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grouped[2], grouped[3], atol=1e-5, rtol=0)
+        assert not torch.allclose(grouped[0], grouped[2])
+
+
+def test_batched_samples_equal_separate_passes(monkeypatch, smol_tokenizer):
+    """N samples in one tiled pass give what N separate passes give with the same core samples."""
+    model = get_peft_model(tiny_llama(vocab=len(smol_tokenizer)), MeLoraConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MeLoraLayer):
+                module.melora_B["default"].normal_(0, 0.5)
+    bank: dict[int, torch.Tensor] = {}
+    offset = {"value": 0}
+
+    def fixed_cores(self, adapter, num_examples):
+        noise = bank.setdefault(id(self), torch.randn(64, *self.melora_core[adapter].shape))
+        start = offset["value"]
+        return self.melora_core[adapter] + self.core_std(adapter) * noise[start : start + num_examples]
+
+    monkeypatch.setattr(MeLoraLayer, "sample_cores", fixed_cores)
+    examples = [
+        MultipleChoiceExample.from_question(f"Question {i} about the sky?", ["blue", "red", "green"], 0)
+        for i in range(3)
+    ]
+    scorer = ClozeScorer(smol_tokenizer, num_classes=3)
+    batch = scorer.collate(examples)
+    probs, per_sample = predict_batch(model, scorer, batch, n_samples=4)
+    separate = []
+    for k in range(4):
+        offset["value"] = k * len(examples)
+        separate.append(predict_batch(model, scorer, batch, n_samples=1)[0])
+    torch.testing.assert_close(per_sample, torch.stack(separate), atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs, torch.stack(separate).mean(0), atol=1e-6, rtol=0)
+    assert not torch.allclose(separate[0], separate[1])  # the samples really differ
+
+
+@pytest.mark.parametrize(
+    "config",
+    [MeLoraConfig(r=4, target_modules=TARGETS), BlobConfig(r=4, target_modules=TARGETS)],
+    ids=["melora", "blob"],
+)
+def test_peft_round_trip_in_a_fresh_process(tmp_path, config):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    model = get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_()
+    model.save_pretrained(adapter_dir)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad(), posterior_mean():
+        expected = model(input_ids=ids).logits
+    state = {k: v for k, v in model.state_dict().items() if "melora_" in k or "blob_" in k}
+    torch.save({"ids": ids, "expected": expected, "state": state}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import json, torch
+        import bayeslora  # registers the methods
+        from bayeslora.sampling import posterior_mean
+        from peft import PeftModel
+        from transformers import LlamaForCausalLM
+        ref = torch.load({str(tmp_path / "expected.pt")!r})
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({str(base_dir)!r}), {str(adapter_dir)!r})
+        model.eval()
+        with torch.no_grad(), posterior_mean():
+            out = model(input_ids=ref["ids"]).logits
+        state = model.state_dict()
+        same = all(torch.equal(state[k], v) for k, v in ref["state"].items())
+        print(json.dumps({{"max_diff": float((out - ref["expected"]).abs().max()), "same": same,
+                          "type": type(model.peft_config["default"]).__name__}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["same"] and report["max_diff"] == 0.0
+    assert report["type"] == type(config).__name__
+
+
+@pytest.mark.parametrize(
+    "config",
+    [MeLoraConfig(r=4, target_modules=TARGETS), BlobConfig(r=4, target_modules=TARGETS)],
+    ids=["melora", "blob"],
+)
+def test_posterior_mean_merges_into_the_base_weights(config):
+    model = get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad(), posterior_mean():
+        expected = model(input_ids=ids).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        merged = model.merge_and_unload()
+    assert not any("melora" in n or "blob" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_model_kl_and_trainable_parameter_counts():
+    """Me-LoRA adds 2r² per layer to LoRA's r(n + m); BLoB has r(2n + m)."""
+    counts = {}
+    for name, config in (
+        ("lora", LoraConfig(r=4, target_modules=TARGETS)),
+        ("melora", MeLoraConfig(r=4, target_modules=TARGETS)),
+        ("blob", BlobConfig(r=4, target_modules=TARGETS)),
+    ):
+        model = get_peft_model(tiny_llama(), config)
+        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if name != "lora":
+            assert model_kl(model).dtype == torch.float64 and float(model_kl(model)) > 0
+    # 2 layers x (q: 32->32, v: 32->16)
+    assert counts["lora"] == 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    assert counts["melora"] == counts["lora"] + 4 * 2 * 16
+    assert counts["blob"] == 2 * (4 * (64 + 32) + 4 * (64 + 16))
+
+
+def test_blob_kl_reweighting_sums_to_one_per_cycle():
+    cycle = blob_cycle_length(n_train=640, batch_size=4)
+    assert cycle == int(100 * 640 ** (3.141592653589793 / 8) / 4)
+    weights = [blob_pi(step, cycle) for step in range(1, cycle + 1)]
+    assert sum(weights) == pytest.approx(1.0, rel=1e-9)
+    assert weights[-1] == pytest.approx(2**cycle / (2 ** (cycle + 1) - 1))
+    assert blob_pi(cycle + 1, cycle) == weights[0]  # the cycle restarts
+    assert blob_pi(5, 5000) == 0.0 or blob_pi(5, 5000) < 1e-300  # no overflow for long cycles

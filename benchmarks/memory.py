@@ -2,19 +2,24 @@
 
 For every shape (n = m = 4096 and 5120, r = 8) and sequence length (512 ... 4096), each method (PEFT's
 LoRA, BLoB, Me-LoRA) runs in its own fresh subprocess: a frozen n×n linear layer with the adapter, an
-input that requires grad (as inside a network), one AdamW step. Measured side by side in one run:
+input (1, T, n) that requires grad (as inside a network), one AdamW step. Measured side by side in one run:
 
 * trainable parameters of the layer;
-* peak memory of the step above the frozen base: the process's peak resident set (VmHWM) during
-  forward + backward + optimizer step, minus the resident set just before it (base weight and input
-  already allocated); cross-checked by the bytes autograd saves for the backward pass;
-* step time: median of 5 timed steps after 2 warm-up steps.
+* peak memory of the step above the frozen base: the CPU allocator's live bytes, counted exactly by the
+  PyTorch profiler (``profile_memory``: every allocation and free during the step), maximum over one
+  forward + backward + optimizer step taken after a first step created the optimizer state. Everything
+  alive before the step (frozen weight, input, adapter, optimizer state) is not counted; the
+  allocator-independent count does not drift like the process's resident set does. Cross-checked by the
+  bytes autograd saves for the backward pass;
+* step time: the median of the timed steps of a subprocess; the subprocesses of all methods run in
+  interleaved rounds (lora, blob, melora, lora, blob, ...) and the table gives the median over rounds,
+  so that slow drift of a shared machine hits every method alike.
 
 Also the analytic trainable-parameter count for LLaMA2-7B with q_proj, v_proj and lm_head adapted at
 r = 8 (the model is built on the meta device, so nothing is allocated).
 
-    python benchmarks/memory.py            # writes benchmarks/results/memory.json and memory.md
-    python benchmarks/memory.py --quick    # one shape, two lengths
+    python benchmarks/memory.py            # writes benchmarks/results/memory.json and memory.md (~20 min)
+    python benchmarks/memory.py --quick    # one shape, two lengths, one round
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,23 +37,30 @@ from bayeslora.io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lora", "blob", "melora")
+TARGETS = {
+    "melora_params_vs_blob": 0.68,
+    "melora_peak_vs_blob": 0.9,
+    "melora_peak_vs_lora": 1.02,
+    "melora_time_vs_lora": 1.10,
+}
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def peak_allocated_bytes(fn) -> int:
+    """The largest number of bytes the CPU allocator held at once while ``fn()`` ran, counting only
+    what was allocated after ``fn`` started (read from the profiler's ``[memory]`` events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals])
 
 
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def measure(method: str, width: int, length: int, rank: int) -> dict:
+def measure(method: str, width: int, length: int, rank: int, timed_steps: int = 7) -> dict:
     """One method at one shape, in this process (called in a fresh subprocess)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -100,13 +113,11 @@ def measure(method: str, width: int, length: int, rank: int) -> dict:
     )
 
     step()  # optimizer state exists from here on, like in any step after the first
-    _reset_peak()
-    before = _rss_kib("VmRSS")
-    step()
-    peak = _rss_kib("VmHWM")
+    x.grad = None
+    peak = peak_allocated_bytes(step)
     step()
     times = []
-    for _ in range(5):
+    for _ in range(timed_steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -116,9 +127,10 @@ def measure(method: str, width: int, length: int, rank: int) -> dict:
         "length": length,
         "rank": rank,
         "trainable_params": sum(p.numel() for p in params),
-        "peak_step_mib": (peak - before) / 1024,
+        "peak_step_mib": peak / 2**20,
         "saved_for_backward_mib": saved_bytes / 2**20,
         "step_time_s": statistics.median(times),
+        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -155,6 +167,7 @@ def llama2_7b_counts(rank: int = 8) -> dict[str, int]:
 
 
 def run_subprocess(method: str, width: int, length: int, rank: int) -> dict:
+    """:func:`measure` in a fresh Python process (nothing allocated by another method can linger)."""
     here = str(Path(__file__).parent)
     code = (
         f"import json, sys; sys.path.insert(0, {here!r}); from memory import measure; "
@@ -164,12 +177,54 @@ def run_subprocess(method: str, width: int, length: int, rank: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def to_markdown(rows: list[dict], counts: dict[str, int]) -> str:
+def aggregate(rounds: list[dict]) -> dict:
+    """One (method, shape) over its rounds: median step time; memory and counts are deterministic, so the
+    largest peak seen is kept (and the spread reported)."""
+    first = rounds[0]
+    peaks = [r["peak_step_mib"] for r in rounds]
+    return {
+        **{k: first[k] for k in ("method", "width", "length", "rank", "trainable_params", "saved_for_backward_mib")},
+        "peak_step_mib": max(peaks),
+        "peak_step_mib_spread": max(peaks) - min(peaks),
+        "step_time_s": statistics.median(r["step_time_s"] for r in rounds),
+        "step_times_s": [r["step_time_s"] for r in rounds],
+        "rounds": len(rounds),
+    }
+
+
+def ratios(rows: list[dict], counts: dict[str, int]) -> dict:
+    """Me-LoRA against LoRA and BLoB at every shape, and whether each target holds everywhere."""
+    per_shape = []
+    for width, length in sorted({(r["width"], r["length"]) for r in rows}):
+        same = {r["method"]: r for r in rows if r["width"] == width and r["length"] == length}
+        me, lora, blob = same["melora"], same["lora"], same["blob"]
+        per_shape.append(
+            {
+                "width": width,
+                "length": length,
+                "melora_peak_vs_blob": me["peak_step_mib"] / blob["peak_step_mib"],
+                "melora_peak_vs_lora": me["peak_step_mib"] / lora["peak_step_mib"],
+                "melora_time_vs_lora": me["step_time_s"] / lora["step_time_s"],
+                "blob_time_vs_lora": blob["step_time_s"] / lora["step_time_s"],
+            }
+        )
+    worst = {
+        key: max(s[key] for s in per_shape)
+        for key in ("melora_peak_vs_blob", "melora_peak_vs_lora", "melora_time_vs_lora")
+    }
+    worst["melora_params_vs_blob"] = counts["melora"] / counts["blob"]
+    return {"per_shape": per_shape, "worst": worst, "met": {k: worst[k] <= TARGETS[k] for k in TARGETS}}
+
+
+def to_markdown(rows: list[dict], counts: dict[str, int], summary: dict) -> str:
     lines = [
         "# Memory and speed of one training step (benchmarks/memory.py)",
         "",
-        "One adapted linear layer (frozen n×n weight, r = 8, fp32, CPU), input (1, T, n) requiring grad, one "
-        "AdamW step; each method in a fresh process. Peak = VmHWM during the step minus RSS before it.",
+        "One adapted linear layer (frozen n×n weight, r = 8, α = 16, fp32, CPU, "
+        f"{rows[0].get('torch_threads', '?')} threads), input (1, T, n) requiring grad, one AdamW step; each "
+        f"method in a fresh process, {rows[0]['rounds']} interleaved round(s). Peak = the allocator's largest "
+        "live bytes during the step above everything allocated before it (profiler count, exact); step time = "
+        "median over rounds of each process's median step.",
         "",
         "| n | T | method | trainable | peak step MiB | saved for backward MiB | step ms | peak vs LoRA | "
         "peak vs BLoB | time vs LoRA |",
@@ -182,9 +237,9 @@ def to_markdown(rows: list[dict], counts: dict[str, int]) -> str:
         lines.append(
             f"| {row['width']} | {row['length']} | {row['method']} | {row['trainable_params']:,} | "
             f"{row['peak_step_mib']:.1f} | {row['saved_for_backward_mib']:.1f} | {1000 * row['step_time_s']:.1f} | "
-            f"{row['peak_step_mib'] / lora['peak_step_mib']:.2f} | "
-            f"{row['peak_step_mib'] / blob['peak_step_mib']:.2f} | "
-            f"{row['step_time_s'] / lora['step_time_s']:.2f} |"
+            f"{row['peak_step_mib'] / lora['peak_step_mib']:.3f} | "
+            f"{row['peak_step_mib'] / blob['peak_step_mib']:.3f} | "
+            f"{row['step_time_s'] / lora['step_time_s']:.3f} |"
         )
     lines += [
         "",
@@ -195,6 +250,9 @@ def to_markdown(rows: list[dict], counts: dict[str, int]) -> str:
     ]
     for method in METHODS:
         lines.append(f"| {method} | {counts[method]:,} | {counts[method] / counts['blob']:.3f} |")
+    lines += ["", "Targets (worst case over all shapes):", "", "| ratio | worst | target | met |", "|---|---|---|---|"]
+    for key, limit in TARGETS.items():
+        lines.append(f"| {key} | {summary['worst'][key]:.3f} | <= {limit} | {'yes' if summary['met'][key] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,24 +261,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", nargs="+", type=int, default=[4096, 5120])
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="n = 4096, T = 512 and 1024 only")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of subprocesses per shape.")
+    parser.add_argument("--quick", action="store_true", help="n = 4096, T = 512 and 1024 only, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.widths, args.lengths = [4096], [512, 1024]
+        args.widths, args.lengths, args.rounds = [4096], [512, 1024], 1
+    started = time.time()
     rows = []
     for width in args.widths:
         for length in args.lengths:
+            rounds: dict[str, list[dict]] = {m: [] for m in METHODS}
+            for _ in range(args.rounds):
+                for method in METHODS:
+                    rounds[method].append(run_subprocess(method, width, length, args.rank))
             for method in METHODS:
-                row = run_subprocess(method, width, length, args.rank)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                rows.append(aggregate(rounds[method]))
+                print(json.dumps(rows[-1]), flush=True)
     counts = llama2_7b_counts(args.rank)
-    print(counts)
-    write_json_atomic(args.out / "memory.json", {"steps": rows, "llama2_7b_trainable": counts})
-    table = to_markdown(rows, counts)
+    summary = ratios(rows, counts)
+    write_json_atomic(
+        args.out / "memory.json",
+        {"steps": rows, "llama2_7b_trainable": counts, "ratios": summary, "targets": TARGETS},
+    )
+    table = to_markdown(rows, counts, summary)
     write_text_atomic(args.out / "memory.md", table)
     print(table)
+    print(f"took {(time.time() - started) / 60:.1f} min")
     return 0
 
 

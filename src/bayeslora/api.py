@@ -41,7 +41,7 @@ from .runs import (
 from .scoring import Scorer, make_scorer
 from .system import peak_memory_mb, versions
 from .tasks import DATA_SEED, Task, load_task, seeded_subset
-from .training import BayesLoraTrainer, ExampleDataset, JsonlLogger, training_arguments
+from .training import BayesLoraTrainer, ExampleDataset, JsonlLogger, StepMemoryProbe, training_arguments
 
 
 def _head_for(task: Task) -> str:
@@ -180,6 +180,7 @@ def train(
             extra_loss, objective_callbacks = bayesian_objective(config, len(train_examples))
             if config.sigma_lr is not None:
                 special_lrs = [(variance_parameters(model), config.sigma_lr)]
+        memory_probe = StepMemoryProbe()
         trainer = BayesLoraTrainer(
             model=model,
             args=training_arguments(config, run / "checkpoints", progress=progress),
@@ -188,7 +189,7 @@ def train(
             scorer=scorer,
             extra_loss=extra_loss,
             special_lrs=special_lrs,
-            callbacks=[*objective_callbacks, *callbacks, JsonlLogger(run / TRAIN_LOG)],
+            callbacks=[*objective_callbacks, *callbacks, memory_probe, JsonlLogger(run / TRAIN_LOG)],
         )
         output = trainer.train()
         model = trainer.model
@@ -204,6 +205,7 @@ def train(
             "train_loss": output.training_loss,
             "train_runtime_s": round(output.metrics.get("train_runtime", 0.0), 2),
             "step_time_s": round(output.metrics.get("train_runtime", 0.0) / max(1, output.global_step), 3),
+            "step_memory_mb": None if memory_probe.peak_mib is None else round(memory_probe.peak_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "trainable_params": _trainable_parameters(model),
             "total_params": sum(p.numel() for p in model.parameters()),
@@ -277,7 +279,7 @@ def _evaluate_and_write(
     }
     if summary:
         record["train_task"] = train_task.name
-        for key in ("steps", "trainable_params", "train_runtime_s", "step_time_s", "peak_memory_mb"):
+        for key in ("steps", "trainable_params", "train_runtime_s", "step_time_s", "step_memory_mb", "peak_memory_mb"):
             if key in summary:
                 record[key] = summary[key]
     out_dir = out_dir or eval_dir(run_dir, eval_task.name)

@@ -1,8 +1,8 @@
 """Evaluation: predictive probabilities on a task's evaluation split, metrics, and the files they go to.
 
 ``eval/<task>/`` of a run holds ``metrics.json`` (accuracy, ECE, NLL, Brier and what produced them),
-``reliability.png`` and ``predictions.safetensors`` (probabilities and labels, for reports and post-hoc
-calibration).
+``reliability.png`` and ``predictions.safetensors`` (sample-averaged probabilities and labels, and for
+N > 1 posterior samples each sample's probabilities; for reports and post-hoc calibration).
 """
 
 from __future__ import annotations
@@ -41,9 +41,18 @@ def evaluate_model(
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[dict[str, Any], Prediction]:
-    """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier, n_examples, n_samples, eval_time_s."""
+    """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier, n_examples, n_samples, eval_time_s.
+    With ``n_samples > 1`` the prediction keeps each sample's probabilities."""
     start = time.perf_counter()
-    prediction = predict(model, scorer, examples, n_samples=n_samples, batch_size=batch_size, progress=progress)
+    prediction = predict(
+        model,
+        scorer,
+        examples,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        keep_samples=n_samples > 1,
+        progress=progress,
+    )
     elapsed = time.perf_counter() - start
     metrics: dict[str, Any] = classification_metrics(prediction.probs, prediction.labels)
     metrics.update(n_examples=len(examples), n_samples=n_samples, eval_time_s=round(elapsed, 2))
@@ -55,8 +64,11 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], prediction: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
+        tensors = {"probs": prediction.probs.contiguous(), "labels": prediction.labels.contiguous()}
+        if prediction.sample_probs is not None:
+            tensors["sample_probs"] = prediction.sample_probs.contiguous()  # (n_samples, N, C)
         save_file(
-            {"probs": prediction.probs.contiguous(), "labels": prediction.labels.contiguous()},
+            tensors,
             str(tmp),
             metadata={"task": str(metrics.get("task")), "method": str(metrics.get("method"))},
         )
@@ -65,8 +77,10 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], prediction: P
 
 
 def load_predictions(eval_dir: str | Path) -> Prediction:
-    """The saved probabilities and labels of an evaluation directory."""
+    """The saved probabilities, labels and (when kept) per-sample probabilities of an evaluation directory."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(eval_dir) / PREDICTIONS_FILE))
-    return Prediction(probs=tensors["probs"], labels=tensors["labels"].to(torch.long))
+    return Prediction(
+        probs=tensors["probs"], labels=tensors["labels"].to(torch.long), sample_probs=tensors.get("sample_probs")
+    )

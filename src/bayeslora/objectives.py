@@ -47,6 +47,21 @@ def variance_parameters(model: nn.Module) -> list[nn.Parameter]:
     return found
 
 
+@torch.no_grad()
+def posterior_std_mean(model: nn.Module) -> float:
+    """The mean posterior standard deviation over every random entry of the model's Bayesian adapters
+    (active adapters only); a quick view of how far the variational posterior has moved."""
+    total, count = 0.0, 0
+    for module in model.modules():
+        if isinstance(module, BayesianLowRankLayer):
+            for adapter in module.active_adapters:
+                if module._has(adapter):
+                    std = module.posterior_std(adapter)
+                    total += float(std.double().sum())
+                    count += std.numel()
+    return total / max(count, 1)
+
+
 class ElboObjective:
     """``β·KL/N_train`` added to the mean NLL, with β = kl_weight·min(1, step / warm-up steps)."""
 
@@ -66,7 +81,8 @@ class ElboObjective:
         kl = model_kl(model)
         beta = self.beta(trainer.state.global_step, trainer.state.max_steps)
         term = (beta * kl / self.n_train).to(torch.float32)
-        return LossTerms(terms={"kl_term": term}, logs={"kl": float(kl), "beta": beta})
+        logs = {"kl": float(kl.detach()), "beta": beta, "sigma_mean": posterior_std_mean(model)}
+        return LossTerms(terms={"kl_term": term}, logs=logs)
 
 
 def blob_cycle_length(n_train: int, batch_size: int, gamma: float = 8.0) -> int:
@@ -99,7 +115,7 @@ class BlobKLStep(TrainerCallback):
             for p, g in zip(params, grads, strict=True):
                 if g is not None:
                     p.add_(g.to(p.dtype), alpha=-self.kl_lr * scale)
-        self.last = {"kl": float(kl), "pi": pi}
+        self.last = {"kl": float(kl.detach()), "pi": pi, "sigma_mean": posterior_std_mean(model)}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:

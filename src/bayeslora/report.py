@@ -17,7 +17,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("examples", "n_examples", "{}"),
     ("trainable", "trainable_params", "{:,}"),
     ("step s", "step_time_s", "{:.2f}"),
-    ("peak MiB", "peak_memory_mb", "{:.0f}"),
+    ("step MiB", "step_memory_mb", "{:.0f}"),
+    ("process MiB", "peak_memory_mb", "{:.0f}"),
 )
 _PERCENT = {"accuracy", "ece"}
 

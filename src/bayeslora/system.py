@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import platform
 import resource
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
+from types import TracebackType
 
 import torch
 
@@ -39,6 +45,82 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class AllocationPeak:
+    """Measures the largest number of bytes held at once by the allocator while the block runs, above what
+    was held when it started: the memory cost of a training step on top of the model, its inputs and the
+    optimizer state.
+
+    On CUDA this is ``max_memory_allocated`` after a reset. On the CPU there is no such counter, and the
+    resident set size depends on the C allocator's page reuse; so the block runs under the PyTorch
+    profiler with ``profile_memory=True``, whose ``[memory]`` events carry the CPU allocator's exact live
+    byte count ("Total Allocated", counting allocations made after the profiler started). Used as::
+
+        with AllocationPeak(device) as probe:
+            step()
+        probe.peak_mib
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self._profiler = None
+        self._base = 0
+
+    def __enter__(self) -> AllocationPeak:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with _native_stderr_silenced():  # Kineto prints "profiler_start" lines at any log level
+                self._profiler.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        with _native_stderr_silenced():
+            self._profiler.__exit__(kind, error, trace)
+        if kind is None:
+            self.peak_bytes = _profiled_peak_bytes(self._profiler)
+
+    @property
+    def peak_mib(self) -> float:
+        """:attr:`peak_bytes` in MiB."""
+        return self.peak_bytes / 2**20
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send what native code writes to file descriptor 2 to /dev/null within the block (Python-level
+    exceptions still propagate). Used only around the profiler's start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _profiled_peak_bytes(profiler) -> int:
+    """The largest "Total Allocated" of the ``[memory]`` events a CPU profile recorded (0 if none)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max([0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")])
 
 
 def device_summary() -> dict[str, object]:

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .scoring import Scorer
+from .system import AllocationPeak
 from .tasks import Example
 
 
@@ -144,6 +145,28 @@ class JsonlLogger(TrainerCallback):
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+
+
+class StepMemoryProbe(TrainerCallback):
+    """Measure the peak memory of one optimizer step (forward, backward, optimizer update) above what was
+    allocated before it: activations kept for the backward pass, gradients and temporaries; the model, the
+    batch and the optimizer state are not counted. The probed step is the second (``step=1``, when
+    the optimizer state exists), or the only one. See :class:`~bayeslora.system.AllocationPeak`."""
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+        self.peak_mib: float | None = None
+        self._probe: AllocationPeak | None = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if self._probe is None and state.global_step == min(self.step, max(0, state.max_steps - 1)):
+            self._probe = AllocationPeak(next(model.parameters()).device)
+            self._probe.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self._probe is not None and self.peak_mib is None:
+            self._probe.__exit__(None, None, None)
+            self.peak_mib = self._probe.peak_mib
 
 
 def training_arguments(config, output_dir: Path, *, progress: bool = True) -> TrainingArguments:

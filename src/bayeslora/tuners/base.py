@@ -145,6 +145,10 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         """The posterior-mean weight update ``s·E[ΔW]``, ``(out_features, in_features)``."""
         raise NotImplementedError
 
+    def posterior_std(self, adapter: str) -> Tensor:
+        """The standard deviation of every random entry of the adapter (Me-LoRA: the core; BLoB: A)."""
+        raise NotImplementedError
+
     # --- shared ---
     def _register_common(self, adapter_name: str, r: int, lora_alpha: float, dropout: float) -> None:
         if r <= 0:

@@ -54,7 +54,7 @@ class BlobLayer(BayesianLowRankLayer):
         nn.init.uniform_(self.blob_A_g[adapter_name], config.init_eps / math.sqrt(2), config.init_eps)
         self._finish_update(adapter_name, config.inference_mode)
 
-    def std(self, adapter: str) -> Tensor:
+    def posterior_std(self, adapter: str) -> Tensor:
         """σ = G², the standard deviation of each entry of A."""
         return positive(self.blob_A_g[adapter], "square")
 
@@ -67,7 +67,7 @@ class BlobLayer(BayesianLowRankLayer):
 
     def _flipout_noise(self, x: Tensor, adapter: str) -> Tensor:
         """((x ⊙ r_A)·Eᵀ) ⊙ s_A with one E per forward pass (per posterior copy when copies are announced)."""
-        sigma = self.std(adapter)  # (r, n)
+        sigma = self.posterior_std(adapter)  # (r, n)
         r = sigma.shape[0]
         signed = x * _random_signs(x.shape, x)  # x ⊙ r_A, (R, T, n)
         copies = current_row_copies()
@@ -86,4 +86,4 @@ class BlobLayer(BayesianLowRankLayer):
         return self.scaling[adapter] * (self.blob_B[adapter] @ self.blob_A[adapter])  # (m, r) (r, n) -> (m, n)
 
     def kl(self, adapter: str) -> Tensor:
-        return gaussian_kl(self.blob_A[adapter], self.std(adapter), 0.0, self.prior_std[adapter])
+        return gaussian_kl(self.blob_A[adapter], self.posterior_std(adapter), 0.0, self.prior_std[adapter])

@@ -76,7 +76,7 @@ class MeLoraLayer(BayesianLowRankLayer):
             return torch.eye(r)
         return torch.linalg.qr(torch.randn(r, r)).Q
 
-    def core_std(self, adapter: str) -> Tensor:
+    def posterior_std(self, adapter: str) -> Tensor:
         """Σ_S, the standard deviation of each core entry."""
         return positive(self.melora_core_rho[adapter], self.sigma_param[adapter])
 
@@ -104,7 +104,7 @@ class MeLoraLayer(BayesianLowRankLayer):
         """``num_examples`` independent draws of S: (E, r, r) for a full core, (E, r) for a diagonal one."""
         mean = self.melora_core[adapter]
         noise = torch.randn((num_examples, *mean.shape), device=mean.device, dtype=mean.dtype)
-        return mean + self.core_std(adapter) * noise
+        return mean + self.posterior_std(adapter) * noise
 
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         A, B, mean = self.melora_A[adapter], self.melora_B[adapter], self.melora_core[adapter]
@@ -130,5 +130,5 @@ class MeLoraLayer(BayesianLowRankLayer):
 
     def kl(self, adapter: str) -> Tensor:
         return gaussian_kl(
-            self.melora_core[adapter], self.core_std(adapter), self.prior_center(adapter), self.prior_std[adapter]
+            self.melora_core[adapter], self.posterior_std(adapter), self.prior_center(adapter), self.prior_std[adapter]
         )

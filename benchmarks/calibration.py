@@ -1,102 +1,177 @@
 """Calibration at small scale: the BLoB protocol shrunk to SmolLM2-135M on 2 CPU cores.
 
-Every (task, method, seed) is a real ``bayeslora.train`` run (cloze scoring) evaluated on a fixed seeded
-subset of the validation split with N posterior samples; each epoch also evaluates the current model
-(LoRA as is, Bayesian methods with their posterior mean) to show how calibration moves as the adapter
-over-fits. Finished runs are reused, so the script can be stopped and restarted.
+Every (task, variant, seed) is a real ``bayeslora.train`` run (cloze scoring) on a fixed seeded subset of
+the training split, evaluated on a fixed seeded subset of the validation split. A *variant* is a method
+with options (``melora-naive=melora:sigma_lr=0.0005``), so that ablations sit in the same table as the
+methods. For each run the benchmark records:
 
-    python benchmarks/calibration.py                         # the recorded configuration (hours on 2 cores)
+* the final metrics with N posterior samples (the method's prediction), and for Bayesian methods also
+  with the posterior mean (N = 0) and as a function of N (1, 2, 5, 10: from the saved per-sample
+  probabilities, no extra passes);
+* after every epoch, the metrics of the current model (LoRA as is, Bayesian methods with their
+  posterior mean) and the mean posterior σ, to show calibration moving as the adapter over-fits.
+
+Finished runs are reused (each writes ``benchmark.json`` last), so the script can be stopped and
+restarted; ``--jobs 2`` trains two configurations at a time with one thread each.
+
+    python benchmarks/calibration.py                                    # the recorded configuration
     python benchmarks/calibration.py --tasks arc-easy --seeds 1 --epochs 2 --tag quick
+    python benchmarks/calibration.py --variants lora melora melora-naive=melora:sigma_lr=0.0005
 
-Writes ``benchmarks/results/calibration/<tag>.json`` and ``<tag>.md``.
+Writes ``benchmarks/results/calibration/<tag>.json`` and ``<tag>.md``; runs go to
+``benchmarks/results/calibration/runs/<tag>/`` (not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
-import bayeslora as bl
-from bayeslora.evaluation import eval_examples, evaluate_model
-from bayeslora.io import read_json, write_json_atomic, write_text_atomic
-from bayeslora.runs import eval_dir
-
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration"
+DEFAULT_VARIANTS = ("lora", "blob", "melora")
+SAMPLE_COUNTS = (1, 2, 5, 10)
+DEFAULT_TARGETS = ("q_proj", "v_proj", "lm_head")
 
 
-class EpochEval(TrainerCallback):
-    """Evaluate the model at the end of every epoch (deterministic methods as they are, Bayesian ones with
-    their posterior mean) and keep the metrics."""
+@dataclass(frozen=True)
+class Variant:
+    """A row of the table: a method and the options that differ from its defaults."""
 
-    def __init__(self, config: bl.RunConfig, n_samples: int) -> None:
-        self.config = config
-        self.n_samples = n_samples
-        self.history: list[dict[str, Any]] = []
-        task = bl.load_task(config.task)
-        self.examples = eval_examples(task, config.limit)
-        self.scorer = bl.build_scorer(task, bl.load_tokenizer(config.model), config)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        metrics, _ = evaluate_model(model, self.scorer, self.examples, n_samples=self.n_samples, progress=False)
-        model.train()
-        self.history.append({"epoch": round(state.epoch), "step": state.global_step, **metrics})
-        print(
-            f"  epoch {round(state.epoch)}: acc {metrics['accuracy']:.3f} ece {metrics['ece']:.3f} "
-            f"nll {metrics['nll']:.3f}",
-            flush=True,
-        )
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-def run_one(task: str, method: str, seed: int, args, overrides: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Train + evaluate one configuration (or reuse its finished run); returns its metrics."""
-    run_dir = root / f"{task}-{method}-seed{seed}"
-    metrics_file = eval_dir(run_dir, task) / "metrics.json"
-    history_file = run_dir / "epoch_eval.json"
-    if metrics_file.is_file():
-        metrics = read_json(metrics_file)
-        metrics["epochs"] = read_json(history_file) if history_file.is_file() else []
-        return metrics
+def parse_variant(text: str) -> Variant:
+    """``name=method:key=value,key=value`` (values parsed as JSON when they are JSON), or a bare method name."""
+    name, _, spec = text.partition("=")
+    if not spec:
+        return Variant(name, name)
+    method, _, assignments = spec.partition(":")
+    options: dict[str, Any] = {}
+    for assignment in filter(None, assignments.split(",")):
+        key, _, value = assignment.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return Variant(name, method, options)
+
+
+def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")}
+
+
+def _epoch_callback(config, n_samples: int):
+    """A TrainerCallback that evaluates the model at the end of every epoch and records its posterior σ."""
+    from transformers import TrainerCallback
+
+    import bayeslora as bl
+    from bayeslora.evaluation import eval_examples, evaluate_model
+    from bayeslora.objectives import bayesian_tuner, posterior_std_mean
+
+    class EpochEval(TrainerCallback):
+        def __init__(self) -> None:
+            self.history: list[dict[str, Any]] = []
+            task = bl.load_task(config.task)
+            self.examples = eval_examples(task, config.limit)
+            self.scorer = bl.build_scorer(task, bl.load_tokenizer(config.model), config)
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            metrics, _ = evaluate_model(model, self.scorer, self.examples, n_samples=n_samples, progress=False)
+            model.train()
+            record = {"epoch": round(state.epoch), "step": state.global_step, **_metrics_row(metrics)}
+            if bayesian_tuner(model) is not None:
+                record["sigma_mean"] = posterior_std_mean(model)
+            self.history.append(record)
+
+    return EpochEval()
+
+
+def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """Train + evaluate one configuration, or reuse its finished record; returns the record."""
+    import bayeslora as bl
+    from bayeslora.evaluation import load_predictions
+    from bayeslora.io import read_json, write_json_atomic
+    from bayeslora.metrics import classification_metrics
+    from bayeslora.runs import eval_dir
+
+    run_dir = Path(settings["root"]) / f"{task}-{variant.name}-seed{seed}"
+    record_file = run_dir / "benchmark.json"
+    if record_file.is_file():
+        return read_json(record_file)
     options = dict(
-        model=args.model,
+        model=settings["model"],
         task=task,
-        method=method,
+        method=variant.method,
         seed=seed,
-        train_size=args.train_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        limit=args.limit,
-        samples=args.samples,
-        rank=args.rank,
-        alpha=args.alpha,
+        train_size=settings["train_size"],
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        limit=settings["limit"],
+        samples=settings["samples"],
+        rank=settings["rank"],
+        alpha=settings["alpha"],
         output_dir=str(run_dir),
-        overwrite=True,
+        overwrite=True,  # an unfinished run of an interrupted benchmark (a finished one was returned above)
         logging_steps=20,
     )
-    if args.target_modules:
-        options["target_modules"] = args.target_modules
-    options.update(overrides.get(method, {}))
+    if settings.get("target_modules"):
+        options["target_modules"] = settings["target_modules"]
+    options.update(variant.options)
     config = bl.make_config(**options)
-    stochastic = bl.get_method(method).stochastic
-    epoch_eval = EpochEval(config, n_samples=0 if stochastic else 1)
-    print(f"== {task} {method} seed {seed}", flush=True)
-    bl.train(config, progress=False, callbacks=[epoch_eval])
-    write_json_atomic(history_file, epoch_eval.history)
-    metrics = read_json(metrics_file)
-    metrics["epochs"] = epoch_eval.history
+    stochastic = bl.get_method(variant.method).stochastic
+    epochs = _epoch_callback(config, n_samples=0 if stochastic else 1)
+    started = time.time()
+    print(f"== {task} {variant.name} seed {seed}: started", flush=True)
+    bl.train(config, progress=False, callbacks=[epochs])
+    final = read_json(eval_dir(run_dir, task) / "metrics.json")
+    record: dict[str, Any] = {
+        "task": task,
+        "variant": variant.name,
+        "method": variant.method,
+        "options": variant.options,
+        "seed": seed,
+        "final": _metrics_row(final),
+        "n_samples": final["n_samples"],
+        "epochs": epochs.history,
+        **{k: final.get(k) for k in ("trainable_params", "step_time_s", "step_memory_mb", "steps", "eval_time_s")},
+    }
+    if stochastic:
+        mean = bl.evaluate(run_dir, samples=0, output_dir=run_dir / "posterior-mean", overwrite=True, progress=False)
+        record["posterior_mean"] = _metrics_row(mean)
+        prediction = load_predictions(eval_dir(run_dir, task))
+        if prediction.sample_probs is not None:
+            record["by_samples"] = {
+                str(k): _metrics_row(classification_metrics(prediction.sample_probs[:k].mean(0), prediction.labels))
+                for k in SAMPLE_COUNTS
+                if k <= prediction.sample_probs.shape[0]
+            }
+    record["wall_time_min"] = round((time.time() - started) / 60, 1)
+    write_json_atomic(record_file, record)
+    f = record["final"]
     print(
-        f"   final (N={metrics['n_samples']}): acc {metrics['accuracy']:.3f} ece {metrics['ece']:.3f} "
-        f"nll {metrics['nll']:.3f}",
+        f"== {task} {variant.name} seed {seed}: acc {f['accuracy']:.3f} ece {f['ece']:.3f} nll {f['nll']:.3f} "
+        f"({record['wall_time_min']} min)",
         flush=True,
     )
-    return metrics
+    return record
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -106,62 +181,134 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summarize(results: list[dict[str, Any]], args) -> str:
-    """Markdown: the final table (mean ± std over seeds) and the per-epoch curves."""
-    lines = [
-        f"# Calibration at small scale ({args.tag})",
-        "",
-        f"SmolLM2-135M-Instruct (fp32, CPU), cloze scoring (mean log-likelihood), LoRA r={args.rank} "
-        f"α={args.alpha} on {' '.join(args.target_modules or ['q_proj', 'v_proj', 'lm_head'])}; "
-        f"{args.train_size} training questions, {args.epochs} epochs of batch {args.batch_size}, AdamW lr {args.lr}; "
-        f"evaluation on {args.limit} validation questions (fixed seeded subset), N = {args.samples} posterior "
-        f"samples for Bayesian methods. Seeds: {' '.join(map(str, args.seeds))}. Method options: "
-        f"{json.dumps(args.overrides) if args.overrides else 'defaults'}.",
-        "",
-        "| task | method | accuracy % | ECE % | NLL | Brier | trainable params | step s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    keys = sorted({(r["task"], r["method"]) for r in results}, key=lambda k: (k[0], args.methods.index(k[1])))
-    for task, method in keys:
-        rows = [r for r in results if r["task"] == task and r["method"] == method]
-        lines.append(
-            f"| {task} | {method} | {_mean_std([r['accuracy'] for r in rows], 100)} | "
-            f"{_mean_std([r['ece'] for r in rows], 100)} | {_mean_std([r['nll'] for r in rows], digits=3)} | "
-            f"{_mean_std([r['brier'] for r in rows], digits=3)} | {rows[0].get('trainable_params', 0):,} | "
-            f"{_mean_std([r.get('step_time_s', 0) for r in rows], digits=2)} |"
+def _cells(rows: list[dict[str, float]]) -> str:
+    return (
+        f"{_mean_std([r['accuracy'] for r in rows], 100)} | {_mean_std([r['ece'] for r in rows], 100)} | "
+        f"{_mean_std([r['nll'] for r in rows], digits=3)} | {_mean_std([r['brier'] for r in rows], digits=3)}"
+    )
+
+
+def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, the issue's targets for the variant named ``melora`` against ``lora`` and ``blob``
+    (seed means): ECE at most half of LoRA's, within 1 point of BLoB's, accuracy within 1 point of LoRA's."""
+
+    def mean(task: str, variant: str, key: str) -> float | None:
+        values = [r["final"][key] for r in results if r["task"] == task and r["variant"] == variant]
+        return statistics.mean(values) if values else None
+
+    checks = []
+    for task in sorted({r["task"] for r in results}):
+        me, lora, blob = (mean(task, v, "ece") for v in ("melora", "lora", "blob"))
+        me_acc, lora_acc = mean(task, "melora", "accuracy"), mean(task, "lora", "accuracy")
+        if None in (me, lora, blob, me_acc, lora_acc):
+            continue
+        checks.append(
+            {
+                "task": task,
+                "melora_ece_vs_lora": me / lora,
+                "ece_half_of_lora": me <= lora / 2,
+                "melora_minus_blob_ece_points": 100 * (me - blob),
+                "ece_within_1pt_of_blob": me <= blob + 0.01,
+                "melora_minus_lora_acc_points": 100 * (me_acc - lora_acc),
+                "acc_within_1pt_of_lora": me_acc >= lora_acc - 0.01,
+            }
         )
-    lines += ["", "Per epoch (LoRA as is; Bayesian methods with their posterior mean), seed-averaged:", ""]
-    lines += ["| task | method | epoch | accuracy % | ECE % | NLL |", "|---|---|---|---|---|---|"]
-    for task, method in keys:
-        rows = [r for r in results if r["task"] == task and r["method"] == method and r.get("epochs")]
+    return checks
+
+
+def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants: list[Variant]) -> str:
+    """Markdown: the final table (mean ± std over seeds), the targets, N-sample curves, per-epoch curves."""
+    order = {v.name: i for i, v in enumerate(variants)}
+    keys = sorted({(r["task"], r["variant"]) for r in results}, key=lambda k: (k[0], order.get(k[1], 99)))
+    described = "; ".join(
+        f"`{v.name}` = {v.method} {json.dumps(v.options) if v.options else '(defaults)'}" for v in variants
+    )
+    lines = [
+        f"# Calibration at small scale ({settings['tag']})",
+        "",
+        f"SmolLM2-135M-Instruct (fp32, CPU), cloze scoring (mean log-likelihood), rank {settings['rank']}, "
+        f"α = {settings['alpha']}, targets {' '.join(settings.get('target_modules') or DEFAULT_TARGETS)}; "
+        f"{settings['train_size']} training questions, {settings['epochs']} epochs of batch {settings['batch_size']}, "
+        f"AdamW lr {settings['lr']} (6% warm-up, linear decay); evaluation on {settings['limit']} validation questions "
+        f"(fixed seeded subset), N = {settings['samples']} posterior samples for Bayesian methods. "
+        f"Seeds: {' '.join(map(str, settings['seeds']))}. Variants: {described}.",
+        "",
+        "| task | variant | N | accuracy % | ECE % | NLL | Brier | posterior mean: acc % / ECE % / NLL "
+        "| trainable | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, name in keys:
+        rows = [r for r in results if r["task"] == task and r["variant"] == name]
+        means = [r["posterior_mean"] for r in rows if "posterior_mean" in r]
+        mean_cell = (
+            f"{_mean_std([m['accuracy'] for m in means], 100)} / {_mean_std([m['ece'] for m in means], 100)} / "
+            f"{_mean_std([m['nll'] for m in means], digits=3)}"
+            if means
+            else "–"
+        )
+        lines.append(
+            f"| {task} | {name} | {rows[0]['n_samples']} | {_cells([r['final'] for r in rows])} | {mean_cell} | "
+            f"{rows[0].get('trainable_params') or 0:,} | "
+            f"{_mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
+        )
+    checks = target_checks(results)
+    if checks:
+        lines += [
+            "",
+            "Targets of the issue for `melora` (seed means):",
+            "",
+            "| task | ECE vs LoRA (≤ 0.5) | ECE − BLoB's (≤ 1 pt) | accuracy − LoRA's (≥ −1 pt) |",
+            "|---|---|---|---|",
+        ]
+        for c in checks:
+            lines.append(
+                f"| {c['task']} | {c['melora_ece_vs_lora']:.2f} {'✓' if c['ece_half_of_lora'] else '✗'} | "
+                f"{c['melora_minus_blob_ece_points']:+.1f} {'✓' if c['ece_within_1pt_of_blob'] else '✗'} | "
+                f"{c['melora_minus_lora_acc_points']:+.1f} {'✓' if c['acc_within_1pt_of_lora'] else '✗'} |"
+            )
+    sampled = [k for k in keys if any("by_samples" in r for r in results if (r["task"], r["variant"]) == k)]
+    if sampled:
+        lines += ["", "ECE % by number of posterior samples averaged (seed means):", ""]
+        lines += ["| task | variant | " + " | ".join(f"N={k}" for k in SAMPLE_COUNTS) + " |"]
+        lines += ["|---|---|" + "---|" * len(SAMPLE_COUNTS)]
+        for task, name in sampled:
+            rows = [r["by_samples"] for r in results if (r["task"], r["variant"]) == (task, name) and "by_samples" in r]
+            cells = [
+                _mean_std([row[str(k)]["ece"] for row in rows], 100) if all(str(k) in row for row in rows) else "–"
+                for k in SAMPLE_COUNTS
+            ]
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "After each epoch (LoRA as is, Bayesian methods with their posterior mean; σ = mean posterior std), "
+        "seed means:",
+        "",
+        "| task | variant | epoch | accuracy % | ECE % | NLL | σ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, name in keys:
+        rows = [r for r in results if (r["task"], r["variant"]) == (task, name)]
         for epoch in sorted({e["epoch"] for r in rows for e in r["epochs"]}):
             points = [e for r in rows for e in r["epochs"] if e["epoch"] == epoch]
+            sigma = [p["sigma_mean"] for p in points if "sigma_mean" in p]
             lines.append(
-                f"| {task} | {method} | {epoch} | {_mean_std([p['accuracy'] for p in points], 100)} | "
-                f"{_mean_std([p['ece'] for p in points], 100)} | {_mean_std([p['nll'] for p in points], digits=3)} |"
+                f"| {task} | {name} | {epoch} | {_mean_std([p['accuracy'] for p in points], 100)} | "
+                f"{_mean_std([p['ece'] for p in points], 100)} | {_mean_std([p['nll'] for p in points], digits=3)} | "
+                f"{_mean_std(sigma, digits=4) if sigma else '–'} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``melora:sigma_lr=0.01`` -> ``{"melora": {"sigma_lr": 0.01}}`` (values parsed as JSON when possible)."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for item in items:
-        method, _, assignment = item.partition(":")
-        key, _, value = assignment.partition("=")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        overrides.setdefault(method, {})[key] = parsed
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", default=["arc-easy", "obqa"])
-    parser.add_argument("--methods", nargs="+", default=["lora", "blob", "melora"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        help="Methods, or name=method:key=value,... for a method with other options.",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--train-size", type=int, default=640)
     parser.add_argument("--epochs", type=float, default=4)
@@ -172,28 +319,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", nargs="+", default=None)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="Per-method option, e.g. melora:sigma_lr=0.01 (repeatable).",
-    )
+    parser.add_argument("--jobs", type=int, default=1, help="Runs at a time (each with cores / jobs threads).")
     parser.add_argument("--tag", default="default")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.overrides = parse_overrides(args.overrides)
-    root = args.out / "runs" / args.tag
+    variants = [parse_variant(v) for v in args.variants]
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
+    settings["root"] = str(args.out / "runs" / args.tag)
+    settings["variants"] = [vars(v) for v in variants]
+    configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]
+
+    from bayeslora.io import write_json_atomic, write_text_atomic
+
     started = time.time()
-    results = []
-    for task in args.tasks:
-        for method in args.methods:
-            for seed in args.seeds:
-                results.append(run_one(task, method, seed, args, args.overrides, root))
-                write_json_atomic(
-                    args.out / f"{args.tag}.json", {"settings": vars(args) | {"out": str(args.out)}, "results": results}
-                )
-    table = summarize(results, args)
+    results: list[dict[str, Any]] = []
+
+    def record(result: dict[str, Any]) -> None:
+        results.append(result)
+        write_json_atomic(args.out / f"{args.tag}.json", {"settings": settings, "results": results})
+
+    if args.jobs <= 1:
+        for configuration in configurations:
+            record(run_one(*configuration, settings))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+        ) as pool:
+            futures = [pool.submit(run_one, *configuration, settings) for configuration in configurations]
+            for future in futures:
+                record(future.result())
+    write_json_atomic(
+        args.out / f"{args.tag}.json", {"settings": settings, "results": results, "targets": target_checks(results)}
+    )
+    table = summarize(results, settings, variants)
     write_text_atomic(args.out / f"{args.tag}.md", table)
     print(table)
     print(f"took {(time.time() - started) / 60:.1f} min")

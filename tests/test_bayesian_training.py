@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import bayeslora as bl
 from bayeslora.cli import main
+from bayeslora.evaluation import load_predictions
 from bayeslora.objectives import ElboObjective, variance_parameters
 
 
@@ -50,12 +52,17 @@ def test_elbo_training_logs_kl_and_beta_and_learns(tiny_llama_dir, toy_task, tmp
         progress=False,
     )
     log = log_lines(run)
-    assert all({"nll", "kl", "kl_term", "beta"} <= set(r) for r in log)
+    assert all({"nll", "kl", "kl_term", "beta", "sigma_mean"} <= set(r) for r in log)
+    assert all(r["sigma_mean"] > 0 for r in log)
     assert log[0]["beta"] < log[-1]["beta"] == pytest.approx(0.05)  # annealed over half the steps
     assert log[-1]["kl_term"] == pytest.approx(log[-1]["kl"] * log[-1]["beta"] / 8, rel=0.05)  # KL / N_train
     assert log[-1]["nll"] < 0.7 * log[0]["nll"]
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     assert metrics["n_samples"] == 3 and metrics["method"] == method
+    assert metrics["step_memory_mb"] > 0  # one training step measured by the allocator
+    saved = load_predictions(run / "eval" / "toy")  # each sample's probabilities are kept
+    assert saved.sample_probs.shape == (3, 8, 2)
+    torch.testing.assert_close(saved.sample_probs.mean(0), saved.probs)
 
 
 def test_blob_schedule_steps_the_kl_separately(tiny_llama_dir, toy_task, tmp_path):

@@ -163,7 +163,7 @@ def train(
 
     with new_run_dir(run_dir, config.overwrite) as run:
         transformers.set_seed(config.seed)
-        model, tokenizer = _load_for(config, task)
+        model, tokenizer = _load_for(config, task, progress=progress)
         model, targets = attach_adapter(model, config, task)
         resolved = dataclasses.replace(
             config,
@@ -291,7 +291,7 @@ def _evaluate_and_write(
 ZERO_SHOT = "zero-shot"
 
 
-def _load_for(config: RunConfig, task: Task):
+def _load_for(config: RunConfig, task: Task, *, progress: bool = True):
     """The base model and tokenizer of ``config`` with the head ``task`` needs."""
     return load_model(
         config.model,
@@ -300,6 +300,7 @@ def _load_for(config: RunConfig, task: Task):
         num_layers=config.num_layers,
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
+        progress=progress,
     )
 
 
@@ -355,7 +356,7 @@ def evaluate(
             f"{out_dir} already holds an evaluation. Pass --overwrite to replace it, or --output-dir to write "
             f"elsewhere."
         )
-    network, tokenizer = _load_for(config, train_task)
+    network, tokenizer = _load_for(config, train_task, progress=progress)
     summary = None
     if run is not None:
         network = load_adapter(network, Path(run) / ADAPTER_DIR)

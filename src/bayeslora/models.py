@@ -6,8 +6,9 @@ model) or ``classification`` (sequence-classification tasks, a new linear head o
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -106,6 +107,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
 ):
     """Load a base model and its tokenizer.
 
@@ -116,6 +118,7 @@ def load_model(
         num_layers: keep only the first ``num_layers`` transformer blocks (quick experiments, tests).
         dtype: ``auto`` (fp32 on CPU, bf16 on GPU) or a dtype.
         device: where to put the model; default :func:`default_device`.
+        progress: show transformers' weight-loading progress bar.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -128,16 +131,17 @@ def load_model(
     source = resolve_model(name)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     try:
-        if head == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        elif head == "classification":
-            if not num_labels or num_labels < 2:
-                raise ValueError(f"A classification head needs num_labels >= 2, got {num_labels}.")
-            with warnings.catch_warnings():  # the new head is meant to be untrained
-                warnings.simplefilter("ignore")
-                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
-        else:
-            raise ValueError(f"Unknown head '{head}': choose causal-lm or classification.")
+        with _progress_bars(progress):
+            if head == "causal-lm":
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            elif head == "classification":
+                if not num_labels or num_labels < 2:
+                    raise ValueError(f"A classification head needs num_labels >= 2, got {num_labels}.")
+                with warnings.catch_warnings():  # the new head is meant to be untrained
+                    warnings.simplefilter("ignore")
+                    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+            else:
+                raise ValueError(f"Unknown head '{head}': choose causal-lm or classification.")
     except (OSError, ValueError) as error:
         if isinstance(error, ValueError) and "Unrecognized" not in str(error):
             raise
@@ -149,6 +153,19 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars on or off within the block (restored afterwards)."""
+    from transformers.utils import logging
+
+    before = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if before else logging.disable_progress_bar)()
 
 
 def _load_error(name: str, error: Exception) -> ModelLoadError:

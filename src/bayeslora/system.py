@@ -77,8 +77,13 @@ class AllocationPeak:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _native_stderr_silenced():  # Kineto prints "profiler_start" lines at any log level
+            # Kineto prints "profiler_start" lines at any log level, and the CPU allocator warns (once per
+            # process) when a block from before the profiler is freed under it, which every training step
+            # does: both are consumed here, silently.
+            earlier = torch.empty(1)
+            with _native_stderr_silenced():
                 self._profiler.__enter__()
+                del earlier
         return self
 
     def __exit__(

@@ -93,6 +93,7 @@ def _epoch_callback(config, n_samples: int):
             if bayesian_tuner(model) is not None:
                 record["sigma_mean"] = posterior_std_mean(model)
             self.history.append(record)
+            print(f"   {config.task} {config.method} seed {config.seed}: {json.dumps(record)}", flush=True)
 
     return EpochEval()
 

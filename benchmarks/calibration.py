@@ -71,8 +71,9 @@ def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")}
 
 
-def _epoch_callback(config, n_samples: int):
-    """A TrainerCallback that evaluates the model at the end of every epoch and records its posterior σ."""
+def _epoch_callback(config, n_samples: int, every: int = 1):
+    """A TrainerCallback that evaluates the model at the end of every ``every``-th epoch (and the last) and
+    records its posterior σ."""
     from transformers import TrainerCallback
 
     import bayeslora as bl
@@ -87,9 +88,12 @@ def _epoch_callback(config, n_samples: int):
             self.scorer = bl.build_scorer(task, bl.load_tokenizer(config.model), config)
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            epoch = round(state.epoch)
+            if epoch % every and state.global_step < state.max_steps:
+                return
             metrics, _ = evaluate_model(model, self.scorer, self.examples, n_samples=n_samples, progress=False)
             model.train()
-            record = {"epoch": round(state.epoch), "step": state.global_step, **_metrics_row(metrics)}
+            record = {"epoch": epoch, "step": state.global_step, **_metrics_row(metrics)}
             if bayesian_tuner(model) is not None:
                 record["sigma_mean"] = posterior_std_mean(model)
             self.history.append(record)
@@ -132,7 +136,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     options.update(variant.options)
     config = bl.make_config(**options)
     stochastic = bl.get_method(variant.method).stochastic
-    epochs = _epoch_callback(config, n_samples=0 if stochastic else 1)
+    epochs = _epoch_callback(config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1))
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
     bl.train(config, progress=False, callbacks=[epochs])
@@ -320,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", nargs="+", default=None)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=1, help="Evaluate after every k-th epoch (and the last).")
     parser.add_argument("--jobs", type=int, default=1, help="Runs at a time (each with cores / jobs threads).")
     parser.add_argument("--tag", default="default")
     parser.add_argument("--out", type=Path, default=RESULTS)

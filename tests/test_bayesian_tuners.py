@@ -127,23 +127,27 @@ def test_identity_prior_pins_the_scale_freedom():
     assert kls["identity"][1] > kls["identity"][0]  # and penalised under the identity prior
 
 
-def test_melora_sampled_weights_have_the_analytic_mean_and_covariance():
-    """vec ΔW = s (Aᵀ ⊗ B) vec S: mean s·B·M·A, covariance s² (Aᵀ⊗B) diag(vec Σ²) (Aᵀ⊗B)ᵀ."""
+@pytest.mark.parametrize("core", ["full", "diag"])
+def test_melora_sampled_weights_have_the_analytic_mean_and_covariance(core):
+    """vec ΔW = s (Aᵀ ⊗ B) vec S: mean s·B·M·A, covariance s² (Aᵀ⊗B) diag(vec Σ²) (Aᵀ⊗B)ᵀ (a diagonal
+    core is the full one with zero mean and zero variance off the diagonal)."""
     torch.manual_seed(0)
     n, m, r = 3, 2, 2
     base = nn.Linear(n, m, bias=False)
     nn.init.zeros_(base.weight)
-    layer = MeLoraLayer(base, "default", MeLoraConfig(r=r, lora_alpha=2.0))
+    layer = MeLoraLayer(base, "default", MeLoraConfig(r=r, lora_alpha=2.0, core=core))
     with torch.no_grad():
         layer.melora_B["default"].normal_()
         layer.melora_core["default"].normal_()
         layer.melora_core_rho["default"].normal_(0, 0.5)
     A, B, M = (
-        layer.melora_A["default"].double(),
-        layer.melora_B["default"].double(),
-        layer.melora_core["default"].double(),
+        layer.melora_A["default"].detach().double(),
+        layer.melora_B["default"].detach().double(),
+        layer.melora_core["default"].detach().double(),
     )
-    s, sigma = layer.scaling["default"], layer.posterior_std("default").double()
+    s, sigma = layer.scaling["default"], layer.posterior_std("default").detach().double()
+    if core == "diag":
+        M, sigma = torch.diag(M), torch.diag(sigma)
     samples = 200_000
     probe = torch.eye(n).expand(samples, n, n)  # each example: the n basis vectors as its tokens
     with torch.no_grad():

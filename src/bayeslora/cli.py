@@ -33,6 +33,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | Non
                 kwargs["nargs"] = "+"
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
+                kwargs["help"] += f" Choices: {', '.join(f.metadata['choices'])}."
         parser.add_argument(flag, **kwargs)
 
 

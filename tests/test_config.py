@@ -95,3 +95,16 @@ def test_shipped_recipes_are_valid():
         if "accelerate" not in recipe.parts:
             make_config(recipe)
     assert load_recipe(root / "lora" / "smollm2-135m-arc-easy.yaml") == DEMO_RECIPE
+
+
+def test_method_defaults_fill_only_the_options_left_unset():
+    from bayeslora.methods import MELORA_SIGMA_LR, get_method
+
+    melora = get_method("melora").resolve(make_config(method="melora"))
+    assert (melora.sigma_lr, melora.prior_std, melora.sigma_init) == (MELORA_SIGMA_LR, 1.0, 0.1)
+    chosen = get_method("melora").resolve(make_config(method="melora", sigma_lr=0.2, prior_std=0.5))
+    assert (chosen.sigma_lr, chosen.prior_std, chosen.sigma_init) == (0.2, 0.5, 0.1)
+    blob = get_method("blob").resolve(make_config(method="blob"))
+    assert (blob.sigma_lr, blob.prior_std, blob.sigma_init) == (None, 0.2, 0.05)  # BLoB's G trains at --lr
+    lora = make_config(method="lora")
+    assert get_method("lora").resolve(lora) is lora

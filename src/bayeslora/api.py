@@ -81,10 +81,12 @@ def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | No
 
 
 def attach_adapter(model: nn.Module, config: RunConfig, task: Task):
-    """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model)."""
+    """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model; options
+    left unset take the method's defaults)."""
     from peft import get_peft_model
 
     method = get_method(config.method)
+    config = method.resolve(config)
     targets = config.target_modules or default_target_modules(model)
     check_target_modules(model, targets)
     task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
@@ -147,7 +149,7 @@ def train(
     elif recipe or overrides:
         raise ValueError("pass either a RunConfig or recipe/overrides, not both")
     config.validate()
-    get_method(config.method)
+    config = get_method(config.method).resolve(config)
     task = load_task(config.task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
     eval_names = config.eval_tasks if config.eval_tasks is not None else ([config.task] if task.heldout_eval else [])

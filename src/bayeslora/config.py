@@ -78,7 +78,9 @@ class RunConfig:
     )
     kl_weight: float = _opt(1.0, "elbo: final β, the weight of KL/N_train (1 = the ELBO).")
     kl_warmup: float = _opt(0.1, "elbo: fraction of the steps over which β grows linearly from 0.")
-    sigma_lr: float | None = _opt(None, "Learning rate of the variance parameters (default: --lr); larger lets σ move.")
+    sigma_lr: float | None = _opt(
+        None, "Learning rate of the variance parameters (default: melora 0.05, blob --lr); larger lets σ move."
+    )
     kl_lr: float = _opt(0.01, "blob schedule: learning rate of the separate SGD step on π_i·KL.")
     blob_gamma: float = _opt(8.0, "blob schedule: γ in the cycle length M = 100·N^(π/γ) / batch size.")
     # --- training ---

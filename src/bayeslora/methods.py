@@ -5,9 +5,10 @@ Every method is a PEFT tuner. Plain LoRA is PEFT's own LoRA unchanged, so compar
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -25,6 +26,8 @@ class Method:
         build_config: ``(run config, resolved target modules, PEFT task type) -> PeftConfig``.
         stochastic: whether predictions average posterior samples (``--samples`` > 1 is meaningful).
         default_samples: samples averaged at evaluation when ``--samples`` is not given.
+        option_defaults: values of :class:`~bayeslora.config.RunConfig` options that this method sets when
+            the user leaves them unset (``None``), e.g. its prior; see :meth:`resolve`.
     """
 
     name: str
@@ -32,6 +35,13 @@ class Method:
     build_config: Callable[[RunConfig, list[str], str], PeftConfig]
     stochastic: bool = False
     default_samples: int = 1
+    option_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolve(self, config: RunConfig) -> RunConfig:
+        """``config`` with this method's defaults filled into the options left unset (``None``), so that a
+        run's ``config.yaml`` records the values actually used."""
+        updates = {key: value for key, value in self.option_defaults.items() if getattr(config, key) is None}
+        return dataclasses.replace(config, **updates) if updates else config
 
     def samples(self, requested: int | None) -> int:
         """Posterior samples to average: the request, or the method's default; deterministic methods use 1
@@ -87,10 +97,10 @@ def _melora_config(config: RunConfig, targets: list[str], task_type: str) -> Pef
         task_type=task_type,
         core=config.core,
         core_init=config.core_init,
-        sigma_init=0.1 if config.sigma_init is None else config.sigma_init,
+        sigma_init=config.sigma_init,
         sigma_param=config.sigma_param,
         prior_mean=config.prior_mean,
-        prior_std=1.0 if config.prior_std is None else config.prior_std,
+        prior_std=config.prior_std,
     )
 
 
@@ -103,10 +113,13 @@ def _blob_config(config: RunConfig, targets: list[str], task_type: str) -> PeftC
         lora_dropout=config.dropout,
         target_modules=targets,
         task_type=task_type,
-        init_eps=0.05 if config.sigma_init is None else config.sigma_init,
-        prior_std=0.2 if config.prior_std is None else config.prior_std,
+        init_eps=config.sigma_init,
+        prior_std=config.prior_std,
     )
 
+
+#: Me-LoRA's default learning rate for Σ_S (the variance parameters), independent of ``--lr``.
+MELORA_SIGMA_LR = 0.05
 
 register_method(Method("lora", "plain LoRA, PEFT's own implementation (the MLE baseline)", _lora_config))
 register_method(
@@ -116,6 +129,10 @@ register_method(
         _melora_config,
         stochastic=True,
         default_samples=10,
+        # σ starts at a tenth of the prior's std and gets its own learning rate, so that the core's
+        # variance can reach its ELBO optimum within a fine-tuning run (benchmarks/calibration.py: with the
+        # main learning rate σ barely moves and Me-LoRA calibrates no better than LoRA).
+        option_defaults={"sigma_init": 0.1, "prior_std": 1.0, "sigma_lr": MELORA_SIGMA_LR},
     )
 )
 register_method(
@@ -125,5 +142,6 @@ register_method(
         _blob_config,
         stochastic=True,
         default_samples=10,
+        option_defaults={"sigma_init": 0.05, "prior_std": 0.2},  # the BLoB paper's ε and prior std
     )
 )

@@ -18,6 +18,7 @@ from .inference import Prediction, predict, predict_batch
 from .methods import METHODS, get_method
 from .metrics import classification_metrics
 from .models import MODEL_ALIASES, load_model, load_tokenizer
+from .sampling import posterior_mean
 from .scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from .tasks import TASKS, load_task
 from .tuners import BlobConfig, MeLoraConfig
@@ -45,6 +46,7 @@ __all__ = [
     "load_tokenizer",
     "make_config",
     "make_scorer",
+    "posterior_mean",
     "predict",
     "predict_batch",
     "train",

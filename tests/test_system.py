@@ -24,3 +24,18 @@ def test_allocation_peak_of_a_block_that_allocates_nothing_is_zero():
     with AllocationPeak() as probe:  # the probe's own bookkeeping is not counted
         pass
     assert probe.peak_bytes == 0
+
+
+def test_allocation_peak_does_not_drift_across_probes():
+    # The allocator's process-wide "Total Allocated" keeps blocks allocated under one probe and freed after
+    # it; a later probe must not count them.
+    kept = []
+    for _ in range(3):
+        with AllocationPeak("cpu") as probe:
+            kept.append(torch.ones(250_000))  # 1 MB, freed only after the probe
+        assert probe.peak_bytes == 1_000_000
+    kept.clear()
+    with AllocationPeak("cpu") as probe:
+        a = torch.ones(500_000)  # 2 MB
+        del a
+    assert probe.peak_bytes == 2_000_000

@@ -120,12 +120,31 @@ def _native_stderr_silenced():
 
 
 def _profiled_peak_bytes(profiler) -> int:
-    """The largest "Total Allocated" of the ``[memory]`` events a CPU profile recorded (0 if none)."""
+    """The largest number of bytes live at once among the blocks allocated while the profile ran.
+
+    Replays the ``[memory]`` events (``Addr``, ``Bytes``: positive for an allocation, negative for a free)
+    in time order. The allocator's own running total ("Total Allocated") is not used: it is a process-wide
+    counter that keeps the bytes of every block allocated under an earlier profile and freed outside one,
+    so it drifts upwards across probes in one process. Frees of blocks allocated before the profile started
+    are ignored (the allocator reports none, or one with a stale size)."""
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         profiler.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    return max([0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")])
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]"), key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0))
+    )
+    live: dict[int, int] = {}  # address -> bytes of a block allocated inside the profile
+    total = peak = 0
+    for event in memory:
+        address, size = event["args"]["Addr"], event["args"]["Bytes"]
+        if size > 0:
+            total += size - live.get(address, 0)
+            live[address] = size
+            peak = max(peak, total)
+        elif address in live:
+            total -= live.pop(address)
+    return peak
 
 
 def device_summary() -> dict[str, object]:

@@ -86,15 +86,12 @@ def test_default_output_dir():
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    from bayeslora.demo import DEMO_RECIPE
-
     root = Path(__file__).resolve().parents[1] / "configs"
     recipes = sorted(root.rglob("*.yaml"))
     assert recipes
     for recipe in recipes:
         if "accelerate" not in recipe.parts:
             make_config(recipe)
-    assert load_recipe(root / "lora" / "smollm2-135m-arc-easy.yaml") == DEMO_RECIPE
 
 
 def test_method_defaults_fill_only_the_options_left_unset():

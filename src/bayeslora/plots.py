@@ -1,7 +1,8 @@
-"""Reliability diagrams (matplotlib, no display needed)."""
+"""Plots (matplotlib, no display needed): reliability diagrams and B-LoRA's learned structure."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -73,6 +74,76 @@ def save_reliability_diagram(path: str | Path, probs: Tensor, labels: Tensor, ti
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
     try:
         draw_reliability(ax, probs, labels, title)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def save_reliability_grid(path: str | Path, panels: Sequence[tuple[str, Tensor, Tensor]], columns: int = 4) -> None:
+    """Write one PNG with a reliability diagram per ``(title, probs, labels)`` panel, side by side
+    (``columns`` per row), to ``path`` (atomically)."""
+    if not panels:
+        raise ValueError("no reliability diagrams to draw")
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), dpi=110, squeeze=False)
+    try:
+        for ax, (title, probs, labels) in zip(axes.flat, panels, strict=False):
+            draw_reliability(ax, probs, labels, title)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _layer_and_module(name: str) -> tuple[str, str]:
+    """``(layer index or the module's parent, module)`` of an adapted module's qualified name."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and i > 0 and parts[i - 1] in ("layers", "layer", "h", "blocks"):
+            return part, parts[-1]
+    return "–", parts[-1]
+
+
+def save_structure_heatmap(path: str | Path, layers: Sequence[dict], title: str = "") -> None:
+    """Write a PNG of B-LoRA's learned structure: one heatmap per quantity (rank, then the bits of every
+    quantized tensor), rows = transformer blocks, columns = adapted modules; ``layers`` are the entries of
+    :func:`bayeslora.bops.bops_report`'s ``layers``."""
+    import numpy as np
+
+    if not layers:
+        raise ValueError("no adapted layers to draw")
+    placed = [(*_layer_and_module(layer["name"]), layer) for layer in layers]
+    rows = sorted({row for row, _, _ in placed}, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0))
+    columns = sorted({column for _, column, _ in placed})
+    quantities = ["rank", *sorted({t for layer in layers for t in layer["bits"]})]
+    fig, axes = plt.subplots(
+        1, len(quantities), figsize=(1.2 + 1.1 * len(columns) * len(quantities), 1.5 + 0.28 * len(rows)), dpi=110
+    )
+    axes = np.atleast_1d(axes)
+    try:
+        for ax, quantity in zip(axes, quantities, strict=True):
+            grid = np.full((len(rows), len(columns)), np.nan)
+            for row, column, layer in placed:
+                value = layer["rank"] if quantity == "rank" else layer["bits"].get(quantity, np.nan)
+                grid[rows.index(row), columns.index(column)] = value
+            top = max(layer["max_rank"] for layer in layers) if quantity == "rank" else 32
+            image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0 if quantity == "rank" else 2, vmax=top)
+            for (i, j), value in np.ndenumerate(grid):
+                if not np.isnan(value):
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white")
+            ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(rows)), rows, fontsize=7)
+            ax.set_title("rank" if quantity == "rank" else f"bits of {quantity}", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.08)
+        axes[0].set_ylabel("block")
+        if title:
+            fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -3,8 +3,8 @@
 A layer adds ``s·Δ(x)`` to a frozen linear layer ``y = W0 x``, with ``s = lora_alpha / r`` and a
 method-specific stochastic low-rank ``Δ``. Subclasses implement :meth:`BayesianLowRankLayer.update_layer`
 (create the adapter's parameters), ``adapter_output`` (``Δ(x)`` without the scaling, sampling unless
-:func:`~bayeslora.sampling.use_posterior_mean`), ``get_delta_weight`` (the posterior-mean ΔW, used for
-merging) and ``kl`` (KL(q || p) of the adapter's posterior to its prior).
+:func:`~bayeslora.sampling.use_posterior_mean`), ``effective_factors`` (the posterior-mean ΔW as LoRA
+factors, used for merging and export) and ``kl`` (KL(q || p) of the adapter's posterior to its prior).
 """
 
 from __future__ import annotations
@@ -141,9 +141,15 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         """KL(q || p) of the adapter's posterior to its prior (a float64 scalar)."""
         raise NotImplementedError
 
+    def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(A', B')``, A' (r', n) and B' (m, r'), with ``B'·A'`` the deterministic weight update s·E[ΔW]
+        (the scaling folded into B'): what merging and the plain-LoRA export use."""
+        raise NotImplementedError
+
     def get_delta_weight(self, adapter: str) -> Tensor:
         """The posterior-mean weight update ``s·E[ΔW]``, ``(out_features, in_features)``."""
-        raise NotImplementedError
+        A, B = self.effective_factors(adapter)
+        return B @ A  # (m, r') (r', n) -> (m, n)
 
     def posterior_std(self, adapter: str) -> Tensor:
         """The standard deviation of every random entry of the adapter (Me-LoRA: the core; BLoB: A)."""
@@ -172,15 +178,23 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_output(x, *args, **kwargs)
         for adapter in self.active_adapters:
             if not self._has(adapter):
                 continue
             first = getattr(self, self.adapter_layer_names[0])[adapter]
-            inputs = self._cast_input_dtype(x, first.dtype)
+            inputs = self._cast_input_dtype(self.adapter_input(x, adapter), first.dtype)
             delta = self.adapter_output(self.adapter_dropout[adapter](inputs), adapter)
             result = result + (delta * self.scaling[adapter]).to(result.dtype)
         return result
+
+    def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The frozen layer's output ``W0 x`` (B-LoRA may quantize it)."""
+        return self.base_layer(x, *args, **kwargs)
+
+    def adapter_input(self, x: Tensor, adapter: str) -> Tensor:
+        """What the adapter sees of the layer input (B-LoRA may quantize it)."""
+        return x
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the posterior-mean update of the active adapters to the base weight."""

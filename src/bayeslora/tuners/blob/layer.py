@@ -82,8 +82,9 @@ class BlobLayer(BayesianLowRankLayer):
             projected = torch.bmm(per_row, noise[copies].transpose(1, 2)).reshape(*x.shape[:-1], r)  # (R, T, r)
         return projected * _random_signs(projected.shape, projected)  # ⊙ s_A
 
-    def get_delta_weight(self, adapter: str) -> Tensor:
-        return self.scaling[adapter] * (self.blob_B[adapter] @ self.blob_A[adapter])  # (m, r) (r, n) -> (m, n)
+    def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(M, s·B)``: the mean of A."""
+        return self.blob_A[adapter], self.scaling[adapter] * self.blob_B[adapter]
 
     def kl(self, adapter: str) -> Tensor:
         return gaussian_kl(self.blob_A[adapter], self.posterior_std(adapter), 0.0, self.prior_std[adapter])

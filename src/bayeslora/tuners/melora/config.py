@@ -14,12 +14,9 @@ PRIOR_MEANS = ("identity", "zero")
 
 
 @dataclass
-class MeLoraConfig(LowRankBayesConfig):
-    """Me-LoRA: ΔW = s·B·S·A with deterministic A (r×n), B (m×r) and a random r×r core
-    S = M_S + Σ_S ⊙ ε, ε_ij ~ N(0, 1), drawn once per example.
-
-    Trainable numbers per layer: r(n + m) + 2r² (``full``) or r(n + m) + 2r (``diag``), against BLoB's
-    r(2n + m). Choices and why:
+class MeLoraCoreOptions(LowRankBayesConfig):
+    """The options of a Gaussian r×r core S = M_S + Σ_S ⊙ ε, ε_ij ~ N(0, 1), drawn once per example
+    (shared by Me-LoRA and by B-LoRA's Bayesian core). Choices and why:
 
     * ``core_init`` — M_S starts full-rank (identity by default). With B = 0 at the start, a zero M_S would
       make every gradient zero (A's gradient goes through B·M_S, B's through M_S·A).
@@ -30,8 +27,6 @@ class MeLoraConfig(LowRankBayesConfig):
       freedom, B·S·A = (cB)(S/c)A: with a zero-mean prior the KL could be lowered for free by shrinking S
       and growing B. An identity-centred prior pins S's scale (shrinking S moves it away from I).
     """
-
-    method_name: ClassVar[str] = "melora"
 
     core: str = field(
         default="full",
@@ -49,17 +44,28 @@ class MeLoraConfig(LowRankBayesConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, allowed in (
+        name = type(self).__name__
+        for option, allowed in (
             ("core", CORES),
             ("core_init", CORE_INITS),
             ("sigma_param", SIGMA_PARAMS),
             ("prior_mean", PRIOR_MEANS),
         ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"MeLoraConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
+            if getattr(self, option) not in allowed:
+                raise ValueError(f"{name}.{option} must be one of {', '.join(allowed)}, got {getattr(self, option)!r}")
         if self.sigma_init <= 0:
-            raise ValueError(f"MeLoraConfig.sigma_init must be positive, got {self.sigma_init}")
+            raise ValueError(f"{name}.sigma_init must be positive, got {self.sigma_init}")
         if self.prior_std <= 0:
-            raise ValueError(f"MeLoraConfig.prior_std must be positive, got {self.prior_std}")
+            raise ValueError(f"{name}.prior_std must be positive, got {self.prior_std}")
+
+
+@dataclass
+class MeLoraConfig(MeLoraCoreOptions):
+    """Me-LoRA: ΔW = s·B·S·A with deterministic A (r×n), B (m×r) and a random r×r core
+    S = M_S + Σ_S ⊙ ε, ε_ij ~ N(0, 1), drawn once per example (options: :class:`MeLoraCoreOptions`).
+
+    Trainable numbers per layer: r(n + m) + 2r² (``full``) or r(n + m) + 2r (``diag``), against BLoB's
+    r(2n + m).
+    """
+
+    method_name: ClassVar[str] = "melora"

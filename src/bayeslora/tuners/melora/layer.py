@@ -7,84 +7,61 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ...sampling import current_row_examples, use_posterior_mean
 from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, positive
-from .config import MeLoraConfig
+from .config import MeLoraConfig, MeLoraCoreOptions
 
 
-class MeLoraLayer(BayesianLowRankLayer):
-    """Me-LoRA on one ``nn.Linear``.
+class SampledCoreMixin:
+    """A Gaussian core S = M_S + Σ_S ⊙ ε between the two low-rank factors, drawn once per example.
 
-    Parameters per adapter: ``melora_A`` (r, n) and ``melora_B`` (m, r), deterministic as in LoRA;
-    ``melora_core`` M_S and ``melora_core_rho`` ρ with Σ_S = softplus(ρ) (or exp(ρ)), each (r, r) for a
-    full core or (r,) for a diagonal one. The core sample S = M_S + Σ_S ⊙ ε is drawn once per example
-    (see :mod:`bayeslora.sampling`), so all rows of an example share it and N posterior samples of a batch
-    run as one pass over the batch tiled N times; that costs E·r² extra numbers.
+    M_S and ρ (Σ_S = softplus(ρ) or exp(ρ)) are (r, r) for a full core or (r,) for a diagonal one, stored
+    in the ParameterDicts named by :attr:`core_mean_name` and :attr:`core_rho_name`. All rows of an example
+    share its sample (see :mod:`bayeslora.sampling`), so N posterior samples of a batch run as one pass
+    over the batch tiled N times, at a cost of E·r² extra numbers. Used by Me-LoRA and by B-LoRA's
+    Bayesian core.
     """
 
-    adapter_layer_names = ("melora_A", "melora_B", "melora_core", "melora_core_rho")
-    variance_parameter_names = ("melora_core_rho",)
-    other_param_names = (*BayesianLowRankLayer.other_param_names, "core", "sigma_param", "prior_mean", "prior_std")
+    core_mean_name: ClassVar[str]
+    core_rho_name: ClassVar[str]
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
-        super().__init__(base_layer, **kwargs)
-        self.melora_A = nn.ParameterDict({})
-        self.melora_B = nn.ParameterDict({})
-        self.melora_core = nn.ParameterDict({})
-        self.melora_core_rho = nn.ParameterDict({})
+    def _init_core_options(self) -> None:
         self.core: dict[str, str] = {}
         self.sigma_param: dict[str, str] = {}
         self.prior_mean: dict[str, str] = {}
         self.prior_std: dict[str, float] = {}
-        self._active_adapter = adapter_name
         self._warned_rows = False
-        self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
-        """Create (or re-create) adapter ``adapter_name`` with LoRA's initialisation for A and B
-        (Kaiming-uniform A, zero B), M_S at the identity or a random orthogonal matrix, Σ_S = sigma_init."""
-        r = config.r
-        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+    def _create_core(self, adapter_name: str, config: MeLoraCoreOptions, r: int) -> None:
+        """M_S at the identity (or a random orthogonal matrix), Σ_S = sigma_init everywhere."""
         self.core[adapter_name] = config.core
         self.sigma_param[adapter_name] = config.sigma_param
         self.prior_mean[adapter_name] = config.prior_mean
         self.prior_std[adapter_name] = config.prior_std
-        core_shape = (r, r) if config.core == "full" else (r,)
-        self.melora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
-        self.melora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
-        self.melora_core[adapter_name] = nn.Parameter(torch.empty(core_shape))
-        self.melora_core_rho[adapter_name] = nn.Parameter(
-            torch.full(core_shape, inverse_positive(config.sigma_init, config.sigma_param))
-        )
-        nn.init.kaiming_uniform_(self.melora_A[adapter_name], a=math.sqrt(5))
-        with torch.no_grad():
-            self.melora_core[adapter_name].copy_(self._initial_core(config, r))
-        self._finish_update(adapter_name, config.inference_mode)
+        shape = (r, r) if config.core == "full" else (r,)
+        mean = nn.Parameter(initial_core(config.core, config.core_init, r))
+        rho = nn.Parameter(torch.full(shape, inverse_positive(config.sigma_init, config.sigma_param)))
+        getattr(self, self.core_mean_name)[adapter_name] = mean
+        getattr(self, self.core_rho_name)[adapter_name] = rho
 
-    @staticmethod
-    def _initial_core(config: MeLoraConfig, r: int) -> Tensor:
-        if config.core == "diag":
-            if config.core_init == "identity":
-                return torch.ones(r)
-            return torch.randint(0, 2, (r,)).float() * 2 - 1  # random signs: a diagonal orthogonal matrix
-        if config.core_init == "identity":
-            return torch.eye(r)
-        return torch.linalg.qr(torch.randn(r, r)).Q
+    def core_mean(self, adapter: str) -> Tensor:
+        """M_S, (r, r) or (r,)."""
+        return getattr(self, self.core_mean_name)[adapter]
 
     def posterior_std(self, adapter: str) -> Tensor:
         """Σ_S, the standard deviation of each core entry."""
-        return positive(self.melora_core_rho[adapter], self.sigma_param[adapter])
+        return positive(getattr(self, self.core_rho_name)[adapter], self.sigma_param[adapter])
 
     def prior_center(self, adapter: str) -> Tensor | float:
         """The prior mean of S: the identity (as a matrix, or ones for a diagonal core) or zero."""
         if self.prior_mean[adapter] == "zero":
             return 0.0
-        core = self.melora_core[adapter]
+        core = self.core_mean(adapter)
         return torch.eye(core.shape[0], device=core.device) if core.dim() == 2 else torch.ones_like(core)
 
     def _rows_to_examples(self, rows: int, device: torch.device) -> Tensor:
@@ -93,26 +70,26 @@ class MeLoraLayer(BayesianLowRankLayer):
             return index.to(device)
         if index is not None and not self._warned_rows:
             warnings.warn(
-                f"Me-LoRA layer saw {rows} rows but the forward pass announced {index.shape[0]}: each row gets "
-                f"its own core sample here.",
-                stacklevel=3,
+                f"{type(self).__name__} saw {rows} rows but the forward pass announced {index.shape[0]}: each "
+                f"row gets its own core sample here.",
+                stacklevel=4,
             )
             self._warned_rows = True
         return torch.arange(rows, device=device)
 
     def sample_cores(self, adapter: str, num_examples: int) -> Tensor:
         """``num_examples`` independent draws of S: (E, r, r) for a full core, (E, r) for a diagonal one."""
-        mean = self.melora_core[adapter]
+        mean = self.core_mean(adapter)
         noise = torch.randn((num_examples, *mean.shape), device=mean.device, dtype=mean.dtype)
         return mean + self.posterior_std(adapter) * noise
 
-    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
-        A, B, mean = self.melora_A[adapter], self.melora_B[adapter], self.melora_core[adapter]
+    def core_product(self, h: Tensor, adapter: str) -> Tensor:
+        """``h Sᵀ`` row by row, ``(R, T, r) -> (R, T, r)``: with the posterior mean M_S inside
+        :func:`~bayeslora.sampling.posterior_mean`, else with each example's own sample of S."""
+        mean = self.core_mean(adapter)
         full = mean.dim() == 2
-        h = x @ A.T  # (R, T, n) @ (n, r) -> (R, T, r)
         if use_posterior_mean():
-            z = h @ mean.T if full else h * mean  # (R, T, r)
-            return z @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
+            return h @ mean.T if full else h * mean  # (R, T, r)
         rows = h.shape[0] if h.dim() > 1 else 1
         per_row = h.reshape(rows, -1, h.shape[-1])  # (R, T, r); a 2-D input is T = 1
         examples = self._rows_to_examples(rows, h.device)  # (R,)
@@ -121,14 +98,72 @@ class MeLoraLayer(BayesianLowRankLayer):
             z = torch.bmm(per_row, cores.transpose(1, 2))  # row b: h_bt S_bᵀ, (R, T, r)
         else:
             z = per_row * cores[:, None, :]  # (R, T, r)
-        return z.reshape(h.shape) @ B.T  # (R, T, m)
+        return z.reshape(h.shape)
 
-    def get_delta_weight(self, adapter: str) -> Tensor:
-        A, B, mean = self.melora_A[adapter], self.melora_B[adapter], self.melora_core[adapter]
-        core = mean if mean.dim() == 2 else torch.diag(mean)
-        return self.scaling[adapter] * (B @ core @ A)  # (m, r) (r, r) (r, n) -> (m, n)
+    def mean_core_matrix(self, adapter: str) -> Tensor:
+        """M_S as an (r, r) matrix (a diagonal core expanded)."""
+        mean = self.core_mean(adapter)
+        return mean if mean.dim() == 2 else torch.diag(mean)
+
+    def core_kl(self, adapter: str) -> Tensor:
+        """KL(q(S) || p(S)) summed over the core's entries (float64)."""
+        return gaussian_kl(
+            self.core_mean(adapter), self.posterior_std(adapter), self.prior_center(adapter), self.prior_std[adapter]
+        )
+
+
+def initial_core(core: str, core_init: str, r: int) -> Tensor:
+    """The initial M_S: the identity or a random orthogonal matrix ((r,) ones or random signs if diagonal)."""
+    if core == "diag":
+        if core_init == "identity":
+            return torch.ones(r)
+        return torch.randint(0, 2, (r,)).float() * 2 - 1  # random signs: a diagonal orthogonal matrix
+    if core_init == "identity":
+        return torch.eye(r)
+    return torch.linalg.qr(torch.randn(r, r)).Q
+
+
+class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
+    """Me-LoRA on one ``nn.Linear``.
+
+    Parameters per adapter: ``melora_A`` (r, n) and ``melora_B`` (m, r), deterministic as in LoRA;
+    ``melora_core`` M_S and ``melora_core_rho`` ρ of the core (see :class:`SampledCoreMixin`).
+    """
+
+    adapter_layer_names = ("melora_A", "melora_B", "melora_core", "melora_core_rho")
+    variance_parameter_names = ("melora_core_rho",)
+    other_param_names = (*BayesianLowRankLayer.other_param_names, "core", "sigma_param", "prior_mean", "prior_std")
+    core_mean_name = "melora_core"
+    core_rho_name = "melora_core_rho"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.melora_A = nn.ParameterDict({})
+        self.melora_B = nn.ParameterDict({})
+        self.melora_core = nn.ParameterDict({})
+        self.melora_core_rho = nn.ParameterDict({})
+        self._init_core_options()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
+        """Create (or re-create) adapter ``adapter_name`` with LoRA's initialisation for A and B
+        (Kaiming-uniform A, zero B), M_S at the identity or a random orthogonal matrix, Σ_S = sigma_init."""
+        r = config.r
+        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+        self.melora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.melora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        nn.init.kaiming_uniform_(self.melora_A[adapter_name], a=math.sqrt(5))
+        self._create_core(adapter_name, config, r)
+        self._finish_update(adapter_name, config.inference_mode)
+
+    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+        h = x @ self.melora_A[adapter].T  # (R, T, n) @ (n, r) -> (R, T, r)
+        return self.core_product(h, adapter) @ self.melora_B[adapter].T  # (R, T, r) @ (r, m) -> (R, T, m)
+
+    def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(A, s·B·M_S)``."""
+        return self.melora_A[adapter], self.scaling[adapter] * (self.melora_B[adapter] @ self.mean_core_matrix(adapter))
 
     def kl(self, adapter: str) -> Tensor:
-        return gaussian_kl(
-            self.melora_core[adapter], self.posterior_std(adapter), self.prior_center(adapter), self.prior_std[adapter]
-        )
+        return self.core_kl(adapter)

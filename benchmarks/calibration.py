@@ -26,45 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _shared import Variant, mean_std, parse_variant, run_all
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration"
 DEFAULT_VARIANTS = ("lora", "blob", "melora")
 SAMPLE_COUNTS = (1, 2, 5, 10)
 DEFAULT_TARGETS = ("q_proj", "v_proj", "lm_head")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A row of the table: a method and the options that differ from its defaults."""
-
-    name: str
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_variant(text: str) -> Variant:
-    """``name=method:key=value,key=value`` (values parsed as JSON when they are JSON), or a bare method name."""
-    name, _, spec = text.partition("=")
-    if not spec:
-        return Variant(name, name)
-    method, _, assignments = spec.partition(":")
-    options: dict[str, Any] = {}
-    for assignment in filter(None, assignments.split(",")):
-        key, _, value = assignment.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return Variant(name, method, options)
 
 
 def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
@@ -135,7 +108,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         options["target_modules"] = settings["target_modules"]
     options.update(variant.options)
     config = bl.make_config(**options)
-    stochastic = bl.get_method(variant.method).stochastic
+    stochastic = bl.get_method(variant.method).is_stochastic(config)
     epochs = _epoch_callback(config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1))
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
@@ -173,23 +146,10 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     return record
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def _cells(rows: list[dict[str, float]]) -> str:
     return (
-        f"{_mean_std([r['accuracy'] for r in rows], 100)} | {_mean_std([r['ece'] for r in rows], 100)} | "
-        f"{_mean_std([r['nll'] for r in rows], digits=3)} | {_mean_std([r['brier'] for r in rows], digits=3)}"
+        f"{mean_std([r['accuracy'] for r in rows], 100)} | {mean_std([r['ece'] for r in rows], 100)} | "
+        f"{mean_std([r['nll'] for r in rows], digits=3)} | {mean_std([r['brier'] for r in rows], digits=3)}"
     )
 
 
@@ -246,15 +206,15 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
         rows = [r for r in results if r["task"] == task and r["variant"] == name]
         means = [r["posterior_mean"] for r in rows if "posterior_mean" in r]
         mean_cell = (
-            f"{_mean_std([m['accuracy'] for m in means], 100)} / {_mean_std([m['ece'] for m in means], 100)} / "
-            f"{_mean_std([m['nll'] for m in means], digits=3)}"
+            f"{mean_std([m['accuracy'] for m in means], 100)} / {mean_std([m['ece'] for m in means], 100)} / "
+            f"{mean_std([m['nll'] for m in means], digits=3)}"
             if means
             else "–"
         )
         lines.append(
             f"| {task} | {name} | {rows[0]['n_samples']} | {_cells([r['final'] for r in rows])} | {mean_cell} | "
             f"{rows[0].get('trainable_params') or 0:,} | "
-            f"{_mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
+            f"{mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
         )
     checks = target_checks(results)
     if checks:
@@ -279,7 +239,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
         for task, name in sampled:
             rows = [r["by_samples"] for r in results if (r["task"], r["variant"]) == (task, name) and "by_samples" in r]
             cells = [
-                _mean_std([row[str(k)]["ece"] for row in rows], 100) if all(str(k) in row for row in rows) else "–"
+                mean_std([row[str(k)]["ece"] for row in rows], 100) if all(str(k) in row for row in rows) else "–"
                 for k in SAMPLE_COUNTS
             ]
             lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
@@ -297,9 +257,9 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
             points = [e for r in rows for e in r["epochs"] if e["epoch"] == epoch]
             sigma = [p["sigma_mean"] for p in points if "sigma_mean" in p]
             lines.append(
-                f"| {task} | {name} | {epoch} | {_mean_std([p['accuracy'] for p in points], 100)} | "
-                f"{_mean_std([p['ece'] for p in points], 100)} | {_mean_std([p['nll'] for p in points], digits=3)} | "
-                f"{_mean_std(sigma, digits=4) if sigma else '–'} |"
+                f"| {task} | {name} | {epoch} | {mean_std([p['accuracy'] for p in points], 100)} | "
+                f"{mean_std([p['ece'] for p in points], 100)} | {mean_std([p['nll'] for p in points], digits=3)} | "
+                f"{mean_std(sigma, digits=4) if sigma else '–'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -344,17 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         write_json_atomic(args.out / f"{args.tag}.json", {"settings": settings, "results": results})
 
-    if args.jobs <= 1:
-        for configuration in configurations:
-            record(run_one(*configuration, settings))
-    else:
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
-        ) as pool:
-            futures = [pool.submit(run_one, *configuration, settings) for configuration in configurations]
-            for future in futures:
-                record(future.result())
+    run_all(run_one, [(*configuration, settings) for configuration in configurations], args.jobs, record)
     write_json_atomic(
         args.out / f"{args.tag}.json", {"settings": settings, "results": results, "targets": target_checks(results)}
     )

@@ -1,0 +1,71 @@
+"""What the benchmark scripts share: named variants of a method, a process pool of runs, mean ± std cells."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of a table: a method and the options that differ from its defaults."""
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_variant(text: str) -> Variant:
+    """``name=method:key=value,key=value`` (values parsed as JSON when they are JSON), or a bare method name."""
+    name, _, spec = text.partition("=")
+    if not spec:
+        return Variant(name, name)
+    method, _, assignments = spec.partition(":")
+    options: dict[str, Any] = {}
+    for assignment in filter(None, assignments.split(",")):
+        key, _, value = assignment.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return Variant(name, method, options)
+
+
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± std`` of ``values × scale`` (just the value when there is one)."""
+    values = [v * scale for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_all(
+    worker: Callable[..., dict[str, Any]],
+    configurations: Sequence[tuple],
+    jobs: int,
+    on_result: Callable[[dict[str, Any]], None],
+) -> None:
+    """``worker(*configuration)`` for every configuration, ``jobs`` at a time in fresh processes (each with
+    cores / jobs threads), or in this process when ``jobs`` is 1; ``on_result`` sees each result in order."""
+    if jobs <= 1:
+        for configuration in configurations:
+            on_result(worker(*configuration))
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(worker, *configuration) for configuration in configurations]
+        for future in futures:
+            on_result(future.result())

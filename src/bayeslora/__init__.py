@@ -11,9 +11,11 @@ The Python API mirrors the command line::
     metrics = bl.evaluate(run, limit=300)
 """
 
-from . import tuners  # noqa: F401  (registers Me-LoRA and BLoB with PEFT)
-from .api import attach_adapter, build_scorer, evaluate, train
+from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEFT)
+from .api import attach_adapter, build_scorer, evaluate, export, train
+from .bops import bops_report
 from .config import RunConfig, make_config
+from .export import export_lora, export_packed, load_packed
 from .inference import Prediction, predict, predict_batch
 from .methods import METHODS, get_method
 from .metrics import classification_metrics
@@ -21,7 +23,7 @@ from .models import MODEL_ALIASES, load_model, load_tokenizer
 from .sampling import posterior_mean
 from .scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from .tasks import TASKS, load_task
-from .tuners import BlobConfig, MeLoraConfig
+from .tuners import BlobConfig, BLoraConfig, MeLoraConfig
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ __all__ = [
     "METHODS",
     "MODEL_ALIASES",
     "TASKS",
+    "BLoraConfig",
     "BlobConfig",
     "ClassificationScorer",
     "ClozeScorer",
@@ -37,11 +40,16 @@ __all__ = [
     "Prediction",
     "RunConfig",
     "attach_adapter",
+    "bops_report",
     "build_scorer",
     "classification_metrics",
     "evaluate",
+    "export",
+    "export_lora",
+    "export_packed",
     "get_method",
     "load_model",
+    "load_packed",
     "load_task",
     "load_tokenizer",
     "make_config",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,15 +23,21 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
+from .baselines.adalora import AdaLoraAllocation, AdaLoraOrthogonality, adalora_tuner
+from .bops import bops_report
 from .config import RunConfig, make_config
 from .evaluation import eval_examples, evaluate_model, write_evaluation
+from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters
 from .io import read_json, write_dir_atomic, write_json_atomic, write_text_atomic
 from .methods import get_method
 from .models import check_target_modules, default_target_modules, load_model
-from .objectives import bayesian_objective, bayesian_tuner, variance_parameters
+from .objectives import bayesian_objective, variance_parameters
+from .plots import save_structure_heatmap
 from .runs import (
     ADAPTER_DIR,
+    BOPS_FILE,
     CONFIG_FILE,
+    STRUCTURE_PLOT,
     TRAIN_LOG,
     TRAIN_SUMMARY,
     RunExistsError,
@@ -41,7 +48,14 @@ from .runs import (
 from .scoring import Scorer, make_scorer
 from .system import peak_memory_mb, versions
 from .tasks import DATA_SEED, Task, load_task, seeded_subset
-from .training import BayesLoraTrainer, ExampleDataset, JsonlLogger, StepMemoryProbe, training_arguments
+from .training import (
+    BayesLoraTrainer,
+    ExampleDataset,
+    JsonlLogger,
+    StepMemoryProbe,
+    combine_losses,
+    training_arguments,
+)
 
 
 def _head_for(task: Task) -> str:
@@ -80,9 +94,10 @@ def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | No
     )
 
 
-def attach_adapter(model: nn.Module, config: RunConfig, task: Task):
+def attach_adapter(model: nn.Module, config: RunConfig, task: Task, total_steps: int = 1):
     """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model; options
-    left unset take the method's defaults)."""
+    left unset take the method's defaults). ``total_steps``: the optimizer steps of the training run (AdaLoRA
+    schedules its rank budget over them)."""
     from peft import get_peft_model
 
     method = get_method(config.method)
@@ -91,7 +106,7 @@ def attach_adapter(model: nn.Module, config: RunConfig, task: Task):
     check_target_modules(model, targets)
     task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
     with _quiet_peft_wrapping():
-        return get_peft_model(model, method.build_config(config, targets, task_type)), targets
+        return get_peft_model(model, method.build_config(config, targets, task_type, total_steps)), targets
 
 
 @contextlib.contextmanager
@@ -166,7 +181,7 @@ def train(
     with new_run_dir(run_dir, config.overwrite) as run:
         transformers.set_seed(config.seed)
         model, tokenizer = _load_for(config, task, progress=progress)
-        model, targets = attach_adapter(model, config, task)
+        model, targets = attach_adapter(model, config, task, total_steps(config, len(train_examples)))
         resolved = dataclasses.replace(
             config,
             target_modules=targets,
@@ -177,11 +192,7 @@ def train(
         )
         _write_config(run / CONFIG_FILE, resolved)
         scorer = build_scorer(task, tokenizer, config)
-        extra_loss, objective_callbacks, special_lrs = None, [], []
-        if bayesian_tuner(model) is not None:
-            extra_loss, objective_callbacks = bayesian_objective(config, len(train_examples))
-            if config.sigma_lr is not None:
-                special_lrs = [(variance_parameters(model), config.sigma_lr)]
+        extra_loss, objective_callbacks, special_lrs = training_extras(model, config, len(train_examples))
         memory_probe = StepMemoryProbe()
         trainer = BayesLoraTrainer(
             model=model,
@@ -215,9 +226,77 @@ def train(
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomic(run / TRAIN_SUMMARY, summary)
+        if learns_structure(model):
+            write_structure(model, run, title=f"{config.method} on {config.task}")
         for eval_task in eval_tasks:
             _evaluate_and_write(model, tokenizer, resolved, task, eval_task, run, summary, progress=progress)
     return run_dir
+
+
+def total_steps(config: RunConfig, n_train: int) -> int:
+    """The optimizer steps a run takes, as the Trainer counts them: ``--max-steps``, else
+    ⌈epochs · max(1, ⌈N_train / batch⌉ // accumulation)⌉ (one device)."""
+    if config.max_steps:
+        return config.max_steps
+    per_epoch = max(1, math.ceil(n_train / config.batch_size) // config.grad_accum)
+    return math.ceil(config.epochs * per_epoch)
+
+
+def training_extras(model: nn.Module, config: RunConfig, n_train: int):
+    """``(extra_loss, callbacks, special_lrs)`` of the method's objective: the KL term of a posterior (Me-LoRA,
+    BLoB, B-LoRA's Bayesian core), the gates' penalty and schedule (B-LoRA), with their learning rates, and
+    AdaLoRA's budget allocation and orthogonality loss."""
+    losses, callbacks, special_lrs = [], [], []
+    variances = variance_parameters(model)
+    if variances:
+        kl_loss, kl_callbacks = bayesian_objective(config, n_train)
+        losses += [kl_loss] if kl_loss is not None else []
+        callbacks += kl_callbacks
+        if config.sigma_lr is not None:
+            special_lrs.append((variances, config.sigma_lr))
+    if adalora_tuner(model) is not None:
+        losses.append(AdaLoraOrthogonality())
+        callbacks.append(AdaLoraAllocation())
+    if blora_tuner(model) is not None:
+        losses.append(GatePenalty(config.gate_lambda, config.gate_cost))
+        callbacks.append(GateSchedule(config.gate_warmup, config.gate_fix))
+        special_lrs.append((gate_parameters(model), config.gate_lr))
+    return combine_losses(losses), callbacks, special_lrs
+
+
+def _short_name(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def learns_structure(model: nn.Module) -> bool:
+    """Whether the adapter learns its ranks or bit-widths (B-LoRA, AdaLoRA)."""
+    return blora_tuner(model) is not None or adalora_tuner(model) is not None
+
+
+def structure_record(model: nn.Module) -> dict[str, Any]:
+    """What a trained run's ``metrics.json`` adds: per-token ``bops`` (adapter, base, total and the 16-bit
+    LoRA reference, with the convention) and the ``structure`` (rank and bits of every adapted matrix:
+    learned by B-LoRA and AdaLoRA, as configured otherwise). Empty for models without adapter layers."""
+    try:
+        report = bops_report(model)
+    except ValueError:
+        return {}
+    return {
+        "bops": {key: value for key, value in report.items() if key != "layers"},
+        "structure": {
+            _short_name(layer["name"]): {"rank": layer["rank"], "bits": layer["bits"]} for layer in report["layers"]
+        },
+    }
+
+
+def write_structure(model: nn.Module, run: Path, title: str = "") -> None:
+    """``bops.json`` (per layer and in total) and ``structure.png`` (learned rank and bits heatmaps) of a run
+    that learns its structure."""
+    report = bops_report(model)
+    for layer in report["layers"]:
+        layer["name"] = _short_name(layer["name"])
+    write_json_atomic(run / BOPS_FILE, report)
+    save_structure_heatmap(run / STRUCTURE_PLOT, report["layers"], title)
 
 
 def _write_config(path: Path, config: RunConfig) -> None:
@@ -234,7 +313,7 @@ def _resolve_samples(config: RunConfig, samples: int | None) -> int:
     """Posterior samples for an evaluation: 1 for zero-shot and deterministic methods."""
     if config.method == ZERO_SHOT:
         return 1
-    return get_method(config.method).samples(samples if samples is not None else config.samples)
+    return get_method(config.method).samples(samples if samples is not None else config.samples, config)
 
 
 def _evaluate_and_write(
@@ -279,6 +358,8 @@ def _evaluate_and_write(
         "run": str(run_dir),
         "task_source": eval_task.source,
     }
+    if config.method != ZERO_SHOT:
+        record.update(structure_record(model))
     if summary:
         record["train_task"] = train_task.name
         for key in ("steps", "trainable_params", "train_runtime_s", "step_time_s", "step_memory_mb", "peak_memory_mb"):
@@ -379,3 +460,34 @@ def evaluate(
         out_dir=out_dir,
         progress=progress,
     )
+
+
+def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Export the adapter of a run: ``to="lora"`` a plain PEFT LoRA adapter (B-LoRA truncated to its learned
+    ranks and dequantized; the posterior mean of Me-LoRA and BLoB), ``to="packed"`` B-LoRA's integer codes at
+    their learned bit-widths. Returns what was written and its size against the 16-bit LoRA adapter."""
+    from .export import EXPORT_FORMATS, PACKED_WEIGHTS, export_lora, export_packed, reference_lora_bytes
+
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format '{to}': {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    if out.exists():
+        raise RunExistsError(f"{out} already exists; choose another --out (exports never overwrite).")
+    config = make_config(**read_run_config(run))
+    task = load_task(config.task)
+    network, _ = _load_for(config, task, progress=progress)
+    network = load_adapter(network, Path(run) / ADAPTER_DIR)
+    if to == "lora":
+        export_lora(network, out)
+        size = (out / "adapter_model.safetensors").stat().st_size
+    else:
+        export_packed(network, out)
+        size = (out / PACKED_WEIGHTS).stat().st_size  # the factors; a classifier head is stored apart
+    reference = reference_lora_bytes(network)
+    return {
+        "format": to,
+        "out": str(out),
+        "bytes": size,
+        "reference_16bit_lora_bytes": reference,
+        "ratio": size / reference,
+    }

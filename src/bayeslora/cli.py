@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command line: train | eval | demo | env | tasks | methods.
+"""The ``bayeslora`` command line: train | eval | export | report | demo | env | tasks | methods.
 
 ``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
 so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
@@ -94,6 +94,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .api import export
+
+    written = export(args.run, args.to, args.out, progress=not args.quiet)
+    print(
+        f"Exported {args.run} as {written['format']} to {written['out']}: {written['bytes']:,} bytes of tensors "
+        f"({written['ratio']:.2f}x the {written['reference_16bit_lora_bytes']:,} bytes of the 16-bit LoRA of the "
+        f"same rank)"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    text = run_report(args.runs, sequence_length=args.sequence_length, out=args.out)
+    print(text)
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from . import assets
     from .system import device_summary, versions
@@ -160,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Fine-tune the embedded default and print the calibration table.")
     demo.add_argument("--output-dir", default=None, help="Where the demo runs go (default: runs/demo-<time>).")
     demo.set_defaults(handler=_cmd_demo)
+
+    exporter = commands.add_parser("export", help="Export a run's adapter (plain PEFT LoRA, or packed low-bit).")
+    exporter.add_argument("--run", required=True, help="Run directory written by `bayeslora train`.")
+    exporter.add_argument(
+        "--to",
+        choices=("lora", "packed"),
+        default="lora",
+        help="lora: a PEFT LoRA adapter that loads without bayeslora (B-LoRA truncated to its learned ranks, "
+        "dequantized; posterior mean for Bayesian adapters); packed: B-LoRA's integer codes at the learned "
+        "bit-widths (read back with bayeslora.export.load_packed).",
+    )
+    exporter.add_argument("--out", required=True, help="New directory to write (never overwritten).")
+    exporter.set_defaults(handler=_cmd_export)
+
+    report = commands.add_parser("report", help="One table of every run's evaluations, and B-LoRA's bit operations.")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Run directories.")
+    report.add_argument("--sequence-length", type=int, default=1, help="Bit operations for this many tokens.")
+    report.add_argument("--out", help="Also write report.md (and the tables' JSON) into this directory.")
+    report.set_defaults(handler=_cmd_report)
 
     commands.add_parser("env", help="Versions, devices, cache and embedded assets.").set_defaults(handler=_cmd_env)
     commands.add_parser("tasks", help="List the built-in tasks.").set_defaults(handler=_cmd_tasks)

@@ -51,7 +51,7 @@ class RunConfig:
         None,
         "Modules to adapt (names of linear layers); default per architecture (Llama: q_proj v_proj lm_head).",
     )
-    # --- Bayesian adapters (melora, blob) ---
+    # --- Bayesian adapters (melora, blob; blora with --bayesian-core) ---
     prior_std: float | None = _opt(
         None, "Prior standard deviation (default: melora 1.0 on each core entry, blob 0.2 on each entry of A)."
     )
@@ -83,6 +83,27 @@ class RunConfig:
     )
     kl_lr: float = _opt(0.01, "blob schedule: learning rate of the separate SGD step on π_i·KL.")
     blob_gamma: float = _opt(8.0, "blob schedule: γ in the cycle length M = 100·N^(π/γ) / batch size.")
+    # --- B-LoRA (blora) ---
+    max_bits: int = _opt(16, "blora: largest bit-width of A, B and e (2, 4, 8, 16 or 32; 2 is the floor).")
+    rank_gate_init: float = _opt(3.0, "blora: initial logit of every rank gate (3: P(on) ≈ 0.99).")
+    bit_gate_init: float = _opt(3.0, "blora: initial logit of every bit-width gate (3: P(on) ≈ 0.99).")
+    gate_temperature: float = _opt(2 / 3, "blora: temperature β of the hard-concrete gates.")
+    gate_lambda: float = _opt(
+        0.5, "blora: weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss."
+    )
+    gate_cost: str = _opt(
+        "bops",
+        "blora: what a gate costs: bops (its expected bit operations) or gates (1 per gate).",
+        choices=("bops", "gates"),
+    )
+    gate_lr: float = _opt(0.05, "blora: learning rate of the gate logits (they need larger steps than weights).")
+    gate_warmup: float = _opt(0.1, "blora: fraction of the steps with gates open and nothing quantized.")
+    gate_fix: float = _opt(0.1, "blora: final fraction of the steps with the gates fixed at their chosen values.")
+    quantize_base: bool = _opt(False, "blora: also quantize the frozen weights and input activations (gated).")
+    base_max_bits: int = _opt(16, "blora: largest bit-width of the frozen weights and activations.")
+    bayesian_core: bool = _opt(
+        False, "blora: put Me-LoRA's Gaussian r×r core between B and A (calibrated and compressed)."
+    )
     # --- training ---
     max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
     epochs: float = _opt(1.0, "Passes over the training set (used when --max-steps is not set).")
@@ -159,11 +180,30 @@ class RunConfig:
             problems.append(f"--kl-warmup must be in [0, 1], got {self.kl_warmup}")
         if self.kl_lr <= 0 or self.blob_gamma <= 0:
             problems.append("--kl-lr and --blob-gamma must be positive")
-        for name in ("scoring", "cloze_normalization", "core", "core_init", "prior_mean", "sigma_param", "kl_schedule"):
+        for name in (
+            "scoring",
+            "cloze_normalization",
+            "core",
+            "core_init",
+            "prior_mean",
+            "sigma_param",
+            "kl_schedule",
+            "gate_cost",
+        ):
             choices = _choices(name)
             value = getattr(self, name)
             if value is not None and value not in choices:
                 problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'")
+        for name in ("max_bits", "base_max_bits"):
+            if getattr(self, name) not in (2, 4, 8, 16, 32):
+                problems.append(f"--{name.replace('_', '-')} must be 2, 4, 8, 16 or 32, got {getattr(self, name)}")
+        if self.gate_temperature <= 0 or self.gate_lr <= 0 or self.gate_lambda < 0:
+            problems.append("--gate-temperature and --gate-lr must be positive, --gate-lambda >= 0")
+        if not (self.gate_warmup >= 0 and self.gate_fix >= 0 and self.gate_warmup + self.gate_fix < 1):
+            problems.append(
+                f"--gate-warmup ({self.gate_warmup}) and --gate-fix ({self.gate_fix}) must be >= 0 and sum to less "
+                f"than 1, leaving steps in which the gates learn"
+            )
         if self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules is empty")
         if problems:

@@ -6,6 +6,7 @@ Every method is a PEFT tuner. Plain LoRA is PEFT's own LoRA unchanged, so compar
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,10 @@ class Method:
     Attributes:
         name: the ``--method`` value.
         description: one line for ``bayeslora methods`` and reports.
-        build_config: ``(run config, resolved target modules, PEFT task type) -> PeftConfig``.
-        stochastic: whether predictions average posterior samples (``--samples`` > 1 is meaningful).
+        build_config: ``(run config, resolved target modules, PEFT task type, total optimizer steps) ->
+            PeftConfig``.
+        stochastic: whether predictions average posterior samples (``--samples`` > 1 is meaningful); a
+            function of the run configuration for methods where an option decides it.
         default_samples: samples averaged at evaluation when ``--samples`` is not given.
         option_defaults: values of :class:`~bayeslora.config.RunConfig` options that this method sets when
             the user leaves them unset (``None``), e.g. its prior; see :meth:`resolve`.
@@ -32,8 +35,8 @@ class Method:
 
     name: str
     description: str
-    build_config: Callable[[RunConfig, list[str], str], PeftConfig]
-    stochastic: bool = False
+    build_config: Callable[[RunConfig, list[str], str, int], PeftConfig]
+    stochastic: bool | Callable[[RunConfig], bool] = False
     default_samples: int = 1
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
 
@@ -43,10 +46,14 @@ class Method:
         updates = {key: value for key, value in self.option_defaults.items() if getattr(config, key) is None}
         return dataclasses.replace(config, **updates) if updates else config
 
-    def samples(self, requested: int | None) -> int:
+    def is_stochastic(self, config: RunConfig) -> bool:
+        """Whether a run of this method with ``config`` predicts by averaging posterior samples."""
+        return self.stochastic(config) if callable(self.stochastic) else self.stochastic
+
+    def samples(self, requested: int | None, config: RunConfig) -> int:
         """Posterior samples to average: the request, or the method's default; deterministic methods use 1
         (their prediction is the same every time)."""
-        if not self.stochastic:
+        if not self.is_stochastic(config):
             return 1
         return self.default_samples if requested is None else requested
 
@@ -74,7 +81,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def _lora_config(config: RunConfig, targets: list[str], task_type: str) -> PeftConfig:
+def _lora_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -86,7 +93,7 @@ def _lora_config(config: RunConfig, targets: list[str], task_type: str) -> PeftC
     )
 
 
-def _melora_config(config: RunConfig, targets: list[str], task_type: str) -> PeftConfig:
+def _melora_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
     from .tuners import MeLoraConfig
 
     return MeLoraConfig(
@@ -104,7 +111,7 @@ def _melora_config(config: RunConfig, targets: list[str], task_type: str) -> Pef
     )
 
 
-def _blob_config(config: RunConfig, targets: list[str], task_type: str) -> PeftConfig:
+def _blob_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
     from .tuners import BlobConfig
 
     return BlobConfig(
@@ -118,8 +125,55 @@ def _blob_config(config: RunConfig, targets: list[str], task_type: str) -> PeftC
     )
 
 
+def _blora_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
+    from .tuners import BLoraConfig
+
+    return BLoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        bayesian_core=config.bayesian_core,
+        max_bits=config.max_bits,
+        rank_gate_init=config.rank_gate_init,
+        bit_gate_init=config.bit_gate_init,
+        gate_temperature=config.gate_temperature,
+        quantize_base=config.quantize_base,
+        base_max_bits=config.base_max_bits,
+        core=config.core,
+        core_init=config.core_init,
+        sigma_init=config.sigma_init,
+        sigma_param=config.sigma_param,
+        prior_mean=config.prior_mean,
+        prior_std=config.prior_std,
+    )
+
+
+def _adalora_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
+    from peft import AdaLoraConfig
+
+    # the AdaLoRA paper's schedule: rank 1.5x the target to start, budget pruned between 10% and 80% of the
+    # steps; the final average rank equals --rank, the budget of a LoRA of that rank
+    return AdaLoraConfig(
+        init_r=math.ceil(1.5 * config.rank),
+        target_r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        total_step=total_steps,
+        tinit=int(0.1 * total_steps),
+        tfinal=int(0.2 * total_steps),
+        deltaT=max(1, total_steps // 100),
+    )
+
+
 #: Me-LoRA's default learning rate for Σ_S (the variance parameters), independent of ``--lr``.
 MELORA_SIGMA_LR = 0.05
+
+#: Me-LoRA's core options when the user leaves them unset (also B-LoRA's Bayesian core).
+MELORA_DEFAULTS = {"sigma_init": 0.1, "prior_std": 1.0, "sigma_lr": MELORA_SIGMA_LR}
 
 register_method(Method("lora", "plain LoRA, PEFT's own implementation (the MLE baseline)", _lora_config))
 register_method(
@@ -132,7 +186,7 @@ register_method(
         # σ starts at a tenth of the prior's std and gets its own learning rate, so that the core's
         # variance can reach its ELBO optimum within a fine-tuning run (benchmarks/calibration.py: with the
         # main learning rate σ barely moves and Me-LoRA calibrates no better than LoRA).
-        option_defaults={"sigma_init": 0.1, "prior_std": 1.0, "sigma_lr": MELORA_SIGMA_LR},
+        option_defaults=MELORA_DEFAULTS,
     )
 )
 register_method(
@@ -143,5 +197,23 @@ register_method(
         stochastic=True,
         default_samples=10,
         option_defaults={"sigma_init": 0.05, "prior_std": 0.2},  # the BLoB paper's ε and prior std
+    )
+)
+register_method(
+    Method(
+        "blora",
+        "B-LoRA: rank and bit-width of every matrix learned by hard-concrete gates (Bayesian Bits quantizer)",
+        _blora_config,
+        # with --bayesian-core the adapter carries Me-LoRA's Gaussian core: its predictions average samples
+        stochastic=lambda config: config.bayesian_core,
+        default_samples=10,
+        option_defaults=MELORA_DEFAULTS,
+    )
+)
+register_method(
+    Method(
+        "adalora",
+        "AdaLoRA (PEFT's own): SVD-form LoRA whose ranks are pruned to a budget (average rank --rank)",
+        _adalora_config,
     )
 )

@@ -8,6 +8,8 @@ Layout::
       train_summary.json   steps, wall time, step time, peak memory, trainable parameters
       adapter/             PEFT format: adapter_config.json + adapter_model.safetensors
       eval/<task>/         metrics.json, reliability.png, predictions.safetensors
+      bops.json            B-LoRA: bit operations per layer and in total, against the 16-bit LoRA
+      structure.png        B-LoRA: learned rank and bit-width per block and module
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ TRAIN_LOG = "train_log.jsonl"
 TRAIN_SUMMARY = "train_summary.json"
 ADAPTER_DIR = "adapter"
 EVAL_DIR = "eval"
+BOPS_FILE = "bops.json"
+STRUCTURE_PLOT = "structure.png"
 
 
 class RunExistsError(FileExistsError):

@@ -39,6 +39,25 @@ class LossTerms:
 ExtraLoss = Callable[[nn.Module, "BayesLoraTrainer"], LossTerms]
 
 
+def combine_losses(losses: Sequence[ExtraLoss]) -> ExtraLoss | None:
+    """One :data:`ExtraLoss` adding the terms and logs of several (None if there are none)."""
+    losses = list(losses)
+    if not losses:
+        return None
+    if len(losses) == 1:
+        return losses[0]
+
+    def combined(model: nn.Module, trainer) -> LossTerms:
+        total = LossTerms()
+        for loss in losses:
+            part = loss(model, trainer)
+            total.terms.update(part.terms)
+            total.logs.update(part.logs)
+        return total
+
+    return combined
+
+
 class ExampleDataset(Dataset):
     """A list of task examples; the scorer's ``collate`` turns a list of them into a batch."""
 

@@ -1,0 +1,1 @@
+"""Baselines that need more than a PEFT config: their Trainer hooks and loss terms."""

@@ -1,0 +1,157 @@
+"""Bit operations (BOPs) of adapted linear layers: what B-LoRA's learned ranks and bit-widths save.
+
+BOPs of a matrix product = multiply-accumulates (MACs) × weight bits × activation bits. Per token, for a
+linear layer y = W0 x (W0 ∈ R^{m×n}) with a low-rank adapter of kept rank r':
+
+* base path:    n·m MACs at (bits of W0) × (bits of x);
+* adapter path: A: r'·n MACs at bits(A) × bits(x); the middle: r' MACs at bits(e) × 16 (B-LoRA's scale
+  vector) or r'² MACs at 32 × 16 (a full-precision Bayesian core); B: m·r' MACs at bits(B) × 16.
+
+Conventions, stated in every report: activations that are not quantized, and the rank-r' intermediate,
+count as 16-bit; so do W0 unless the base is quantized. The reference is the plain 16-bit LoRA of the same
+maximal rank r (A and B at 16 bits, no middle factor) on a 16-bit base. Attention's score and value
+products and every other operation outside the adapted linear layers are not counted. BOPs for a
+sequence are the per-token figures × its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+#: Bits of everything that is not quantized (activations, intermediate products, an unquantized base).
+DEFAULT_BITS = 16
+#: Bits of a full-precision Bayesian core (fp32).
+CORE_BITS = 32
+
+Number = float | Tensor
+
+
+def adapter_bops(
+    n: int,
+    m: int,
+    rank: Number,
+    bits_a: Number,
+    bits_b: Number,
+    *,
+    middle_bits: Number | None = None,
+    core: bool = False,
+    rank_squared: Number | None = None,
+    activation_bits: Number = DEFAULT_BITS,
+) -> Number:
+    """Per-token BOPs of the adapter path. ``middle_bits``: bits of B-LoRA's scale vector e (None: no
+    middle factor, plain LoRA); ``core``: a full-precision r'×r' core instead (``rank_squared`` = E[r'²]
+    when ``rank`` is an expectation, else r'²). Accepts tensors (expected values) for the regulariser."""
+    total = rank * n * bits_a * activation_bits + m * rank * bits_b * DEFAULT_BITS
+    if core:
+        total = total + (rank * rank if rank_squared is None else rank_squared) * CORE_BITS * DEFAULT_BITS
+    elif middle_bits is not None:
+        total = total + rank * middle_bits * DEFAULT_BITS
+    return total
+
+
+def base_bops(n: int, m: int, weight_bits: Number = DEFAULT_BITS, activation_bits: Number = DEFAULT_BITS) -> Number:
+    """Per-token BOPs of the frozen product W0 x."""
+    return n * m * weight_bits * activation_bits
+
+
+def reference_adapter_bops(n: int, m: int, rank: int) -> float:
+    """Per-token BOPs of the 16-bit LoRA of rank ``rank`` (the reference)."""
+    return float(adapter_bops(n, m, rank, DEFAULT_BITS, DEFAULT_BITS))
+
+
+@dataclass
+class LayerBops:
+    """The per-token BOPs of one adapted layer and what they are made of."""
+
+    name: str
+    in_features: int
+    out_features: int
+    max_rank: int
+    rank: int
+    bits: dict[str, int]
+    adapter: float
+    base: float
+    reference_adapter: float
+    reference_base: float
+
+
+def layer_bops(name: str, layer: nn.Module, adapter: str = "default") -> LayerBops | None:
+    """The BOPs of one adapter layer: a B-LoRA layer with its learned structure; PEFT's LoRA (AdaLoRA with the
+    ranks it kept) and the other bayeslora layers at 16 bits and full rank (a Me-LoRA core counted as such).
+    None for other modules."""
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    from .tuners.base import BayesianLowRankLayer
+    from .tuners.blora import BLoraLayer
+
+    if isinstance(layer, BLoraLayer):
+        if adapter not in layer.blora_A:
+            return None
+        rank, bits = layer.learned_rank(adapter), layer.learned_bits(adapter)
+        core = layer.bayesian_core[adapter]
+        middle = None if core else bits["e"]
+    elif isinstance(layer, LoraLayer):
+        if adapter not in layer.lora_A:
+            return None
+        rank, bits, core, middle = layer.r[adapter], {"A": DEFAULT_BITS, "B": DEFAULT_BITS}, False, None
+        if isinstance(layer, AdaLoraLayer):  # the singular values AdaLoRA pruned to zero do not count
+            rank = int((layer.lora_E[adapter] != 0).sum())
+    elif isinstance(layer, BayesianLowRankLayer):
+        if not layer._has(adapter):
+            return None
+        rank, bits, middle = layer.r[adapter], {"A": DEFAULT_BITS, "B": DEFAULT_BITS}, None
+        core = hasattr(layer, "core_mean")
+    else:
+        return None
+    n, m = layer.in_features, layer.out_features
+    x_bits = bits.get("x", DEFAULT_BITS)
+    return LayerBops(
+        name=name,
+        in_features=n,
+        out_features=m,
+        max_rank=layer.r[adapter],
+        rank=rank,
+        bits=bits,
+        adapter=float(
+            adapter_bops(n, m, rank, bits["A"], bits["B"], middle_bits=middle, core=core, activation_bits=x_bits)
+        ),
+        base=float(base_bops(n, m, bits.get("W", DEFAULT_BITS), x_bits)),
+        reference_adapter=reference_adapter_bops(n, m, layer.r[adapter]),
+        reference_base=float(base_bops(n, m)),
+    )
+
+
+def bops_report(model: nn.Module, sequence_length: int = 1, adapter: str = "default") -> dict[str, Any]:
+    """BOPs of every adapted layer of ``model`` and in total, for ``sequence_length`` tokens.
+
+    Returns ``{"layers": [...], "adapter", "base", "total", "reference_adapter", "reference_base",
+    "reference_total", "adapter_ratio", "total_ratio", "sequence_length", "convention"}``; ratios are
+    against the 16-bit LoRA of the same rank on a 16-bit base.
+    """
+    if sequence_length <= 0:
+        raise ValueError(f"sequence_length must be positive, got {sequence_length}")
+    layers = [found for name, module in model.named_modules() if (found := layer_bops(name, module, adapter))]
+    if not layers:
+        raise ValueError("the model has no adapter layers to count bit operations for")
+    totals = {
+        key: sequence_length * sum(getattr(layer, key) for layer in layers)
+        for key in ("adapter", "base", "reference_adapter", "reference_base")
+    }
+    totals["total"] = totals["adapter"] + totals["base"]
+    totals["reference_total"] = totals["reference_adapter"] + totals["reference_base"]
+    return {
+        "sequence_length": sequence_length,
+        **totals,
+        "adapter_ratio": totals["adapter"] / totals["reference_adapter"],
+        "total_ratio": totals["total"] / totals["reference_total"],
+        "convention": (
+            "per adapted linear layer: MACs x weight bits x activation bits; unquantized activations, the "
+            "rank-r intermediate and an unquantized base count as 16-bit; reference = 16-bit LoRA of the same "
+            "rank on a 16-bit base; attention products and other operations not counted"
+        ),
+        "layers": [asdict(layer) for layer in layers],
+    }

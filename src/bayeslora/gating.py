@@ -1,0 +1,180 @@
+"""B-LoRA in the transformers Trainer: the gates' penalty (a loss term) and their schedule (a callback).
+
+* Penalty: ``λ · E[cost] / cost of the reference``, the prior that favours switching gates off, with
+  nested probabilities (a gate counts only together with every gate below it):
+  - ``bops`` (default): the expected bit operations of the adapter path (and of the base path when it is
+    quantized), relative to the 16-bit LoRA of the same rank (see :mod:`bayeslora.bops`); gates that cost
+    more bit operations cost more.
+  - ``gates``: the expected number of open gates, relative to the number of gates (c_b = 1 per gate).
+  λ = 1 thus weighs "the whole reference cost" like one nat of the mean NLL.
+* Schedule: ``open`` for the first ``warmup`` fraction of the steps (gates on, nothing quantized, no
+  penalty); at its end the quantizers' ranges are set from the weights as they are then, and gates are
+  sampled; in the last ``fix`` fraction the gates are fixed at their evaluation values (no penalty) while
+  the weights adapt to the chosen structure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from .bops import DEFAULT_BITS, adapter_bops, base_bops, reference_adapter_bops
+from .training import LossTerms
+from .tuners.blora import BLoraLayer, BLoraModel
+
+GATE_COSTS = ("bops", "gates")
+
+
+def blora_tuner(model: nn.Module) -> BLoraModel | None:
+    """The B-LoRA tuner inside a PEFT model, or None."""
+    return next((m for m in model.modules() if isinstance(m, BLoraModel)), None)
+
+
+def _active(model: nn.Module) -> list[tuple[BLoraLayer, str]]:
+    return [
+        (layer, adapter)
+        for layer in model.modules()
+        if isinstance(layer, BLoraLayer)
+        for adapter in layer.active_adapters
+        if layer._has(adapter)
+    ]
+
+
+def expected_rank_squared(layer: BLoraLayer, adapter: str) -> Tensor:
+    """E[r'²] = 1 + Σ_k (2k + 1)·P_k, P_k = Π_{j≤k} P(z_j ≠ 0): with nested gates M_j·M_k = M_max(j,k)."""
+    from .tuners.blora.gates import nested, prob_nonzero
+
+    logits = layer.blora_rank[adapter]
+    kept = nested(prob_nonzero(logits, layer.gate_temperature[adapter]))  # (r - 1,)
+    k = torch.arange(1, kept.shape[0] + 1, device=kept.device, dtype=kept.dtype)
+    return 1 + ((2 * k + 1) * kept).sum()
+
+
+def expected_bops(layer: BLoraLayer, adapter: str) -> tuple[Tensor, float]:
+    """``(E[BOPs], reference BOPs)`` per token of one layer: the adapter path, plus the base path when this
+    adapter quantizes it (otherwise the base is a constant and left out of both)."""
+    n, m = layer.in_features, layer.out_features
+    quantize_base = layer.quantize_base[adapter]
+    x_bits = layer.expected_bits("x", adapter) if quantize_base else DEFAULT_BITS
+    core = layer.bayesian_core[adapter]
+    cost = adapter_bops(
+        n,
+        m,
+        layer.expected_rank(adapter),
+        layer.expected_bits("A", adapter),
+        layer.expected_bits("B", adapter),
+        middle_bits=None if core else layer.expected_bits("e", adapter),
+        core=core,
+        rank_squared=expected_rank_squared(layer, adapter) if core else None,
+        activation_bits=x_bits,
+    )
+    reference = reference_adapter_bops(n, m, layer.r[adapter])
+    if quantize_base:
+        cost = cost + base_bops(n, m, layer.expected_bits("W", adapter), x_bits)
+        reference += base_bops(n, m)
+    return cost, reference
+
+
+def expected_cost(model: nn.Module, cost: str = "bops") -> Tensor:
+    """E[cost] / reference cost over every active B-LoRA adapter of ``model`` (differentiable in the gate
+    logits; 1 when every gate is surely on and nothing is quantized below the reference)."""
+    if cost not in GATE_COSTS:
+        raise ValueError(f"unknown gate cost '{cost}': {', '.join(GATE_COSTS)}")
+    pairs = _active(model)
+    if not pairs:
+        raise ValueError("the model has no B-LoRA layers")
+    if cost == "gates":
+        terms = [layer.expected_open_gates(adapter) for layer, adapter in pairs]
+        return sum(t for t, _ in terms) / sum(count for _, count in terms)
+    terms = [expected_bops(layer, adapter) for layer, adapter in pairs]
+    return sum(t for t, _ in terms) / sum(ref for _, ref in terms)
+
+
+@torch.no_grad()
+def structure_summary(model: nn.Module) -> dict[str, float]:
+    """Mean learned rank and bits of the evaluation-time structure, and the expected-BOPs ratio."""
+    pairs = _active(model)
+    ranks = [layer.learned_rank(adapter) for layer, adapter in pairs]
+    bits: dict[str, list[int]] = {}
+    for layer, adapter in pairs:
+        for name, value in layer.learned_bits(adapter).items():
+            bits.setdefault(name, []).append(value)
+    summary = {"rank": sum(ranks) / len(ranks)}
+    summary.update({f"bits_{name}": sum(values) / len(values) for name, values in bits.items()})
+    return summary
+
+
+class GatePenalty:
+    """The extra loss ``λ·E[cost]/reference`` (an :data:`~bayeslora.training.ExtraLoss`). In the open and
+    fixed phases it is only logged: the gates are not in play then."""
+
+    def __init__(self, weight: float, cost: str = "bops") -> None:
+        if weight < 0:
+            raise ValueError(f"the gate penalty weight must be >= 0, got {weight}")
+        if cost not in GATE_COSTS:
+            raise ValueError(f"unknown gate cost '{cost}': {', '.join(GATE_COSTS)}")
+        self.weight = weight
+        self.cost = cost
+
+    def __call__(self, model: nn.Module, trainer) -> LossTerms:
+        ratio = expected_cost(model, self.cost)
+        tuner = blora_tuner(model)
+        phase = tuner.bayesian_layers()[0].phase if tuner is not None else "sample"
+        logs = {f"expected_{self.cost}_ratio": float(ratio.detach()), **structure_summary(model)}
+        if phase != "sample":
+            return LossTerms(logs=logs)
+        return LossTerms(terms={"gate_cost": self.weight * ratio}, logs=logs)
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable gate logits (rank and bit-width gates) of every B-LoRA layer."""
+    found: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, BLoraLayer):
+            for name in module.gate_parameter_names:
+                found += [p for p in getattr(module, name).parameters() if p.requires_grad]
+    return found
+
+
+class GateSchedule(TrainerCallback):
+    """Open gates for the first ``warmup`` fraction of the optimizer steps, sampled gates after, fixed gates
+    for the last ``fix`` fraction; the quantizers' ranges are set from the weights when quantization starts."""
+
+    def __init__(self, warmup: float = 0.1, fix: float = 0.0, range_width: float = 0.1) -> None:
+        if not (warmup >= 0 and fix >= 0 and warmup + fix < 1):
+            raise ValueError(f"gate warm-up ({warmup}) and fixed phase ({fix}) must be >= 0 and leave steps between")
+        self.warmup = warmup
+        self.fix = fix
+        self.range_width = range_width
+
+    def phase_at(self, step: int, max_steps: int) -> str:
+        """The phase of optimizer step ``step`` (0-based) of ``max_steps``."""
+        if step < math.ceil(self.warmup * max_steps):
+            return "open"
+        if self.fix > 0 and step >= max_steps - math.ceil(self.fix * max_steps):
+            return "fixed"
+        return "sample"
+
+    def _enter(self, model: nn.Module, phase: str) -> None:
+        tuner = blora_tuner(model)
+        if tuner is None:
+            return
+        layers = tuner.bayesian_layers()
+        if layers and layers[0].phase == "open" and phase != "open":  # quantization starts: ranges from now
+            for layer in layers:
+                for adapter in layer.active_adapters:
+                    if layer._has(adapter):
+                        layer.calibrate_ranges(adapter, self.range_width)
+        tuner.set_gate_phase(phase)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        self._enter(model, self.phase_at(state.global_step, state.max_steps))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
+        self._enter(model, self.phase_at(state.global_step, state.max_steps))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
+        self._enter(model, "sample")  # what is saved and evaluated: deterministic gates, quantized

@@ -1,0 +1,301 @@
+"""The B-LoRA layer: learned rank (nested hard-concrete gates) and learned bit-widths (Bayesian Bits).
+
+    y = Q_W(W0)·Q_x(x) + s·Q(B)·diag(m ⊙ Q(e))·Q(A)·Q_x(x)          (Q_W, Q_x only with quantize_base)
+
+or, with a Bayesian core, ``s·Q(B)·diag(m)·S·diag(m)·Q(A)·x`` with S Me-LoRA's Gaussian r×r core.
+
+Gates behave according to the layer's *phase*, set for the whole model by the training schedule
+(:class:`~bayeslora.gating.GateSchedule`):
+
+* ``open`` — every gate on, nothing quantized (the warm-up: plain LoRA with a scale vector);
+* ``sample`` — in training, a hard-concrete sample of every gate per forward pass; in evaluation, the
+  deterministic gates (on when P(z = 0) < 0.34);
+* ``fixed`` — the deterministic gates in training too (the final phase: the structure is frozen and the
+  weights adapt to it).
+
+Shapes in comments: R rows, T tokens, n = in_features, m = out_features, r the maximal rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import BayesianLowRankLayer
+from ..melora.layer import SampledCoreMixin
+from .config import BLoraConfig
+from .gates import deterministic_gates, nested, nested_expected_cost, prefix_length, prob_nonzero, sample_gates
+from .quantizer import bit_gate_widths, bits_of, initial_bounds, quantize_fixed, quantize_residual
+
+PHASES = ("open", "sample", "fixed")
+#: Bits added by each doubling gate: 2 → 4 adds 2, 4 → 8 adds 4, ...
+_BIT_STEPS = {4: 2.0, 8: 4.0, 16: 8.0, 32: 16.0}
+
+
+class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
+    """B-LoRA on one ``nn.Linear``.
+
+    Parameters per adapter (all created with the adapter, none on a first forward):
+    ``blora_A`` (r, n), ``blora_B`` (m, r), ``blora_e`` (r,) or the core ``blora_core`` / ``blora_core_rho``;
+    ``blora_rank`` (r − 1,) rank-gate logits; for every quantized tensor t ∈ {A, B, e} (and W, x with
+    ``quantize_base``) ``blora_<t>_range`` (2,) its clipping range [lo, hi] and ``blora_<t>_bits`` (k,) the
+    logits of its bit-width gates.
+    """
+
+    adapter_layer_names = (
+        "blora_A",
+        "blora_B",
+        "blora_e",
+        "blora_core",
+        "blora_core_rho",
+        "blora_rank",
+        "blora_A_range",
+        "blora_A_bits",
+        "blora_B_range",
+        "blora_B_bits",
+        "blora_e_range",
+        "blora_e_bits",
+        "blora_W_range",
+        "blora_W_bits",
+        "blora_x_range",
+        "blora_x_bits",
+    )
+    variance_parameter_names = ("blora_core_rho",)
+    gate_parameter_names: ClassVar[tuple[str, ...]] = tuple(
+        n for n in adapter_layer_names if n.endswith(("_bits", "_rank"))
+    )
+    other_param_names = (
+        *BayesianLowRankLayer.other_param_names,
+        "core",
+        "sigma_param",
+        "prior_mean",
+        "prior_std",
+        "bayesian_core",
+        "max_bits",
+        "base_max_bits",
+        "quantize_base",
+        "gate_temperature",
+    )
+    core_mean_name = "blora_core"
+    core_rho_name = "blora_core_rho"
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BLoraConfig, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict({}))
+        self._init_core_options()
+        self.bayesian_core: dict[str, bool] = {}
+        self.max_bits: dict[str, int] = {}
+        self.base_max_bits: dict[str, int] = {}
+        self.quantize_base: dict[str, bool] = {}
+        self.gate_temperature: dict[str, float] = {}
+        self.phase = "sample"
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # --- construction ---
+    def update_layer(self, adapter_name: str, config: BLoraConfig, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name``: LoRA's initialisation for A (Kaiming-uniform) and B (zero), e = 1
+        (or Me-LoRA's core), gate logits from the config, ranges from the initial tensors."""
+        r = config.r
+        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+        self.bayesian_core[adapter_name] = config.bayesian_core
+        self.max_bits[adapter_name] = config.max_bits
+        self.base_max_bits[adapter_name] = config.base_max_bits
+        self.quantize_base[adapter_name] = config.quantize_base
+        self.gate_temperature[adapter_name] = config.gate_temperature
+        self.blora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.blora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        nn.init.kaiming_uniform_(self.blora_A[adapter_name], a=math.sqrt(5))
+        if config.bayesian_core:
+            self._create_core(adapter_name, config, r)
+        else:
+            self.blora_e[adapter_name] = nn.Parameter(torch.ones(r))
+        self.blora_rank[adapter_name] = nn.Parameter(torch.full((r - 1,), float(config.rank_gate_init)))
+        for tensor in self.quantized_tensors(adapter_name):
+            widths = bit_gate_widths(self._max_bits_of(tensor, adapter_name))
+            getattr(self, f"blora_{tensor}_bits")[adapter_name] = nn.Parameter(
+                torch.full((len(widths),), float(config.bit_gate_init))
+            )
+            getattr(self, f"blora_{tensor}_range")[adapter_name] = nn.Parameter(torch.zeros(2))
+        self.calibrate_ranges(adapter_name, config.range_init_width, activation_range=config.activation_range)
+        self._finish_update(adapter_name, config.inference_mode)
+
+    def quantized_tensors(self, adapter: str) -> tuple[str, ...]:
+        """Names of the tensors this adapter quantizes: A, B, e (without a Bayesian core), W and x."""
+        names = ("A", "B") if self.bayesian_core[adapter] else ("A", "B", "e")
+        return (*names, "W", "x") if self.quantize_base[adapter] else names
+
+    def _max_bits_of(self, tensor: str, adapter: str) -> int:
+        return self.base_max_bits[adapter] if tensor in ("W", "x") else self.max_bits[adapter]
+
+    def _tensor(self, name: str, adapter: str) -> Tensor:
+        if name == "W":
+            return self.get_base_layer().weight
+        return getattr(self, f"blora_{name}")[adapter]
+
+    @torch.no_grad()
+    def calibrate_ranges(self, adapter: str, min_width: float = 0.1, activation_range: float | None = None) -> None:
+        """Set the clipping range of every quantized weight tensor to its current [min, max] (widened to
+        ``min_width`` if it is constant), and that of the activations to ±``activation_range`` if given.
+        Called at construction and when quantization starts after the warm-up."""
+        for name in self.quantized_tensors(adapter):
+            bounds = getattr(self, f"blora_{name}_range")[adapter]
+            if name == "x":
+                if activation_range is not None:
+                    bounds.copy_(torch.tensor([-activation_range, activation_range]))
+                continue
+            bounds.copy_(initial_bounds(self._tensor(name, adapter).detach(), min_width))
+
+    # --- gates ---
+    def _gates(self, logits: Tensor, adapter: str) -> Tensor:
+        """The gate values of this forward pass (see the module docstring for the phases)."""
+        beta = self.gate_temperature[adapter]
+        if self.training and self.phase == "sample":
+            return sample_gates(logits, beta)
+        return deterministic_gates(logits, beta)
+
+    def rank_mask(self, adapter: str) -> Tensor:
+        """m ∈ [0, 1]^r: m_1 = 1, m_k = z_1·…·z_{k−1} (all ones in the open phase)."""
+        logits = self.blora_rank[adapter]
+        if self.phase == "open":
+            return torch.ones(logits.shape[0] + 1, device=logits.device, dtype=logits.dtype)
+        return torch.cat([torch.ones_like(logits[:1]), nested(self._gates(logits, adapter))])
+
+    def quantize(self, name: str, value: Tensor, adapter: str) -> Tensor:
+        """``value`` through the gated quantizer of tensor ``name`` (identity in the open phase)."""
+        if self.phase == "open":
+            return value
+        logits = getattr(self, f"blora_{name}_bits")[adapter]
+        bounds = getattr(self, f"blora_{name}_range")[adapter]
+        gates = self._gates(logits, adapter)
+        if self.training and self.phase == "sample":
+            return quantize_residual(value, bounds, gates)
+        return quantize_fixed(value, bounds, bits_of(gates, bit_gate_widths(self._max_bits_of(name, adapter))))
+
+    # --- forward ---
+    def _base_quantizer(self) -> str | None:
+        """The active adapter that quantizes the base path, if any."""
+        return next((a for a in self.active_adapters if self._has(a) and self.quantize_base[a]), None)
+
+    def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adapter = self._base_quantizer()
+        if adapter is None:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = self.quantize("W", base.weight, adapter)  # (m, n)
+        return F.linear(self.quantize("x", x, adapter), weight, base.bias)
+
+    def adapter_input(self, x: Tensor, adapter: str) -> Tensor:
+        quantizer = self._base_quantizer()
+        return x if quantizer is None else self.quantize("x", x, quantizer)
+
+    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+        A = self.quantize("A", self.blora_A[adapter], adapter)  # (r, n)
+        B = self.quantize("B", self.blora_B[adapter], adapter)  # (m, r)
+        mask = self.rank_mask(adapter)  # (r,)
+        h = x @ A.T  # (R, T, n) @ (n, r) -> (R, T, r)
+        if self.bayesian_core[adapter]:
+            h = self.core_product(h * mask, adapter) * mask  # rows and columns of S masked
+        else:
+            h = h * (mask * self.quantize("e", self.blora_e[adapter], adapter))  # diag(m ⊙ Q(e))
+        return h @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
+
+    # --- the deterministic adapter, learned structure, costs ---
+    def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(A', B')`` of the deterministic adapter truncated to its learned rank r', dequantized, with
+        ``s·B'·A'`` its (posterior-mean) ΔW: A' (r', n) = Q(A)[:r'], B' (m, r') = s·Q(B)[:, :r']·C, where C is
+        diag(Q(e))[:r', :r'] or the core mean M_S[:r', :r']."""
+        with _evaluation_gates(self):
+            rank = self.learned_rank(adapter)
+            A = self.quantize("A", self.blora_A[adapter], adapter)[:rank]
+            B = self.quantize("B", self.blora_B[adapter], adapter)[:, :rank]
+            if self.bayesian_core[adapter]:
+                core = self.mean_core_matrix(adapter)[:rank, :rank]
+            else:
+                core = torch.diag(self.quantize("e", self.blora_e[adapter], adapter)[:rank])
+        return A, self.scaling[adapter] * (B @ core)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if any(self.quantize_base.get(a, False) for a in (adapter_names or self.active_adapters)):
+            raise ValueError(
+                "A B-LoRA adapter that quantizes the base weight cannot be merged into it: the merged layer "
+                "would lose the learned base quantization. Export it instead (bayeslora export)."
+            )
+        super().merge(safe_merge, adapter_names)
+
+    def learned_rank(self, adapter: str) -> int:
+        """r' = 1 + the number of leading rank gates on (deterministic gates; r in the open phase)."""
+        if self.phase == "open":
+            return self.r[adapter]
+        logits = self.blora_rank[adapter]
+        return 1 + prefix_length(deterministic_gates(logits, self.gate_temperature[adapter]))
+
+    def learned_bits(self, adapter: str) -> dict[str, int]:
+        """The bit-width of every quantized tensor (deterministic gates; 32 in the open phase)."""
+        found = {}
+        for name in self.quantized_tensors(adapter):
+            if self.phase == "open":
+                found[name] = 32
+                continue
+            logits = getattr(self, f"blora_{name}_bits")[adapter]
+            gates = deterministic_gates(logits, self.gate_temperature[adapter])
+            found[name] = bits_of(gates, bit_gate_widths(self._max_bits_of(name, adapter)))
+        return found
+
+    def expected_rank(self, adapter: str) -> Tensor:
+        """E[r'] = 1 + Σ_k Π_{j≤k} P(z_j ≠ 0) (differentiable in the rank logits)."""
+        return 1 + nested_expected_cost(self.blora_rank[adapter], 1.0, self.gate_temperature[adapter])
+
+    def expected_bits(self, name: str, adapter: str) -> Tensor:
+        """E[b] = 2 + Σ_k Δ_k Π_{j≤k} P(z_j ≠ 0), Δ = (2, 4, 8, 16) the bits each doubling adds."""
+        logits = getattr(self, f"blora_{name}_bits")[adapter]
+        widths = bit_gate_widths(self._max_bits_of(name, adapter))
+        steps = torch.tensor([_BIT_STEPS[w] for w in widths], device=logits.device, dtype=logits.dtype)
+        return 2 + nested_expected_cost(logits, steps, self.gate_temperature[adapter])
+
+    def expected_open_gates(self, adapter: str) -> tuple[Tensor, int]:
+        """``(Σ over the layer's gate chains of Σ_k Π_{j≤k} P(z_j ≠ 0), number of gates)``: the expected
+        number of gates on, counted with their nesting (the ``gates`` cost)."""
+        beta = self.gate_temperature[adapter]
+        logits = [self.blora_rank[adapter]] + [
+            getattr(self, f"blora_{t}_bits")[adapter] for t in self.quantized_tensors(adapter)
+        ]
+        total = sum(nested_expected_cost(chain, 1.0, beta) for chain in logits)
+        return total, sum(chain.numel() for chain in logits)
+
+    def gate_probabilities(self, adapter: str) -> dict[str, list[float]]:
+        """P(z ≠ 0) of every gate, by chain (for logs and reports)."""
+        beta = self.gate_temperature[adapter]
+        chains = {"rank": self.blora_rank[adapter]}
+        chains.update({t: getattr(self, f"blora_{t}_bits")[adapter] for t in self.quantized_tensors(adapter)})
+        return {name: prob_nonzero(logits.detach(), beta).tolist() for name, logits in chains.items()}
+
+    def kl(self, adapter: str) -> Tensor:
+        """KL of the Bayesian core (0 without one: the gates enter the loss through their cost)."""
+        if self.bayesian_core[adapter]:
+            return self.core_kl(adapter)
+        return torch.zeros((), dtype=torch.float64, device=self.blora_A[adapter].device)
+
+    def posterior_std(self, adapter: str) -> Tensor:
+        """Σ_S of a Bayesian core (empty without one)."""
+        if self.bayesian_core[adapter]:
+            return super().posterior_std(adapter)
+        return self.blora_A[adapter].new_zeros(0)
+
+
+@contextlib.contextmanager
+def _evaluation_gates(layer: nn.Module) -> Iterator[None]:
+    """Within the block ``layer`` uses its evaluation-time gates (the open phase is left as it is)."""
+    training = layer.training
+    layer.training = False
+    try:
+        yield
+    finally:
+        layer.training = training

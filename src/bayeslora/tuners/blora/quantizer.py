@@ -1,0 +1,109 @@
+"""The Bayesian Bits residual quantizer (van Baalen et al., NeurIPS 2020) with a learned clipping range.
+
+A tensor is clipped to its learned range [lo, hi] (width R = hi − lo) and put on the uniform b-bit grid
+``lo + s_b·{0, …, 2^b − 1}`` with step s_b = R / (2^b − 1). Power-of-two widths are reached by residual
+doubling, each step gated:
+
+    s_2 = R/3,  s_{2b} = s_b / (2^b + 1)                       (so s_b = R / (2^b − 1))
+    x_2 = lo + s_2·⌊(x − lo)/s_2⌉
+    ε_4 = s_4·⌊(x − x_2)/s_4⌉,  ε_8 = s_8·⌊(x − x_2 − ε_4)/s_8⌉, …
+    x_q = x_2 + z_4·(ε_4 + z_8·(ε_8 + z_16·(ε_16 + z_32·ε_32)))
+
+Rounding uses the straight-through estimator (the gradient of ⌊v⌉ is taken as 1), so x_q is
+differentiable in x (inside the range), in the range ends (through clipping and the steps) and in the
+gates. With binary gates the chain equals direct rounding on the finest active grid,
+``lo + s_b·⌊(x − lo)/s_b⌉``, which is what evaluation and export compute: a b-bit tensor then takes at
+most 2^b distinct values, because the range clips it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: The bit-widths the residual quantizer can reach, smallest first.
+BIT_WIDTHS = (2, 4, 8, 16, 32)
+#: The narrowest range a quantizer is given when its tensor is constant (a zero-initialised B).
+MIN_RANGE = 1e-6
+
+
+def bit_gate_widths(max_bits: int) -> tuple[int, ...]:
+    """The widths that have a gate (every width above 2 up to ``max_bits``): 16 → (4, 8, 16)."""
+    if max_bits not in BIT_WIDTHS:
+        raise ValueError(f"max_bits must be one of {', '.join(map(str, BIT_WIDTHS))}, got {max_bits}")
+    return tuple(b for b in BIT_WIDTHS if 2 < b <= max_bits)
+
+
+def bits_of(gates: Tensor | list[float], widths: tuple[int, ...]) -> int:
+    """The bit-width selected by binary nested gates (one per width in ``widths``): 2 plus every doubling
+    whose gate, and all gates before it, are on."""
+    bits = 2
+    for gate, width in zip([float(g) for g in gates], widths, strict=True):
+        if gate < 0.5:
+            break
+        bits = width
+    return bits
+
+
+def _round_ste(value: Tensor) -> Tensor:
+    """⌊v⌉ forward, identity backward."""
+    return value + (torch.round(value) - value).detach()
+
+
+def clip_to_range(x: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(clipped x, lo, hi)`` with ``bounds = (lo, hi)``; hi is kept above lo by at least MIN_RANGE.
+    Differentiable in x inside the range and in the bounds where x is clipped."""
+    lo = bounds[0]
+    hi = torch.maximum(bounds[1], lo + MIN_RANGE)
+    return torch.minimum(torch.maximum(x, lo), hi), lo, hi
+
+
+def step_size(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
+    """s_b = (hi − lo) / (2^b − 1)."""
+    return (hi - lo) / (2.0**bits - 1.0)
+
+
+def quantize_residual(x: Tensor, bounds: Tensor, gates: Tensor) -> Tensor:
+    """The gated residual quantizer: ``x`` on the 2-bit grid plus the gated residuals of 4, 8, ... bits,
+    one gate per width above 2 (``gates`` is (k,), values in [0, 1]; nested as in the module docstring)."""
+    x, lo, hi = clip_to_range(x, bounds)
+    widths = BIT_WIDTHS[: gates.shape[0] + 1]
+    s = step_size(lo, hi, 2)
+    x_2 = lo + s * _round_ste((x - lo) / s)
+    reached, residuals = x_2, []
+    for bits in widths[1:]:
+        s = step_size(lo, hi, bits)
+        eps = s * _round_ste((x - reached) / s)  # ε_b on the residual of every coarser level
+        residuals.append(eps)
+        reached = reached + eps
+    gated = torch.zeros_like(x)
+    for eps, gate in zip(reversed(residuals), reversed(gates.unbind(0)), strict=True):
+        gated = gate * (eps + gated)  # z_b·(ε_b + z_2b·(…))
+    return x_2 + gated
+
+
+def quantize_fixed(x: Tensor, bounds: Tensor, bits: int) -> Tensor:
+    """``x`` clipped to ``bounds`` and rounded to the b-bit grid ``lo + s_b·{0, …, 2^b − 1}`` (straight-through
+    gradient): the residual quantizer with binary gates, computed directly."""
+    x, lo, hi = clip_to_range(x, bounds)
+    s = step_size(lo, hi, bits)
+    return lo + s * _round_ste((x - lo) / s)
+
+
+def integer_codes(x: Tensor, bounds: Tensor, bits: int) -> tuple[Tensor, float, float]:
+    """``(codes, lo, step)`` with ``x ≈ lo + step·codes``, codes integers in [0, 2^b − 1] (int64)."""
+    with torch.no_grad():
+        x, lo, hi = clip_to_range(x.float(), bounds.float())
+        s = step_size(lo, hi, bits)
+        codes = torch.round((x - lo) / s).clamp(0, 2**bits - 1).long()
+    return codes, float(lo), float(s)
+
+
+def initial_bounds(x: Tensor, min_width: float) -> Tensor:
+    """``(lo, hi)`` = the tensor's min and max, widened symmetrically to at least ``min_width``."""
+    with torch.no_grad():
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < min_width:
+            center = (lo + hi) / 2
+            lo, hi = center - min_width / 2, center + min_width / 2
+    return torch.tensor([lo, hi], dtype=x.dtype, device=x.device)

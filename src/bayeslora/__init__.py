@@ -15,7 +15,7 @@ from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEF
 from .api import attach_adapter, build_scorer, evaluate, export, train
 from .bops import bops_report
 from .config import RunConfig, make_config
-from .export import export_lora, export_packed, load_packed
+from .exporters import export_lora, export_packed, load_packed
 from .inference import Prediction, predict, predict_batch
 from .methods import METHODS, get_method
 from .metrics import classification_metrics

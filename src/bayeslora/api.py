@@ -466,7 +466,7 @@ def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) 
     """Export the adapter of a run: ``to="lora"`` a plain PEFT LoRA adapter (B-LoRA truncated to its learned
     ranks and dequantized; the posterior mean of Me-LoRA and BLoB), ``to="packed"`` B-LoRA's integer codes at
     their learned bit-widths. Returns what was written and its size against the 16-bit LoRA adapter."""
-    from .export import EXPORT_FORMATS, PACKED_WEIGHTS, export_lora, export_packed, reference_lora_bytes
+    from .exporters import EXPORT_FORMATS, PACKED_WEIGHTS, export_lora, export_packed, reference_lora_bytes
 
     if to not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format '{to}': {', '.join(EXPORT_FORMATS)}")

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="lora",
         help="lora: a PEFT LoRA adapter that loads without bayeslora (B-LoRA truncated to its learned ranks, "
         "dequantized; posterior mean for Bayesian adapters); packed: B-LoRA's integer codes at the learned "
-        "bit-widths (read back with bayeslora.export.load_packed).",
+        "bit-widths (read back with bayeslora.exporters.load_packed).",
     )
     exporter.add_argument("--out", required=True, help="New directory to write (never overwritten).")
     exporter.set_defaults(handler=_cmd_export)

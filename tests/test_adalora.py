@@ -1,0 +1,49 @@
+"""AdaLoRA (PEFT's) through the Trainer: the budget allocation runs every step and prunes ranks; the
+orthogonality term is added to the loss."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import AdaLoraConfig, get_peft_model
+
+import bayeslora as bl
+from bayeslora.baselines.adalora import AdaLoraOrthogonality
+
+
+def test_adalora_prunes_ranks_to_its_budget(tiny_llama_dir, tmp_path):
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(8)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = bl.train(
+        model=str(tiny_llama_dir),
+        task=str(task),
+        eval_tasks=[str(task)],
+        method="adalora",
+        rank=2,
+        max_steps=30,
+        batch_size=4,
+        lr=1e-2,
+        logging_steps=5,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    ranks = [layer["rank"] for layer in metrics["structure"].values()]
+    assert max(ranks) <= 3 and sum(ranks) / len(ranks) <= 2.0 + 1e-9  # init_r 3 pruned to an average of 2
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(entry["orth_reg"] >= 0 for entry in log)
+    assert (run / "structure.png").is_file()
+
+
+def test_orthogonality_term_is_zero_for_orthonormal_factors(tiny_llama):
+    base, _ = tiny_llama
+    model = get_peft_model(base, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
+    loss = AdaLoraOrthogonality()
+    assert float(loss(model, None).terms["orth_reg"]) > 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:  # P Pᵀ = I and Qᵀ Q = I
+                parameter.copy_(torch.eye(*parameter.shape))
+    assert float(loss(model, None).terms["orth_reg"]) < 1e-6

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 
 import bayeslora  # noqa: F401  (registers the methods)
 from _toy_models import TwoLayers
@@ -216,7 +217,7 @@ def test_open_phase_is_full_rank_and_unquantized():
     randomise(model)
     layer = layers(model)[0]
     model.base_model.set_gate_phase("open")
-    assert layer.learned_rank("default") == 4 and set(layer.learned_bits("default").values()) == {32}
+    assert layer.learned_rank("default") == 4 and set(layer.learned_bits("default").values()) == {16}  # convention
     x = torch.randn(2, 3, 16)
     A, B, e = (getattr(layer, f"blora_{t}")["default"] for t in "ABe")
     expected = layer.get_base_layer()(x) + layer.scaling["default"] * ((x @ A.T) * e) @ B.T
@@ -246,6 +247,34 @@ def test_no_parameter_is_created_after_construction_and_all_are_trainable():
     seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert all(id(p) in seen for p in before.values())
     assert {id(p) for p in gate_parameters(model)} <= seen
+
+
+def test_rank_one_adapter_works_in_every_phase():
+    model = blora(BLoraConfig(r=1, target_modules=["q"]))
+    randomise(model)
+    x = torch.randn(2, 3, 16)
+    for phase in ("open", "sample", "fixed"):
+        model.base_model.set_gate_phase(phase)
+        for mode in ("train", "eval"):
+            getattr(model, mode)()
+            assert model(x).shape == (2, 3, 16)
+    assert layers(model)[0].learned_rank("default") == 1
+
+
+def test_base_quantization_quantizes_the_input_once_for_both_paths(monkeypatch):
+    model = blora(BLoraConfig(r=4, target_modules=["q"], quantize_base=True, bit_gate_init=0.0))
+    layer = layers(model)[0]
+    calls = []
+    original = BLoraLayer.quantize
+
+    def counting(self, name, value, adapter):
+        calls.append(name)
+        return original(self, name, value, adapter)
+
+    monkeypatch.setattr(BLoraLayer, "quantize", counting)
+    model.train()
+    layer(torch.randn(2, 3, 16))
+    assert calls.count("x") == 1 and calls.count("W") == 1
 
 
 def test_config_gate_initialisation_reaches_the_layers():
@@ -436,6 +465,38 @@ def test_packed_export_round_trip_and_size(tmp_path):
     packed_size = (tmp_path / "packed" / "packed_adapter.safetensors").stat().st_size
     lora16_size = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
     assert packed_size < lora16_size
+
+
+def test_packed_32_bit_tensors_are_clipped_like_the_model(tmp_path):
+    from bayeslora.exporters import export_packed, load_packed, lora_factors
+
+    model = blora(BLoraConfig(r=4, target_modules=["q"], max_bits=32, bit_gate_init=10, rank_gate_init=10))
+    randomise(model)
+    layer = layers(model)[0]
+    with torch.no_grad():  # ranges narrower than the tensors: clipping is part of the model
+        layer.blora_A_range["default"].mul_(0.5)
+        layer.blora_B_range["default"].mul_(0.5)
+    model.eval()
+    export_packed(model, tmp_path / "packed")
+    (back,), _, _ = load_packed(tmp_path / "packed")
+    (expected,) = lora_factors(model)
+    torch.testing.assert_close(back.A, expected.A, atol=1e-6, rtol=0)
+    torch.testing.assert_close(back.B, expected.B, atol=1e-6, rtol=0)
+
+
+def test_lora_export_adapts_exactly_the_adapted_layers_and_refuses_base_quantization(tmp_path):
+    from bayeslora.exporters import export_lora
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(TwoLayers(), TwoLayers()), BLoraConfig(r=4, target_modules=["0.q"]))
+    randomise(model)
+    export_lora(model.eval(), tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["0.q"]
+    quantized = blora(BLoraConfig(r=4, target_modules=["q"], quantize_base=True))
+    with pytest.raises(ValueError, match="quantize-base"):
+        export_lora(quantized.eval(), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_packed_loader_rejects_corrupt_files(tmp_path):

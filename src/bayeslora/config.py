@@ -110,7 +110,7 @@ class RunConfig:
     batch_size: int = _opt(8, "Examples (questions) per optimizer step and device, before accumulation.")
     grad_accum: int = _opt(1, "Gradient accumulation steps.")
     lr: float = _opt(1e-4, "Peak learning rate of AdamW (linear warm-up, then linear decay to 0).")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    weight_decay: float | None = _opt(None, "AdamW weight decay (default: map 1e-5, every other method 0).")
     warmup_ratio: float = _opt(0.06, "Fraction of the steps spent warming the learning rate up.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
     train_size: int | None = _opt(None, "Train on a fixed seeded subsample of this many examples.")
@@ -158,6 +158,8 @@ class RunConfig:
         for name in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "max_length"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.lr <= 0:
             problems.append(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

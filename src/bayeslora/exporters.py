@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .io import write_dir_atomic
 from .tuners.base import BayesianLowRankLayer
 from .tuners.blora import BLoraLayer
-from .tuners.blora.quantizer import integer_codes
+from .tuners.blora.quantizer import integer_codes, quantize_fixed
 
 EXPORT_FORMATS = ("lora", "packed")
 PACKED_WEIGHTS = "packed_adapter.safetensors"
@@ -51,6 +51,11 @@ def lora_factors(model: nn.Module, adapter: str = "default") -> list[ExportedLay
     for name, module in model.named_modules():
         if not isinstance(module, BayesianLowRankLayer) or not module._has(adapter):
             continue
+        if isinstance(module, BLoraLayer) and module.quantize_base[adapter]:
+            raise ValueError(
+                f"{name} quantizes its frozen weight and input (--quantize-base): a plain LoRA adapter on an "
+                f"unquantized base would not behave like the trained model. Load the run's adapter with bayeslora."
+            )
         A, B = module.effective_factors(adapter)
         found.append(ExportedLayer(name.removeprefix(_PREFIX), A.detach().float(), B.detach().float()))
     if not found:
@@ -68,7 +73,7 @@ def _lora_config(
     return LoraConfig(
         r=top,
         lora_alpha=top,
-        target_modules=sorted({name.rsplit(".", 1)[-1] for name in ranks}),
+        target_modules=sorted(ranks),  # full module names: PEFT adapts exactly these layers
         rank_pattern={name: rank for name, rank in ranks.items() if rank != top},
         alpha_pattern={name: rank for name, rank in ranks.items() if rank != top},
         base_model_name_or_path=base_model,
@@ -166,8 +171,8 @@ def unpack_codes(packed: Tensor, bits: int, count: int) -> Tensor:
 def _packed_tensor(prefix: str, value: Tensor, bounds: Tensor, bits: int, tensors: dict) -> dict[str, Any]:
     """Store one quantized tensor (codes, or raw float32 at 32 bits); return its description."""
     shape = list(value.shape)
-    if bits == 32:
-        tensors[prefix] = value.detach().float().contiguous()
+    if bits == 32:  # stored as float32, clipped to the learned range as the model uses it
+        tensors[prefix] = quantize_fixed(value.detach().float().cpu(), bounds.detach().float().cpu(), 32).contiguous()
         return {"bits": 32, "shape": shape}
     codes, lo, step = integer_codes(value, bounds, bits)
     tensors[prefix] = pack_codes(codes, bits).contiguous()

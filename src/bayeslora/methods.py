@@ -178,6 +178,14 @@ MELORA_DEFAULTS = {"sigma_init": 0.1, "prior_std": 1.0, "sigma_lr": MELORA_SIGMA
 register_method(Method("lora", "plain LoRA, PEFT's own implementation (the MLE baseline)", _lora_config))
 register_method(
     Method(
+        "map",
+        "LoRA with weight decay (1e-5 by default): the MAP baseline of the Bayesian-LoRA literature",
+        _lora_config,
+        option_defaults={"weight_decay": 1e-5},
+    )
+)
+register_method(
+    Method(
         "melora",
         "Me-LoRA: deterministic A, B and a Gaussian r×r core S between them (ΔW = s·B·S·A)",
         _melora_config,

@@ -178,23 +178,25 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        x = self.layer_input(x)
         result = self.base_output(x, *args, **kwargs)
         for adapter in self.active_adapters:
             if not self._has(adapter):
                 continue
             first = getattr(self, self.adapter_layer_names[0])[adapter]
-            inputs = self._cast_input_dtype(self.adapter_input(x, adapter), first.dtype)
+            inputs = self._cast_input_dtype(x, first.dtype)
             delta = self.adapter_output(self.adapter_dropout[adapter](inputs), adapter)
             result = result + (delta * self.scaling[adapter]).to(result.dtype)
         return result
 
-    def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """The frozen layer's output ``W0 x`` (B-LoRA may quantize it)."""
-        return self.base_layer(x, *args, **kwargs)
-
-    def adapter_input(self, x: Tensor, adapter: str) -> Tensor:
-        """What the adapter sees of the layer input (B-LoRA may quantize it)."""
+    def layer_input(self, x: Tensor) -> Tensor:
+        """The input both the frozen path and the adapters see, computed once per forward pass (B-LoRA may
+        quantize it)."""
         return x
+
+    def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The frozen layer's output ``W0 x`` (B-LoRA may quantize W0)."""
+        return self.base_layer(x, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the posterior-mean update of the active adapters to the base weight."""

@@ -34,6 +34,8 @@ from .gates import deterministic_gates, nested, nested_expected_cost, prefix_len
 from .quantizer import bit_gate_widths, bits_of, initial_bounds, quantize_fixed, quantize_residual
 
 PHASES = ("open", "sample", "fixed")
+#: The bits reported for a tensor that is not quantized (the open phase), as the BOPs convention counts it.
+UNQUANTIZED_BITS = 16
 #: Bits added by each doubling gate: 2 → 4 adds 2, 4 → 8 adds 4, ...
 _BIT_STEPS = {4: 2.0, 8: 4.0, 16: 8.0, 32: 16.0}
 
@@ -164,9 +166,10 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     def rank_mask(self, adapter: str) -> Tensor:
         """m ∈ [0, 1]^r: m_1 = 1, m_k = z_1·…·z_{k−1} (all ones in the open phase)."""
         logits = self.blora_rank[adapter]
+        first = torch.ones(1, device=logits.device, dtype=logits.dtype)  # the first component is always kept
         if self.phase == "open":
-            return torch.ones(logits.shape[0] + 1, device=logits.device, dtype=logits.dtype)
-        return torch.cat([torch.ones_like(logits[:1]), nested(self._gates(logits, adapter))])
+            return first.expand(logits.shape[0] + 1)
+        return torch.cat([first, nested(self._gates(logits, adapter))])
 
     def quantize(self, name: str, value: Tensor, adapter: str) -> Tensor:
         """``value`` through the gated quantizer of tensor ``name`` (identity in the open phase)."""
@@ -184,17 +187,18 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         """The active adapter that quantizes the base path, if any."""
         return next((a for a in self.active_adapters if self._has(a) and self.quantize_base[a]), None)
 
+    def layer_input(self, x: Tensor) -> Tensor:
+        """Q_x(x) when an active adapter quantizes the base path (one gate sample for both paths)."""
+        adapter = self._base_quantizer()
+        return x if adapter is None else self.quantize("x", x, adapter)
+
     def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Q_W(W0)·x when an active adapter quantizes the base path (x is already Q_x(x))."""
         adapter = self._base_quantizer()
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight = self.quantize("W", base.weight, adapter)  # (m, n)
-        return F.linear(self.quantize("x", x, adapter), weight, base.bias)
-
-    def adapter_input(self, x: Tensor, adapter: str) -> Tensor:
-        quantizer = self._base_quantizer()
-        return x if quantizer is None else self.quantize("x", x, quantizer)
+        return F.linear(x, self.quantize("W", base.weight, adapter), base.bias)  # (m, n) weight
 
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         A = self.quantize("A", self.blora_A[adapter], adapter)  # (r, n)
@@ -226,7 +230,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         if any(self.quantize_base.get(a, False) for a in (adapter_names or self.active_adapters)):
             raise ValueError(
                 "A B-LoRA adapter that quantizes the base weight cannot be merged into it: the merged layer "
-                "would lose the learned base quantization. Export it instead (bayeslora export)."
+                "would lose the learned base quantization. Keep it as an adapter (load it after import bayeslora)."
             )
         super().merge(safe_merge, adapter_names)
 
@@ -238,11 +242,11 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         return 1 + prefix_length(deterministic_gates(logits, self.gate_temperature[adapter]))
 
     def learned_bits(self, adapter: str) -> dict[str, int]:
-        """The bit-width of every quantized tensor (deterministic gates; 32 in the open phase)."""
+        """The bit-width of every quantized tensor (deterministic gates; 16 in the open phase)."""
         found = {}
         for name in self.quantized_tensors(adapter):
-            if self.phase == "open":
-                found[name] = 32
+            if self.phase == "open":  # nothing quantized: counted at the 16 bits of the BOPs convention
+                found[name] = UNQUANTIZED_BITS
                 continue
             logits = getattr(self, f"blora_{name}_bits")[adapter]
             gates = deterministic_gates(logits, self.gate_temperature[adapter])

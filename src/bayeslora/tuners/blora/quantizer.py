@@ -12,8 +12,9 @@ doubling, each step gated:
 Rounding uses the straight-through estimator (the gradient of ⌊v⌉ is taken as 1), so x_q is
 differentiable in x (inside the range), in the range ends (through clipping and the steps) and in the
 gates. With binary gates the chain equals direct rounding on the finest active grid,
-``lo + s_b·⌊(x − lo)/s_b⌉``, which is what evaluation and export compute: a b-bit tensor then takes at
-most 2^b distinct values, because the range clips it.
+``lo + s_b·⌊(x − lo)/s_b⌉`` (up to ties, and at 16 bits up to float32 rounding of the residuals, which can
+move a value by one 16-bit step), which is what evaluation and export compute: a b-bit tensor then takes
+at most 2^b distinct values, because the range clips it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch import Tensor
 
 #: The bit-widths the residual quantizer can reach, smallest first.
 BIT_WIDTHS = (2, 4, 8, 16, 32)
-#: The narrowest range a quantizer is given when its tensor is constant (a zero-initialised B).
-MIN_RANGE = 1e-6
+#: The narrowest range width, relative to 1 + |lo| (a learned range never collapses to a zero step).
+MIN_RANGE = 1e-5
 
 
 def bit_gate_widths(max_bits: int) -> tuple[int, ...]:
@@ -51,10 +52,16 @@ def _round_ste(value: Tensor) -> Tensor:
 
 
 def clip_to_range(x: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(clipped x, lo, hi)`` with ``bounds = (lo, hi)``; hi is kept above lo by at least MIN_RANGE.
-    Differentiable in x inside the range and in the bounds where x is clipped."""
+    """``(clipped x, lo, hi)`` with ``bounds = (lo, hi)``, the width kept above ``MIN_RANGE·(1 + |lo|)``
+    (relative, so that a collapsed range never makes a zero step whatever the magnitude of lo).
+    Differentiable in x inside the range and in the bounds where x is clipped.
+
+    The levels are ``lo + s_b·k``: for a range symmetric about 0, zero falls between the two middle levels
+    (a zero weight becomes ±s_b/2). Anchoring lo to a multiple of s_2 would put 0 on every grid but shift
+    the range by up to s_2/2, clipping a 32-bit tensor at the 2-bit scale; the quantizers instead start
+    after the warm-up, from ranges set on weights that have moved away from their zero initialisation."""
     lo = bounds[0]
-    hi = torch.maximum(bounds[1], lo + MIN_RANGE)
+    hi = torch.maximum(bounds[1], lo + MIN_RANGE * (1 + lo.detach().abs()))
     return torch.minimum(torch.maximum(x, lo), hi), lo, hi
 
 
@@ -91,9 +98,9 @@ def quantize_fixed(x: Tensor, bounds: Tensor, bits: int) -> Tensor:
 
 
 def integer_codes(x: Tensor, bounds: Tensor, bits: int) -> tuple[Tensor, float, float]:
-    """``(codes, lo, step)`` with ``x ≈ lo + step·codes``, codes integers in [0, 2^b − 1] (int64)."""
+    """``(codes, lo, step)`` with ``x ≈ lo + step·codes``, codes integers in [0, 2^b − 1] (int64, on the CPU)."""
     with torch.no_grad():
-        x, lo, hi = clip_to_range(x.float(), bounds.float())
+        x, lo, hi = clip_to_range(x.detach().float().cpu(), bounds.detach().float().cpu())
         s = step_size(lo, hi, bits)
         codes = torch.round((x - lo) / s).clamp(0, 2**bits - 1).long()
     return codes, float(lo), float(s)

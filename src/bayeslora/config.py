@@ -89,7 +89,7 @@ class RunConfig:
     bit_gate_init: float = _opt(3.0, "blora: initial logit of every bit-width gate (3: P(on) ≈ 0.99).")
     gate_temperature: float = _opt(2 / 3, "blora: temperature β of the hard-concrete gates.")
     gate_lambda: float = _opt(
-        0.5, "blora: weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss."
+        0.05, "blora: weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss."
     )
     gate_cost: str = _opt(
         "bops",

@@ -94,7 +94,9 @@ def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | No
     )
 
 
-def attach_adapter(model: nn.Module, config: RunConfig, task: Task, total_steps: int = 1):
+def attach_adapter(
+    model: nn.Module, config: RunConfig, task: Task, total_steps: int = 1, adapter_name: str = "default"
+):
     """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model; options
     left unset take the method's defaults). ``total_steps``: the optimizer steps of the training run (AdaLoRA
     schedules its rank budget over them)."""
@@ -106,7 +108,8 @@ def attach_adapter(model: nn.Module, config: RunConfig, task: Task, total_steps:
     check_target_modules(model, targets)
     task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
     with _quiet_peft_wrapping():
-        return get_peft_model(model, method.build_config(config, targets, task_type, total_steps)), targets
+        peft_config = method.build_config(config, targets, task_type, total_steps)
+        return get_peft_model(model, peft_config, adapter_name=adapter_name), targets
 
 
 @contextlib.contextmanager
@@ -121,11 +124,25 @@ def _quiet_peft_wrapping():
 
 
 def load_adapter(base: nn.Module, adapter_dir: str | Path):
-    """A saved adapter on ``base`` (``PeftModel.from_pretrained``), in eval mode."""
+    """A saved adapter on ``base`` (``PeftModel.from_pretrained``), in eval mode. A directory holding one
+    sub-directory per named adapter (an ensemble's members) loads them all, the first one active."""
     from peft import PeftModel
 
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_config.json").is_file():
+        names = [None]
+    else:
+        names = sorted(p.name for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
+        if not names:
+            raise FileNotFoundError(f"{adapter_dir} holds no adapter (no adapter_config.json)")
     with _quiet_peft_wrapping():
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        if names == [None]:
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
+        else:
+            model = PeftModel.from_pretrained(base, str(adapter_dir / names[0]), adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(str(adapter_dir / name), adapter_name=name)
+            model.set_adapter(names[0])
     model.eval()
     return model
 
@@ -181,7 +198,9 @@ def train(
     with new_run_dir(run_dir, config.overwrite) as run:
         transformers.set_seed(config.seed)
         model, tokenizer = _load_for(config, task, progress=progress)
-        model, targets = attach_adapter(model, config, task, total_steps(config, len(train_examples)))
+        members = ensemble_members(config)
+        steps = total_steps(config, len(train_examples))
+        model, targets = attach_adapter(model, config, task, steps, adapter_name=members[0] if members else "default")
         resolved = dataclasses.replace(
             config,
             target_modules=targets,
@@ -192,35 +211,35 @@ def train(
         )
         _write_config(run / CONFIG_FILE, resolved)
         scorer = build_scorer(task, tokenizer, config)
-        extra_loss, objective_callbacks, special_lrs = training_extras(model, config, len(train_examples))
-        memory_probe = StepMemoryProbe()
-        trainer = BayesLoraTrainer(
-            model=model,
-            args=training_arguments(config, run / "checkpoints", progress=progress),
-            train_dataset=ExampleDataset(train_examples),
-            data_collator=scorer.collate,
-            scorer=scorer,
-            extra_loss=extra_loss,
-            special_lrs=special_lrs,
-            callbacks=[*objective_callbacks, *callbacks, memory_probe, JsonlLogger(run / TRAIN_LOG)],
-        )
-        output = trainer.train()
-        model = trainer.model
+        fits = []
+        for index, member in enumerate(members or [None]):
+            seed = config.seed + index  # ensemble members differ by initialisation and data order
+            if member is not None:
+                if index > 0:
+                    transformers.set_seed(seed)
+                    model.add_adapter(member, model.peft_config[members[0]])
+                model.set_adapter(member)
+            member_config = dataclasses.replace(config, seed=seed)
+            fits.append(_fit(model, member_config, run, train_examples, scorer, callbacks, member, progress=progress))
+        model = fits[-1].model
         save_adapter(model, run / ADAPTER_DIR)
         device = next(model.parameters()).device
+        runtime = sum(fit.output.metrics.get("train_runtime", 0.0) for fit in fits)
+        steps_done = sum(fit.output.global_step for fit in fits)
         summary = {
             "task": config.task,
             "method": config.method,
             "model": config.model,
             "task_source": task.source,
             "train_examples": len(train_examples),
-            "steps": output.global_step,
-            "train_loss": output.training_loss,
-            "train_runtime_s": round(output.metrics.get("train_runtime", 0.0), 2),
-            "step_time_s": round(output.metrics.get("train_runtime", 0.0) / max(1, output.global_step), 3),
-            "step_memory_mb": None if memory_probe.peak_mib is None else round(memory_probe.peak_mib, 1),
+            "steps": steps_done,
+            **({"ensemble_members": len(members)} if members else {}),
+            "train_loss": sum(fit.output.training_loss for fit in fits) / len(fits),
+            "train_runtime_s": round(runtime, 2),
+            "step_time_s": round(runtime / max(1, steps_done), 3),
+            "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "trainable_params": _trainable_parameters(model),
+            "trainable_params": _trainable_parameters(model) * len(fits),
             "total_params": sum(p.numel() for p in model.parameters()),
             "versions": versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -231,6 +250,56 @@ def train(
         for eval_task in eval_tasks:
             _evaluate_and_write(model, tokenizer, resolved, task, eval_task, run, summary, progress=progress)
     return run_dir
+
+
+@dataclasses.dataclass
+class _Fit:
+    """What one training pass leaves: the trained model, the Trainer's output, one step's memory."""
+
+    model: nn.Module
+    output: Any
+    step_memory_mib: float | None
+
+
+def _fit(
+    model: nn.Module,
+    config: RunConfig,
+    run: Path,
+    train_examples: list,
+    scorer: Scorer,
+    callbacks: Sequence[TrainerCallback],
+    member: str | None,
+    *,
+    progress: bool,
+) -> _Fit:
+    """Train the model's active adapter with the transformers Trainer (the method's loss terms, callbacks
+    and learning rates); log lines go to ``train_log.jsonl``, tagged with the ensemble ``member``."""
+    extra_loss, objective_callbacks, special_lrs = training_extras(model, config, len(train_examples))
+    memory_probe = StepMemoryProbe()
+    trainer = BayesLoraTrainer(
+        model=model,
+        args=training_arguments(config, run / "checkpoints", progress=progress),
+        train_dataset=ExampleDataset(train_examples),
+        data_collator=scorer.collate,
+        scorer=scorer,
+        extra_loss=extra_loss,
+        special_lrs=special_lrs,
+        callbacks=[
+            *objective_callbacks,
+            *callbacks,
+            memory_probe,
+            JsonlLogger(run / TRAIN_LOG, {"member": member} if member else None),
+        ],
+    )
+    output = trainer.train()
+    return _Fit(trainer.model, output, memory_probe.peak_mib)
+
+
+def ensemble_members(config: RunConfig) -> list[str]:
+    """The adapter names of an ensemble run (``member0``, ...), or [] for other methods."""
+    if get_method(config.method).prediction != "ensemble":
+        return []
+    return [f"member{k}" for k in range(config.ensemble_size)]
 
 
 def total_steps(config: RunConfig, n_train: int) -> int:
@@ -345,6 +414,7 @@ def _evaluate_and_write(
         n_samples=n_samples,
         batch_size=batch_size or config.eval_batch_size,
         progress=progress,
+        **_prediction_options(config, n_samples),
     )
     record: dict[str, Any] = {
         "task": eval_task.name,
@@ -372,6 +442,18 @@ def _evaluate_and_write(
 
 
 ZERO_SHOT = "zero-shot"
+
+
+def _prediction_options(config: RunConfig, n_samples: int) -> dict[str, Any]:
+    """How the method's predictive distribution is drawn (see :func:`bayeslora.inference.predict`)."""
+    if config.method == ZERO_SHOT:
+        return {}
+    prediction = get_method(config.method).prediction
+    if prediction == "ensemble":
+        return {"members": ensemble_members(config), "combine": config.ensemble_combine}
+    if prediction == "dropout":
+        return {"dropout": n_samples > 0}  # --samples 0: the network without dropout
+    return {}
 
 
 def _load_for(config: RunConfig, task: Task, *, progress: bool = True):

@@ -46,7 +46,7 @@ class RunConfig:
     # --- adapter ---
     rank: int = _opt(8, "LoRA rank r.")
     alpha: float = _opt(16.0, "LoRA scaling numerator: ΔW is scaled by alpha / rank.")
-    dropout: float = _opt(0.0, "Dropout on the adapter input during training.")
+    dropout: float | None = _opt(None, "Dropout on the adapter input during training (default: mcdropout 0.1, else 0).")
     target_modules: list[str] | None = _opt(
         None,
         "Modules to adapt (names of linear layers); default per architecture (Llama: q_proj v_proj lm_head).",
@@ -104,6 +104,13 @@ class RunConfig:
     bayesian_core: bool = _opt(
         False, "blora: put Me-LoRA's Gaussian r×r core between B and A (calibrated and compressed)."
     )
+    # --- baselines ---
+    ensemble_size: int = _opt(3, "ensemble: number of LoRA members (trained with seeds seed, seed + 1, ...).")
+    ensemble_combine: str = _opt(
+        "probs",
+        "ensemble: average the members' probabilities, or their class scores (logits, as the BLoB code does).",
+        choices=("probs", "logits"),
+    )
     # --- training ---
     max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
     epochs: float = _opt(1.0, "Passes over the training set (used when --max-steps is not set).")
@@ -149,8 +156,10 @@ class RunConfig:
             problems.append(f"--rank must be a positive integer, got {self.rank}")
         if self.alpha <= 0:
             problems.append(f"--alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.ensemble_size < 1:
+            problems.append(f"--ensemble-size must be at least 1, got {self.ensemble_size}")
         if self.max_steps is not None and self.max_steps <= 0:
             problems.append(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs <= 0:
@@ -191,6 +200,7 @@ class RunConfig:
             "sigma_param",
             "kl_schedule",
             "gate_cost",
+            "ensemble_combine",
         ):
             choices = _choices(name)
             value = getattr(self, name)

@@ -40,22 +40,26 @@ def evaluate_model(
     n_samples: int = 1,
     batch_size: int = 16,
     progress: bool = True,
+    **options: Any,
 ) -> tuple[dict[str, Any], Prediction]:
     """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier, n_examples, n_samples, eval_time_s.
-    With ``n_samples > 1`` the prediction keeps each sample's probabilities."""
+    With several samples (or ensemble members) the prediction keeps each one's probabilities. ``options``:
+    MC dropout or ensemble members, see :func:`bayeslora.inference.predict`."""
     start = time.perf_counter()
+    draws = len(options["members"]) if options.get("members") else n_samples
     prediction = predict(
         model,
         scorer,
         examples,
         n_samples=n_samples,
         batch_size=batch_size,
-        keep_samples=n_samples > 1,
+        keep_samples=draws > 1,
         progress=progress,
+        **options,
     )
     elapsed = time.perf_counter() - start
     metrics: dict[str, Any] = classification_metrics(prediction.probs, prediction.labels)
-    metrics.update(n_examples=len(examples), n_samples=n_samples, eval_time_s=round(elapsed, 2))
+    metrics.update(n_examples=len(examples), n_samples=draws, eval_time_s=round(elapsed, 2))
     return metrics, prediction
 
 

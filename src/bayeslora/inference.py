@@ -9,6 +9,7 @@ costs Me-LoRA only N·B small r×r matrices. Deterministic adapters use N = 1.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_batch(model: nn.Module, scorer: Scorer, batch: Batch, n_samples: int = 1) -> tuple[Tensor, Tensor]:
+def predict_batch(
+    model: nn.Module,
+    scorer: Scorer,
+    batch: Batch,
+    n_samples: int = 1,
+    *,
+    dropout: bool = False,
+    members: Sequence[str] = (),
+    combine: str = "probs",
+) -> tuple[Tensor, Tensor]:
     """Predictive probabilities of one collated batch.
 
     Args:
@@ -55,23 +65,76 @@ def predict_batch(model: nn.Module, scorer: Scorer, batch: Batch, n_samples: int
         batch: a collated batch (moved to the model's device here).
         n_samples: posterior samples averaged, run as one pass over the batch tiled ``n_samples`` times
             (each copy of an example draws its own weights); 0 predicts with the posterior mean.
+        dropout: MC dropout: the adapters' dropout stays on in the sampled pass (each copy its own masks).
+        members: an ensemble: one pass per member adapter of the PEFT model (``n_samples`` is ignored).
+        combine: how an ensemble's members are combined: ``probs`` (mean of their softmax probabilities)
+            or ``logits`` (softmax of their mean class scores, as the BLoB code does).
 
     Returns:
-        ``(probs (B, C), sample_probs (max(n_samples, 1), B, C))``.
+        ``(probs (B, C), sample_probs (S, B, C))`` with S = max(n_samples, 1), or the number of members.
     """
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0 (0 = posterior mean), got {n_samples}")
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got '{combine}'")
     batch = move_batch(batch, model_device(model))
     num_examples = batch["labels"].shape[0]
+    if members:
+        logits = torch.stack([_member_logits(model, scorer, batch, member) for member in members])  # (K, B, C)
+        sample_probs = logits.softmax(-1)
+        probs = sample_probs.mean(0) if combine == "probs" else logits.mean(0).softmax(-1)
+        return probs, sample_probs
     if n_samples == 0:
         with posterior_mean():
             probs = scorer.class_logits(model, batch).float().softmax(-1)  # (B, C)
         return probs, probs[None]
     tiled = scorer.repeat(batch, n_samples) if n_samples > 1 else batch
-    with sample_copies(num_examples):
+    with sample_copies(num_examples), adapter_dropout(model, active=dropout):
         logits = scorer.class_logits(model, tiled)  # (n_samples·B, C)
     sample_probs = logits.float().softmax(-1).view(n_samples, num_examples, -1)  # (n_samples, B, C)
     return sample_probs.mean(0), sample_probs
+
+
+#: How ensemble members are combined.
+COMBINE = ("probs", "logits")
+
+
+def _member_logits(model: nn.Module, scorer: Scorer, batch: Batch, member: str) -> Tensor:
+    """Class scores (B, C) of the batch under ensemble member ``member`` (a named adapter of the model)."""
+    previous = model.active_adapter
+    model.set_adapter(member)
+    try:
+        return scorer.class_logits(model, batch).float()
+    finally:
+        model.set_adapter(previous)
+
+
+@contextmanager
+def adapter_dropout(model: nn.Module, active: bool = True) -> Iterator[None]:
+    """Within the block, the dropout modules of the model's adapter layers (PEFT LoRA's ``lora_dropout``,
+    bayeslora's ``adapter_dropout``) are in training mode, so that every forward pass draws new masks
+    (MC dropout); the rest of the model stays in evaluation mode. A no-op when ``active`` is False."""
+    modules = [
+        dropout
+        for module in model.modules()
+        for name in ("lora_dropout", "adapter_dropout")
+        if isinstance(getattr(module, name, None), nn.ModuleDict)
+        for dropout in getattr(module, name).values()
+        if isinstance(dropout, nn.Dropout)
+    ]
+    if not active:
+        yield
+        return
+    if not modules:
+        raise ValueError("MC dropout needs adapters with dropout (--dropout > 0); the model has none")
+    states = [module.training for module in modules]
+    for module in modules:
+        module.train()
+    try:
+        yield
+    finally:
+        for module, state in zip(modules, states, strict=True):
+            module.train(state)
 
 
 def _length_order(examples: Sequence[Example]) -> list[int]:
@@ -101,24 +164,31 @@ def predict(
     batch_size: int = 16,
     keep_samples: bool = False,
     progress: bool = True,
+    dropout: bool = False,
+    members: Sequence[str] = (),
+    combine: str = "probs",
 ) -> Prediction:
-    """Predictive class probabilities for ``examples`` (sample-averaged over ``n_samples``).
+    """Predictive class probabilities for ``examples`` (sample-averaged over ``n_samples``; MC dropout with
+    ``dropout``; an ensemble's ``members`` combined per ``combine``: see :func:`predict_batch`).
 
     Batches are formed by length (less padding) and the results put back in the original order.
-    ``keep_samples`` also returns the per-sample probabilities ``(n_samples, N, C)``.
+    ``keep_samples`` also returns the per-sample (or per-member) probabilities ``(S, N, C)``.
     """
     if not examples:
         raise ValueError("no examples to predict")
     was_training = model.training
     model.eval()
+    draws = len(members) if members else max(n_samples, 1)
     probs = torch.zeros(len(examples), scorer.num_classes)
-    samples = torch.zeros(max(n_samples, 1), len(examples), scorer.num_classes) if keep_samples else None
+    samples = torch.zeros(draws, len(examples), scorer.num_classes) if keep_samples else None
     labels = torch.zeros(len(examples), dtype=torch.long)
     bar = tqdm(total=len(examples), desc="evaluating", unit="ex", disable=not progress, leave=False)
     try:
         for indices in iterate_batches(examples, batch_size):
             batch = scorer.collate([examples[i] for i in indices])
-            mean, per_sample = predict_batch(model, scorer, batch, n_samples)
+            mean, per_sample = predict_batch(
+                model, scorer, batch, n_samples, dropout=dropout, members=members, combine=combine
+            )
             index = torch.tensor(indices)
             probs[index] = mean.cpu()
             labels[index] = batch["labels"]

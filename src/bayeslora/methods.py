@@ -31,6 +31,9 @@ class Method:
         default_samples: samples averaged at evaluation when ``--samples`` is not given.
         option_defaults: values of :class:`~bayeslora.config.RunConfig` options that this method sets when
             the user leaves them unset (``None``), e.g. its prior; see :meth:`resolve`.
+        prediction: how its predictive distribution is drawn: ``sample`` (posterior samples of the adapter,
+            or the one deterministic prediction), ``dropout`` (MC dropout: the adapter's dropout kept on) or
+            ``ensemble`` (one adapter per member, ``--ensemble-size`` of them, trained with seeds seed + k).
     """
 
     name: str
@@ -39,6 +42,7 @@ class Method:
     stochastic: bool | Callable[[RunConfig], bool] = False
     default_samples: int = 1
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
+    prediction: str = "sample"
 
     def resolve(self, config: RunConfig) -> RunConfig:
         """``config`` with this method's defaults filled into the options left unset (``None``), so that a
@@ -52,7 +56,9 @@ class Method:
 
     def samples(self, requested: int | None, config: RunConfig) -> int:
         """Posterior samples to average: the request, or the method's default; deterministic methods use 1
-        (their prediction is the same every time)."""
+        (their prediction is the same every time); an ensemble, its number of members."""
+        if self.prediction == "ensemble":
+            return config.ensemble_size
         if not self.is_stochastic(config):
             return 1
         return self.default_samples if requested is None else requested
@@ -87,7 +93,7 @@ def _lora_config(config: RunConfig, targets: list[str], task_type: str, total_st
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
+        lora_dropout=config.dropout or 0.0,
         target_modules=targets,
         task_type=task_type,
     )
@@ -99,7 +105,7 @@ def _melora_config(config: RunConfig, targets: list[str], task_type: str, total_
     return MeLoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
+        lora_dropout=config.dropout or 0.0,
         target_modules=targets,
         task_type=task_type,
         core=config.core,
@@ -117,7 +123,7 @@ def _blob_config(config: RunConfig, targets: list[str], task_type: str, total_st
     return BlobConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
+        lora_dropout=config.dropout or 0.0,
         target_modules=targets,
         task_type=task_type,
         init_eps=config.sigma_init,
@@ -131,7 +137,7 @@ def _blora_config(config: RunConfig, targets: list[str], task_type: str, total_s
     return BLoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
+        lora_dropout=config.dropout or 0.0,
         target_modules=targets,
         task_type=task_type,
         bayesian_core=config.bayesian_core,
@@ -159,7 +165,7 @@ def _adalora_config(config: RunConfig, targets: list[str], task_type: str, total
         init_r=math.ceil(1.5 * config.rank),
         target_r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
+        lora_dropout=config.dropout or 0.0,
         target_modules=targets,
         task_type=task_type,
         total_step=total_steps,
@@ -182,6 +188,25 @@ register_method(
         "LoRA with weight decay (1e-5 by default): the MAP baseline of the Bayesian-LoRA literature",
         _lora_config,
         option_defaults={"weight_decay": 1e-5},
+    )
+)
+register_method(
+    Method(
+        "mcdropout",
+        "MC dropout: LoRA trained with dropout (0.1 by default) kept on at evaluation, N samples averaged",
+        _lora_config,
+        stochastic=True,
+        default_samples=10,
+        option_defaults={"dropout": 0.1},
+        prediction="dropout",
+    )
+)
+register_method(
+    Method(
+        "ensemble",
+        "deep ensemble of --ensemble-size LoRA adapters (seeds seed, seed+1, ...) in one model",
+        _lora_config,
+        prediction="ensemble",
     )
 )
 register_method(

@@ -76,6 +76,13 @@ def new_run_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def has_adapter(adapter_dir: Path) -> bool:
+    """Whether ``adapter_dir`` holds a saved PEFT adapter, or one per named adapter (an ensemble's members)."""
+    if (adapter_dir / "adapter_config.json").is_file():
+        return True
+    return adapter_dir.is_dir() and any((p / "adapter_config.json").is_file() for p in adapter_dir.iterdir())
+
+
 def read_run_config(run_dir: str | Path) -> dict:
     """The ``config.yaml`` of a finished run, with a clear error if ``run_dir`` is not one."""
     run_dir = Path(run_dir)
@@ -84,7 +91,7 @@ def read_run_config(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a bayeslora run directory: {CONFIG_FILE} is missing.")
-    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+    if not has_adapter(run_dir / ADAPTER_DIR):
         raise FileNotFoundError(
             f"{run_dir} holds no trained adapter ({ADAPTER_DIR}/adapter_config.json is missing): the run did not "
             f"finish. Train it again with --overwrite."

@@ -151,15 +151,17 @@ class BayesLoraTrainer(Trainer):
 
 
 class JsonlLogger(TrainerCallback):
-    """Append each Trainer log line to a JSONL file (one object per line, with step and epoch)."""
+    """Append each Trainer log line to a JSONL file (one object per line, with step and epoch, and the fields
+    of ``tags`` such as an ensemble member)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, tags: dict[str, object] | None = None) -> None:
         self.path = Path(path)
+        self.tags = dict(tags or {})
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch}
+        record = {**self.tags, "step": state.global_step, "epoch": state.epoch}
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float) and math.isfinite(v)})
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,131 @@
+"""The baselines a reviewer asks for: MAP, MC dropout, deep ensembles (temperature scaling: test_temperature.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import bayeslora as bl
+from bayeslora.inference import adapter_dropout, predict_batch
+from bayeslora.scoring import ClozeScorer
+from bayeslora.tasks import MultipleChoiceExample
+
+QUESTIONS = [
+    MultipleChoiceExample.from_question(f"Question {i} about the sky?", ["blue", "red", "green"], i % 3)
+    for i in range(4)
+]
+
+
+def lora_model(tiny_llama, dropout: float = 0.0, adapters: tuple[str, ...] = ("default",), seed: int = 0):
+    model, tokenizer = tiny_llama
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        peft_model.add_adapter(name, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return peft_model.eval(), ClozeScorer(tokenizer, num_classes=3)
+
+
+def test_mc_dropout_samples_differ_and_collapse_to_lora_without_dropout(tiny_llama):
+    model, scorer = lora_model(tiny_llama, dropout=0.5)
+    batch = scorer.collate(QUESTIONS)
+    torch.manual_seed(0)
+    _, samples = predict_batch(model, scorer, batch, n_samples=4, dropout=True)
+    assert samples.shape == (4, 4, 3)
+    assert not torch.allclose(samples[0], samples[1])  # each copy its own masks
+    plain, _ = predict_batch(model, scorer, batch, n_samples=1)
+    again, _ = predict_batch(model, scorer, batch, n_samples=3)  # dropout off: every sample is LoRA's
+    torch.testing.assert_close(again, plain, atol=1e-6, rtol=0)
+    assert all(not m.training for m in model.modules())  # evaluation mode restored
+
+
+def test_mc_dropout_needs_dropout(tiny_llama):
+    model, _ = lora_model(tiny_llama, dropout=0.0)
+    with pytest.raises(ValueError, match="--dropout"), adapter_dropout(model):
+        pass
+
+
+def test_ensemble_of_identical_members_equals_one_member(tiny_llama):
+    model, scorer = lora_model(tiny_llama, adapters=("member0", "member1"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".member1." in name:
+                parameter.copy_(dict(model.named_parameters())[name.replace(".member1.", ".member0.")])
+    batch = scorer.collate(QUESTIONS)
+    single, _ = predict_batch(model, scorer, batch, members=("member0",))
+    for combine in ("probs", "logits"):
+        both, per_member = predict_batch(model, scorer, batch, members=("member0", "member1"), combine=combine)
+        torch.testing.assert_close(both, single, atol=1e-6, rtol=0)
+        assert per_member.shape == (2, 4, 3)
+    assert model.active_adapter == "member0"
+
+
+def test_ensemble_members_differ_and_combine_by_probabilities_or_logits(tiny_llama):
+    model, scorer = lora_model(tiny_llama, adapters=("member0", "member1"))
+    batch = scorer.collate(QUESTIONS)
+    probs, per_member = predict_batch(model, scorer, batch, members=("member0", "member1"))
+    assert not torch.allclose(per_member[0], per_member[1])
+    torch.testing.assert_close(probs, per_member.mean(0))
+    by_logits, _ = predict_batch(model, scorer, batch, members=("member0", "member1"), combine="logits")
+    expected = per_member.log().mean(0).softmax(-1)  # mean of log-softmax = mean logits up to a per-row shift
+    torch.testing.assert_close(by_logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture()
+def toy_task(tmp_path):
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(8)]
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_toy(model_dir, task, out, **options):
+    return bl.train(
+        model=str(model_dir),
+        task=str(task),
+        eval_tasks=[str(task)],
+        rank=2,
+        max_steps=4,
+        batch_size=4,
+        lr=1e-2,
+        logging_steps=2,
+        output_dir=str(out),
+        progress=False,
+        **options,
+    )
+
+
+def test_ensemble_trains_members_with_their_own_seeds_and_reloads(tiny_llama_dir, toy_task, tmp_path):
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "ensemble", method="ensemble", ensemble_size=2)
+    assert sorted(p.name for p in (run / "adapter").iterdir() if p.is_dir()) == ["member0", "member1"]
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(run / "adapter" / m / "adapter_model.safetensors")) for m in ("member0", "member1"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert {entry.get("member") for entry in log} == {"member0", "member1"}
+    metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    assert metrics["n_samples"] == 2 and metrics["steps"] == 8
+    again = bl.evaluate(run, output_dir=tmp_path / "again", progress=False)
+    assert again["accuracy"] == metrics["accuracy"] and again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+
+
+def test_map_and_mcdropout_resolve_their_defaults(tiny_llama_dir, toy_task, tmp_path):
+    import yaml
+
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "map", method="map")
+    assert yaml.safe_load((run / "config.yaml").read_text())["weight_decay"] == 1e-5
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "mcd", method="mcdropout", samples=3)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["dropout"] == 0.1
+    metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    assert metrics["n_samples"] == 3
+    mean = bl.evaluate(run, samples=0, output_dir=tmp_path / "mean", progress=False)
+    assert mean["n_samples"] == 0

@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command line: train | eval | export | report | demo | env | tasks | methods.
+"""The ``bayeslora`` command line: train | eval | calibrate | export | report | demo | env | tasks | methods.
 
 ``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
 so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
@@ -106,6 +106,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .api import calibrate
+    from .report import format_table
+
+    records = calibrate(
+        args.run, task=args.task, heldout=args.heldout, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(format_table(records))
+    print(
+        f"temperature T = {records[0]['temperature']:.3f}, fitted on {records[0]['temperature_examples']} "
+        f"held-out training examples"
+    )
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
@@ -193,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exporter.add_argument("--out", required=True, help="New directory to write (never overwritten).")
     exporter.set_defaults(handler=_cmd_export)
+
+    calibrator = commands.add_parser(
+        "calibrate", help="Temperature scaling of a run: fit T on held-out training data, rescale its evaluations."
+    )
+    calibrator.add_argument("--run", required=True, help="Run directory written by `bayeslora train`.")
+    calibrator.add_argument("--task", help="Only this evaluation (default: every eval/<task>/ of the run).")
+    calibrator.add_argument(
+        "--heldout", type=int, default=200, help="Training examples the run never saw that T is fitted on."
+    )
+    calibrator.add_argument("--overwrite", action="store_true", help="Replace existing eval/<task>-ts/.")
+    calibrator.set_defaults(handler=_cmd_calibrate)
 
     report = commands.add_parser("report", help="One table of every run's evaluations, and B-LoRA's bit operations.")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Run directories.")

@@ -34,6 +34,7 @@ from .base import (
     Task,
     TaskKind,
     default_cloze_context,
+    seeded_heldout,
     seeded_split,
     seeded_subset,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "default_cloze_context",
     "load_task",
     "register_task",
+    "seeded_heldout",
     "seeded_split",
     "seeded_subset",
 ]

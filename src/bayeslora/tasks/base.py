@@ -152,6 +152,20 @@ def seeded_subset(examples: Sequence, size: int | None, seed: int) -> list:
     return [examples[i] for i in order[:size]]
 
 
+def seeded_heldout(examples: Sequence, used: int | None, size: int, seed: int) -> list:
+    """The ``size`` examples that follow the first ``used`` of the seeded permutation of
+    :func:`seeded_subset`: examples a run trained on the first ``used`` never saw (e.g. to fit a
+    temperature). An error if nothing is left."""
+    if used is None or used >= len(examples):
+        raise ValueError(
+            f"no held-out examples: the run trained on all {len(examples)} training examples. Train with "
+            f"--train-size smaller than {len(examples)} to keep some for post-hoc calibration."
+        )
+    if size <= 0:
+        raise ValueError(f"the held-out size must be positive, got {size}")
+    return seeded_subset(examples, used + size, seed)[used:]
+
+
 def seeded_split(examples: Sequence, test_fraction: float, seed: int) -> tuple[list, list]:
     """Split ``examples`` deterministically into (train, test) with a seeded permutation."""
     order = list(range(len(examples)))

@@ -1,0 +1,74 @@
+"""Temperature scaling: never raises the held-out NLL it was fitted on, never changes accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bayeslora.metrics import classification_metrics
+from bayeslora.temperature import fit_temperature, scaled
+
+
+def nll(probs, labels):
+    return float(F.nll_loss(probs.double().clamp_min(1e-300).log(), labels))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), sharpness=st.floats(0.2, 8.0), classes=st.integers(2, 5))
+def test_fitted_temperature_never_raises_nll_and_keeps_accuracy(seed, sharpness, classes):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(60, classes, generator=generator) * sharpness
+    labels = torch.randint(0, classes, (60,), generator=generator)
+    probs = logits.softmax(-1)
+    temperature = fit_temperature(probs, labels)
+    after = scaled(probs, temperature)
+    assert temperature > 0
+    assert nll(after, labels) <= nll(probs, labels) + 1e-9
+    assert torch.equal(after.argmax(-1), probs.argmax(-1))
+
+
+def test_temperature_recovers_a_known_overconfidence():
+    torch.manual_seed(0)
+    true_logits = torch.randn(4000, 4)
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    overconfident = (3.0 * true_logits).softmax(-1)  # the calibrated model sharpened 3x
+    temperature = fit_temperature(overconfident, labels)
+    assert abs(temperature - 3.0) < 0.25
+    before = classification_metrics(overconfident, labels)
+    after = classification_metrics(scaled(overconfident, temperature), labels)
+    assert after["ece"] < before["ece"] / 2 and after["accuracy"] == before["accuracy"]
+
+
+def test_missing_choices_stay_impossible():
+    probs = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.5, 0.3]])
+    out = scaled(probs, 2.0)
+    assert out[0, 2] == 0 and torch.allclose(out.sum(-1), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(out[1], (probs[1].double().log() / 2).softmax(-1))
+
+
+def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from bayeslora.cli import main
+
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    common = ["--model", str(tiny_llama_dir), "--task", str(task), "--eval-tasks", str(task), "--rank", "2"]
+    assert main(["--quiet", "train", *common, "--max-steps", "6", "--batch-size", "4", "--lr", "1e-2",
+                 "--train-size", "8", "--output-dir", str(run)]) == 0  # fmt: skip
+    assert main(["--quiet", "calibrate", "--run", str(run), "--heldout", "12"]) == 0
+    before = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    after = json.loads((run / "eval" / "toy-ts" / "metrics.json").read_text())
+    assert after["method"] == "lora+ts" and after["temperature"] > 0 and after["temperature_examples"] == 12
+    assert after["accuracy"] == before["accuracy"]
+    assert (run / "eval" / "toy-ts" / "reliability.png").is_file()
+    assert main(["--quiet", "calibrate", "--run", str(run)]) == 2  # exists: refused without --overwrite
+    assert "already exist" in capsys.readouterr().err
+    full = tmp_path / "full"
+    assert main(["--quiet", "train", *common, "--max-steps", "2", "--output-dir", str(full)]) == 0
+    assert main(["--quiet", "calibrate", "--run", str(full)]) == 2  # trained on everything: nothing held out
+    assert "--train-size" in capsys.readouterr().err

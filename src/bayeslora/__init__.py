@@ -12,7 +12,8 @@ The Python API mirrors the command line::
 """
 
 from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEFT)
-from .api import attach_adapter, build_scorer, evaluate, export, train
+from .adapters import attach_adapter, load_adapter
+from .api import build_scorer, evaluate, train
 from .bops import bops_report
 from .config import RunConfig, make_config
 from .exporters import export_lora, export_packed, load_packed
@@ -20,6 +21,7 @@ from .inference import Prediction, predict, predict_batch
 from .methods import METHODS, get_method
 from .metrics import classification_metrics
 from .models import MODEL_ALIASES, load_model, load_tokenizer
+from .posthoc import calibrate, export
 from .sampling import posterior_mean
 from .scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from .tasks import TASKS, load_task
@@ -42,12 +44,14 @@ __all__ = [
     "attach_adapter",
     "bops_report",
     "build_scorer",
+    "calibrate",
     "classification_metrics",
     "evaluate",
     "export",
     "export_lora",
     "export_packed",
     "get_method",
+    "load_adapter",
     "load_model",
     "load_packed",
     "load_task",

@@ -9,11 +9,9 @@ metrics = bl.evaluate(run, task="obqa", limit=200)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,21 +21,18 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
+from .adapters import attach_adapter, ensemble_members, load_adapter, save_adapter, trainable_parameters
 from .baselines.adalora import AdaLoraAllocation, AdaLoraOrthogonality, adalora_tuner
-from .bops import bops_report
 from .config import RunConfig, make_config
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters
-from .io import read_json, write_dir_atomic, write_json_atomic, write_text_atomic
+from .io import read_json, write_json_atomic, write_text_atomic
 from .methods import get_method
-from .models import check_target_modules, default_target_modules, load_model
+from .models import load_model
 from .objectives import bayesian_objective, variance_parameters
-from .plots import save_structure_heatmap
 from .runs import (
     ADAPTER_DIR,
-    BOPS_FILE,
     CONFIG_FILE,
-    STRUCTURE_PLOT,
     TRAIN_LOG,
     TRAIN_SUMMARY,
     RunExistsError,
@@ -46,8 +41,9 @@ from .runs import (
     read_run_config,
 )
 from .scoring import Scorer, make_scorer
+from .structure import learns_structure, structure_record, write_structure
 from .system import peak_memory_mb, versions
-from .tasks import DATA_SEED, Task, load_task, seeded_heldout, seeded_subset
+from .tasks import DATA_SEED, Task, load_task, seeded_subset
 from .training import (
     BayesLoraTrainer,
     ExampleDataset,
@@ -94,70 +90,6 @@ def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | No
     )
 
 
-def attach_adapter(
-    model: nn.Module, config: RunConfig, task: Task, total_steps: int = 1, adapter_name: str = "default"
-):
-    """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model; options
-    left unset take the method's defaults). ``total_steps``: the optimizer steps of the training run (AdaLoRA
-    schedules its rank budget over them)."""
-    from peft import get_peft_model
-
-    method = get_method(config.method)
-    config = method.resolve(config)
-    targets = config.target_modules or default_target_modules(model)
-    check_target_modules(model, targets)
-    task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
-    with _quiet_peft_wrapping():
-        peft_config = method.build_config(config, targets, task_type, total_steps)
-        return get_peft_model(model, peft_config, adapter_name=adapter_name), targets
-
-
-@contextlib.contextmanager
-def _quiet_peft_wrapping():
-    """Silence two warnings of PEFT's model wrapping that do not concern users: adapting a tied ``lm_head``
-    (SmolLM2) is intended, since the adapter acts on the output head only and never changes the shared
-    embedding matrix; and ``is_gradient_checkpointing`` is a transformers-internal deprecation."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def load_adapter(base: nn.Module, adapter_dir: str | Path):
-    """A saved adapter on ``base`` (``PeftModel.from_pretrained``), in eval mode. A directory holding one
-    sub-directory per named adapter (an ensemble's members) loads them all, the first one active."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter_config.json").is_file():
-        names = [None]
-    else:
-        names = sorted(p.name for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
-        if not names:
-            raise FileNotFoundError(f"{adapter_dir} holds no adapter (no adapter_config.json)")
-    with _quiet_peft_wrapping():
-        if names == [None]:
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
-        else:
-            model = PeftModel.from_pretrained(base, str(adapter_dir / names[0]), adapter_name=names[0])
-            for name in names[1:]:
-                model.load_adapter(str(adapter_dir / name), adapter_name=name)
-            model.set_adapter(names[0])
-    model.eval()
-    return model
-
-
-def save_adapter(model: nn.Module, path: Path) -> None:
-    """Save the PEFT adapter to ``path`` atomically. Only adapter weights are written: the base model's
-    embeddings are never changed (LoRA on a tied ``lm_head`` leaves the shared matrix as it is), so PEFT's
-    habit of saving whole embedding matrices when an embedding-tied layer is adapted is turned off."""
-    write_dir_atomic(path, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
-
-
-def _trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def train(
     config: RunConfig | None = None,
     *,
@@ -197,7 +129,7 @@ def train(
 
     with new_run_dir(run_dir, config.overwrite) as run:
         transformers.set_seed(config.seed)
-        model, tokenizer = _load_for(config, task, progress=progress)
+        model, tokenizer = load_base(config, task, progress=progress)
         members = ensemble_members(config)
         steps = total_steps(config, len(train_examples))
         model, targets = attach_adapter(model, config, task, steps, adapter_name=members[0] if members else "default")
@@ -239,7 +171,7 @@ def train(
             "step_time_s": round(runtime / max(1, steps_done), 3),
             "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "trainable_params": _trainable_parameters(model) * len(fits),
+            "trainable_params": trainable_parameters(model) * len(fits),
             "total_params": sum(p.numel() for p in model.parameters()),
             "versions": versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -295,13 +227,6 @@ def _fit(
     return _Fit(trainer.model, output, memory_probe.peak_mib)
 
 
-def ensemble_members(config: RunConfig) -> list[str]:
-    """The adapter names of an ensemble run (``member0``, ...), or [] for other methods."""
-    if get_method(config.method).prediction != "ensemble":
-        return []
-    return [f"member{k}" for k in range(config.ensemble_size)]
-
-
 def total_steps(config: RunConfig, n_train: int) -> int:
     """The optimizer steps a run takes, as the Trainer counts them: ``--max-steps``, else
     ⌈epochs · max(1, ⌈N_train / batch⌉ // accumulation)⌉ (one device)."""
@@ -333,41 +258,6 @@ def training_extras(model: nn.Module, config: RunConfig, n_train: int):
     return combine_losses(losses), callbacks, special_lrs
 
 
-def _short_name(name: str) -> str:
-    return name.removeprefix("base_model.model.")
-
-
-def learns_structure(model: nn.Module) -> bool:
-    """Whether the adapter learns its ranks or bit-widths (B-LoRA, AdaLoRA)."""
-    return blora_tuner(model) is not None or adalora_tuner(model) is not None
-
-
-def structure_record(model: nn.Module) -> dict[str, Any]:
-    """What a trained run's ``metrics.json`` adds: per-token ``bops`` (adapter, base, total and the 16-bit
-    LoRA reference, with the convention) and the ``structure`` (rank and bits of every adapted matrix:
-    learned by B-LoRA and AdaLoRA, as configured otherwise). Empty for models without adapter layers."""
-    try:
-        report = bops_report(model)
-    except ValueError:
-        return {}
-    return {
-        "bops": {key: value for key, value in report.items() if key != "layers"},
-        "structure": {
-            _short_name(layer["name"]): {"rank": layer["rank"], "bits": layer["bits"]} for layer in report["layers"]
-        },
-    }
-
-
-def write_structure(model: nn.Module, run: Path, title: str = "") -> None:
-    """``bops.json`` (per layer and in total) and ``structure.png`` (learned rank and bits heatmaps) of a run
-    that learns its structure."""
-    report = bops_report(model)
-    for layer in report["layers"]:
-        layer["name"] = _short_name(layer["name"])
-    write_json_atomic(run / BOPS_FILE, report)
-    save_structure_heatmap(run / STRUCTURE_PLOT, report["layers"], title)
-
-
 def _write_config(path: Path, config: RunConfig) -> None:
     import yaml
 
@@ -378,7 +268,7 @@ def _write_config(path: Path, config: RunConfig) -> None:
     write_text_atomic(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-def _resolve_samples(config: RunConfig, samples: int | None) -> int:
+def resolve_samples(config: RunConfig, samples: int | None) -> int:
     """Posterior samples for an evaluation: 1 for zero-shot and deterministic methods."""
     if config.method == ZERO_SHOT:
         return 1
@@ -401,7 +291,7 @@ def _evaluate_and_write(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``eval_task`` and write ``eval/<task>/`` of ``run_dir`` (or ``out_dir``)."""
-    n_samples = _resolve_samples(config, samples)
+    n_samples = resolve_samples(config, samples)
     num_classes = train_task.num_classes if eval_task.kind == "classification" else None
     scorer = build_scorer(eval_task, tokenizer, config, num_classes=num_classes)
     limit = limit if limit is not None else config.limit
@@ -414,7 +304,7 @@ def _evaluate_and_write(
         n_samples=n_samples,
         batch_size=batch_size or config.eval_batch_size,
         progress=progress,
-        **_prediction_options(config, n_samples),
+        **prediction_options(config, n_samples),
     )
     record: dict[str, Any] = {
         "task": eval_task.name,
@@ -444,7 +334,7 @@ def _evaluate_and_write(
 ZERO_SHOT = "zero-shot"
 
 
-def _prediction_options(config: RunConfig, n_samples: int) -> dict[str, Any]:
+def prediction_options(config: RunConfig, n_samples: int) -> dict[str, Any]:
     """How the method's predictive distribution is drawn (see :func:`bayeslora.inference.predict`)."""
     if config.method == ZERO_SHOT:
         return {}
@@ -456,7 +346,7 @@ def _prediction_options(config: RunConfig, n_samples: int) -> dict[str, Any]:
     return {}
 
 
-def _load_for(config: RunConfig, task: Task, *, progress: bool = True):
+def load_base(config: RunConfig, task: Task, *, progress: bool = True):
     """The base model and tokenizer of ``config`` with the head ``task`` needs."""
     return load_model(
         config.model,
@@ -521,7 +411,7 @@ def evaluate(
             f"{out_dir} already holds an evaluation. Pass --overwrite to replace it, or --output-dir to write "
             f"elsewhere."
         )
-    network, tokenizer = _load_for(config, train_task, progress=progress)
+    network, tokenizer = load_base(config, train_task, progress=progress)
     summary = None
     if run is not None:
         network = load_adapter(network, Path(run) / ADAPTER_DIR)
@@ -542,107 +432,3 @@ def evaluate(
         out_dir=out_dir,
         progress=progress,
     )
-
-
-def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Export the adapter of a run: ``to="lora"`` a plain PEFT LoRA adapter (B-LoRA truncated to its learned
-    ranks and dequantized; the posterior mean of Me-LoRA and BLoB), ``to="packed"`` B-LoRA's integer codes at
-    their learned bit-widths. Returns what was written and its size against the 16-bit LoRA adapter."""
-    from .exporters import EXPORT_FORMATS, PACKED_WEIGHTS, export_lora, export_packed, reference_lora_bytes
-
-    if to not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format '{to}': {', '.join(EXPORT_FORMATS)}")
-    out = Path(out)
-    if out.exists():
-        raise RunExistsError(f"{out} already exists; choose another --out (exports never overwrite).")
-    config = make_config(**read_run_config(run))
-    task = load_task(config.task)
-    network, _ = _load_for(config, task, progress=progress)
-    network = load_adapter(network, Path(run) / ADAPTER_DIR)
-    if to == "lora":
-        export_lora(network, out)
-        size = (out / "adapter_model.safetensors").stat().st_size
-    else:
-        export_packed(network, out)
-        size = (out / PACKED_WEIGHTS).stat().st_size  # the factors; a classifier head is stored apart
-    reference = reference_lora_bytes(network)
-    return {
-        "format": to,
-        "out": str(out),
-        "bytes": size,
-        "reference_16bit_lora_bytes": reference,
-        "ratio": size / reference,
-    }
-
-
-#: Held-out training examples a temperature is fitted on, by default.
-CALIBRATION_EXAMPLES = 200
-
-
-def calibrate(
-    run: str | Path,
-    *,
-    task: str | None = None,
-    heldout: int = CALIBRATION_EXAMPLES,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Temperature scaling of a trained run (post hoc, any method).
-
-    One temperature T is fitted on ``heldout`` training examples the run never trained on (those that follow
-    its ``--train-size`` subset in the same seeded order), predicted the way the method predicts (posterior
-    samples, MC dropout, ensemble members). The saved predictions of every evaluation of the run (or of
-    ``task``) are rescaled as softmax(log p / T) and written to ``eval/<task>-ts/`` as method
-    ``<method>+ts``. Returns the new metrics records.
-    """
-    from .evaluation import load_predictions
-    from .metrics import classification_metrics
-    from .temperature import fit_temperature, scaled
-
-    run = Path(run)
-    config = make_config(**read_run_config(run))
-    train_task = load_task(config.task)
-    sources = [eval_dir(run, task)] if task else sorted(p.parent for p in (run / "eval").glob("*/metrics.json"))
-    sources = [d for d in sources if not d.name.endswith("-ts")]
-    if not sources or not all((d / "metrics.json").is_file() for d in sources):
-        raise FileNotFoundError(
-            f"{run} has no evaluation{' on ' + task if task else ''} to calibrate; run "
-            f"`bayeslora eval --run {run}` first"
-        )
-    targets = [d.with_name(d.name + "-ts") for d in sources]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise RunExistsError(f"{', '.join(existing)} already exist(s). Pass --overwrite to replace.")
-    examples = seeded_heldout(train_task.split("train"), config.train_size, heldout, DATA_SEED)
-    network, tokenizer = _load_for(config, train_task, progress=progress)
-    network = load_adapter(network, run / ADAPTER_DIR)
-    n_samples = _resolve_samples(config, None)
-    scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
-    torch.manual_seed(config.seed)
-    _, fitted_on = evaluate_model(
-        network,
-        scorer,
-        examples,
-        n_samples=n_samples,
-        batch_size=config.eval_batch_size,
-        progress=progress,
-        **_prediction_options(config, n_samples),
-    )
-    temperature = fit_temperature(fitted_on.probs, fitted_on.labels)
-    records = []
-    for source, target in zip(sources, targets, strict=True):
-        before = read_json(source / "metrics.json")
-        prediction = load_predictions(source)
-        prediction.probs = scaled(prediction.probs, temperature).float()
-        prediction.sample_probs = None  # the temperature applies to the averaged prediction only
-        record = {
-            **before,
-            "method": f"{before['method']}+ts",
-            **classification_metrics(prediction.probs, prediction.labels),
-            "temperature": temperature,
-            "temperature_examples": len(examples),
-            "calibrated_from": str(source),
-        }
-        write_evaluation(target, record, prediction, f"{record['method']} on {before['task']} (T = {temperature:.2f})")
-        records.append(record)
-    return records

@@ -95,7 +95,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .api import export
+    from .posthoc import export
 
     written = export(args.run, args.to, args.out, progress=not args.quiet)
     print(
@@ -107,7 +107,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .api import calibrate
+    from .posthoc import calibrate
     from .report import format_table
 
     records = calibrate(

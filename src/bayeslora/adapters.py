@@ -1,0 +1,86 @@
+"""Adapters on a model: attach the method's PEFT adapter, save it, load it back (one or an ensemble's members)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from .config import RunConfig
+from .io import write_dir_atomic
+from .methods import get_method
+from .models import check_target_modules, default_target_modules
+from .tasks import Task
+
+
+def attach_adapter(
+    model: nn.Module, config: RunConfig, task: Task, total_steps: int = 1, adapter_name: str = "default"
+):
+    """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model; options
+    left unset take the method's defaults). ``total_steps``: the optimizer steps of the training run (AdaLoRA
+    schedules its rank budget over them)."""
+    from peft import get_peft_model
+
+    method = get_method(config.method)
+    config = method.resolve(config)
+    targets = config.target_modules or default_target_modules(model)
+    check_target_modules(model, targets)
+    task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
+    with _quiet_peft_wrapping():
+        peft_config = method.build_config(config, targets, task_type, total_steps)
+        return get_peft_model(model, peft_config, adapter_name=adapter_name), targets
+
+
+@contextlib.contextmanager
+def _quiet_peft_wrapping():
+    """Silence two warnings of PEFT's model wrapping that do not concern users: adapting a tied ``lm_head``
+    (SmolLM2) is intended, since the adapter acts on the output head only and never changes the shared
+    embedding matrix; and ``is_gradient_checkpointing`` is a transformers-internal deprecation."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_adapter(base: nn.Module, adapter_dir: str | Path):
+    """A saved adapter on ``base`` (``PeftModel.from_pretrained``), in eval mode. A directory holding one
+    sub-directory per named adapter (an ensemble's members) loads them all, the first one active."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_config.json").is_file():
+        names = [None]
+    else:
+        names = sorted(p.name for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
+        if not names:
+            raise FileNotFoundError(f"{adapter_dir} holds no adapter (no adapter_config.json)")
+    with _quiet_peft_wrapping():
+        if names == [None]:
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
+        else:
+            model = PeftModel.from_pretrained(base, str(adapter_dir / names[0]), adapter_name=names[0])
+            for name in names[1:]:
+                model.load_adapter(str(adapter_dir / name), adapter_name=name)
+            model.set_adapter(names[0])
+    model.eval()
+    return model
+
+
+def save_adapter(model: nn.Module, path: Path) -> None:
+    """Save the PEFT adapter to ``path`` atomically. Only adapter weights are written: the base model's
+    embeddings are never changed (LoRA on a tied ``lm_head`` leaves the shared matrix as it is), so PEFT's
+    habit of saving whole embedding matrices when an embedding-tied layer is adapted is turned off."""
+    write_dir_atomic(path, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def ensemble_members(config: RunConfig) -> list[str]:
+    """The adapter names of an ensemble run (``member0``, ...), or [] for other methods."""
+    if get_method(config.method).prediction != "ensemble":
+        return []
+    return [f"member{k}" for k in range(config.ensemble_size)]

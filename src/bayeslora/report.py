@@ -23,6 +23,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 _PERCENT = {"accuracy", "ece"}
 
+#: The comparison table of ``bayeslora report``: the standard columns plus training and evaluation time.
+REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    *COLUMNS[:10],
+    ("train s", "train_runtime_s", "{:.0f}"),
+    ("eval s", "eval_time_s", "{:.0f}"),
+    *COLUMNS[10:],
+)
+
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
@@ -73,31 +81,54 @@ def _bops_section(run: Path, report: dict[str, Any], sequence_length: int) -> li
 
 
 def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | Path | None = None) -> str:
-    """Markdown: one table of every evaluation of ``runs`` (their ``eval/*/metrics.json``), then, for B-LoRA
-    runs, their bit operations per layer and in total for ``sequence_length`` tokens. With ``out``, also
-    writes ``report.md`` and ``report.json`` there."""
+    """Markdown: per evaluation task, one table of every method of ``runs`` that was evaluated on it (their
+    ``eval/*/metrics.json``, temperature-scaled rows included) with accuracy, ECE, NLL, Brier, trainable
+    parameters, training and evaluation time; then, for runs that learn their structure, their bit
+    operations per layer and in total for ``sequence_length`` tokens. With ``out``, also writes
+    ``report.md``, ``report.json`` and per task ``reliability-<task>.png`` (every method side by side)."""
+    from .evaluation import load_predictions
     from .io import read_json, write_json_atomic, write_text_atomic
+    from .plots import save_reliability_grid
     from .runs import BOPS_FILE, EVAL_DIR
 
     if sequence_length <= 0:
         raise ValueError(f"--sequence-length must be positive, got {sequence_length}")
-    rows: list[dict[str, Any]] = []
+    evaluations: list[tuple[dict[str, Any], Path]] = []
     sections: list[str] = []
     bops: dict[str, Any] = {}
     for run in map(Path, runs):
         if not run.is_dir():
             raise FileNotFoundError(f"{run} is not a run directory")
-        found = [read_json(path) for path in sorted((run / EVAL_DIR).glob("*/metrics.json"))]
+        found = [(read_json(path), path.parent) for path in sorted((run / EVAL_DIR).glob("*/metrics.json"))]
         if not found and not (run / BOPS_FILE).is_file():
             raise ValueError(f"{run} holds no evaluation (eval/<task>/metrics.json); run `bayeslora eval --run {run}`")
-        rows += found
+        evaluations += found
         if (run / BOPS_FILE).is_file():
             bops[str(run)] = read_json(run / BOPS_FILE)
             sections += _bops_section(run, bops[str(run)], sequence_length)
-    text = "\n".join(["# bayeslora report", "", format_table(rows) if rows else "(no evaluations)", "", *sections])
+    tasks = list(dict.fromkeys(record["task"] for record, _ in evaluations))
+    parts = ["# bayeslora report", ""]
+    for task in tasks:
+        rows = [record for record, _ in evaluations if record["task"] == task]
+        parts += [f"## {task}", "", format_table(rows, REPORT_COLUMNS), ""]
+    if not tasks:
+        parts += ["(no evaluations)", ""]
+    text = "\n".join([*parts, *sections])
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        for task in tasks:
+            panels = []
+            for record, directory in evaluations:
+                if record["task"] == task:
+                    prediction = load_predictions(directory)
+                    title = f"{record['method']} (N={record.get('n_samples', 1)})"
+                    panels.append((title, prediction.probs, prediction.labels))
+            name = task.replace("/", "-").replace(":", "-")
+            save_reliability_grid(out / f"reliability-{name}.png", panels, columns=min(4, len(panels)))
         write_text_atomic(out / "report.md", text)
-        write_json_atomic(out / "report.json", {"evaluations": rows, "bops": bops, "sequence_length": sequence_length})
+        records = [record for record, _ in evaluations]
+        write_json_atomic(
+            out / "report.json", {"evaluations": records, "bops": bops, "sequence_length": sequence_length}
+        )
     return text

@@ -89,7 +89,7 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
     from .evaluation import load_predictions
     from .io import read_json, write_json_atomic, write_text_atomic
     from .plots import save_reliability_grid
-    from .runs import BOPS_FILE, EVAL_DIR
+    from .runs import BOPS_FILE, EVAL_DIR, eval_dir
 
     if sequence_length <= 0:
         raise ValueError(f"--sequence-length must be positive, got {sequence_length}")
@@ -124,8 +124,7 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
                     prediction = load_predictions(directory)
                     title = f"{record['method']} (N={record.get('n_samples', 1)})"
                     panels.append((title, prediction.probs, prediction.labels))
-            name = task.replace("/", "-").replace(":", "-")
-            save_reliability_grid(out / f"reliability-{name}.png", panels, columns=min(4, len(panels)))
+            save_reliability_grid(out / f"reliability-{eval_dir(out, task).name}.png", panels, columns=min(4, len(panels)))
         write_text_atomic(out / "report.md", text)
         records = [record for record, _ in evaluations]
         write_json_atomic(

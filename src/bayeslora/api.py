@@ -10,6 +10,7 @@ metrics = bl.evaluate(run, task="obqa", limit=200)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from transformers import TrainerCallback
 
 from .adapters import attach_adapter, ensemble_members, load_adapter, save_adapter, trainable_parameters
 from .baselines.adalora import AdaLoraAllocation, AdaLoraOrthogonality, adalora_tuner
+from .baselines.laplace import KronLaplace
 from .config import RunConfig, make_config
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters
@@ -33,6 +35,7 @@ from .objectives import bayesian_objective, variance_parameters
 from .runs import (
     ADAPTER_DIR,
     CONFIG_FILE,
+    LAPLACE_FILE,
     TRAIN_LOG,
     TRAIN_SUMMARY,
     RunExistsError,
@@ -43,7 +46,7 @@ from .runs import (
 from .scoring import Scorer, make_scorer
 from .structure import learns_structure, structure_record, write_structure
 from .system import peak_memory_mb, versions
-from .tasks import DATA_SEED, Task, load_task, seeded_subset
+from .tasks import DATA_SEED, HELDOUT_EXAMPLES, Task, load_task, seeded_heldout, seeded_subset
 from .training import (
     BayesLoraTrainer,
     ExampleDataset,
@@ -155,6 +158,9 @@ def train(
             fits.append(_fit(model, member_config, run, train_examples, scorer, callbacks, member, progress=progress))
         model = fits[-1].model
         save_adapter(model, run / ADAPTER_DIR)
+        laplace = {}
+        if get_method(config.method).prediction == "laplace":
+            laplace = fit_laplace(model, config, scorer, task, train_examples, run)
         device = next(model.parameters()).device
         runtime = sum(fit.output.metrics.get("train_runtime", 0.0) for fit in fits)
         steps_done = sum(fit.output.global_step for fit in fits)
@@ -173,6 +179,7 @@ def train(
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "trainable_params": trainable_parameters(model) * len(fits),
             "total_params": sum(p.numel() for p in model.parameters()),
+            **laplace,
             "versions": versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -304,7 +311,7 @@ def _evaluate_and_write(
         n_samples=n_samples,
         batch_size=batch_size or config.eval_batch_size,
         progress=progress,
-        **prediction_options(config, n_samples),
+        **prediction_options(config, n_samples, run_dir),
     )
     record: dict[str, Any] = {
         "task": eval_task.name,
@@ -334,8 +341,9 @@ def _evaluate_and_write(
 ZERO_SHOT = "zero-shot"
 
 
-def prediction_options(config: RunConfig, n_samples: int) -> dict[str, Any]:
-    """How the method's predictive distribution is drawn (see :func:`bayeslora.inference.predict`)."""
+def prediction_options(config: RunConfig, n_samples: int, run_dir: Path | None = None) -> dict[str, Any]:
+    """How the method's predictive distribution is drawn (see :func:`bayeslora.inference.predict`); a
+    Laplace run's posterior is read from ``run_dir``."""
     if config.method == ZERO_SHOT:
         return {}
     prediction = get_method(config.method).prediction
@@ -343,7 +351,37 @@ def prediction_options(config: RunConfig, n_samples: int) -> dict[str, Any]:
         return {"members": ensemble_members(config), "combine": config.ensemble_combine}
     if prediction == "dropout":
         return {"dropout": n_samples > 0}  # --samples 0: the network without dropout
+    if prediction == "laplace" and n_samples > 0:  # --samples 0: the trained LoRA (the posterior mode)
+        if run_dir is None or not (Path(run_dir) / LAPLACE_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir} holds no Laplace posterior ({LAPLACE_FILE}); train the run again")
+        laplace = KronLaplace.load(Path(run_dir) / LAPLACE_FILE)
+        return {
+            "sampler": functools.partial(
+                laplace.predict_batch, predictive=config.laplace_predictive, n_samples=n_samples
+            )
+        }
     return {}
+
+
+def fit_laplace(model: nn.Module, config: RunConfig, scorer: Scorer, task: Task, train_examples: list, run: Path):
+    """Fit the K-FAC Laplace posterior of a trained LoRA on its training examples, choose the prior precision
+    (marginal likelihood, or held-out training examples), save it as ``laplace.safetensors``; returns what
+    the training summary records."""
+    started = time.perf_counter()
+    laplace = KronLaplace.fit(
+        model, scorer, train_examples, subset=config.laplace_subset, batch_size=config.batch_size, seed=config.seed
+    )
+    if config.laplace_prior == "heldout":
+        heldout = seeded_heldout(task.split("train"), config.train_size, HELDOUT_EXAMPLES, DATA_SEED)
+        laplace.select_prior_precision_on(model, scorer, heldout, batch_size=config.batch_size)
+    else:
+        laplace.optimize_prior_precision()
+    laplace.save(run / LAPLACE_FILE)
+    return {
+        "laplace_prior_precision": laplace.prior_precision,
+        "laplace_params": laplace.num_params,
+        "laplace_fit_s": round(time.perf_counter() - started, 2),
+    }
 
 
 def load_base(config: RunConfig, task: Task, *, progress: bool = True):

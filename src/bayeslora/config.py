@@ -111,6 +111,22 @@ class RunConfig:
         "ensemble: average the members' probabilities, or their class scores (logits, as the BLoB code does).",
         choices=("probs", "logits"),
     )
+    laplace_subset: str = _opt(
+        "all",
+        "laplace: the LoRA weights under the posterior: all of them, or the last adapted module's (last-layer).",
+        choices=("all", "last"),
+    )
+    laplace_prior: str = _opt(
+        "marglik",
+        "laplace: prior precision chosen by the Laplace marginal likelihood, or by the NLL on held-out training "
+        "examples (heldout: needs --train-size below the training split's size).",
+        choices=("marglik", "heldout"),
+    )
+    laplace_predictive: str = _opt(
+        "glm",
+        "laplace: the linearised predictive (glm; exact Gaussian over class scores) or N sampled networks (nn).",
+        choices=("glm", "nn"),
+    )
     # --- training ---
     max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
     epochs: float = _opt(1.0, "Passes over the training set (used when --max-steps is not set).")
@@ -201,6 +217,9 @@ class RunConfig:
             "kl_schedule",
             "gate_cost",
             "ensemble_combine",
+            "laplace_subset",
+            "laplace_prior",
+            "laplace_predictive",
         ):
             choices = _choices(name)
             value = getattr(self, name)

@@ -46,20 +46,23 @@ def evaluate_model(
     With several samples (or ensemble members) the prediction keeps each one's probabilities. ``options``:
     MC dropout or ensemble members, see :func:`bayeslora.inference.predict`."""
     start = time.perf_counter()
-    draws = len(options["members"]) if options.get("members") else n_samples
     prediction = predict(
         model,
         scorer,
         examples,
         n_samples=n_samples,
         batch_size=batch_size,
-        keep_samples=draws > 1,
+        keep_samples=n_samples > 1 or bool(options.get("members")) or options.get("sampler") is not None,
         progress=progress,
         **options,
     )
     elapsed = time.perf_counter() - start
+    if prediction.sample_probs is not None:
+        n_samples = prediction.sample_probs.shape[0]  # ensemble members, or a custom predictive's draws
+        if n_samples == 1:  # a single predictive (Laplace's linearised one): nothing beyond probs to keep
+            prediction.sample_probs = None
     metrics: dict[str, Any] = classification_metrics(prediction.probs, prediction.labels)
-    metrics.update(n_examples=len(examples), n_samples=draws, eval_time_s=round(elapsed, 2))
+    metrics.update(n_examples=len(examples), n_samples=n_samples, eval_time_s=round(elapsed, 2))
     return metrics, prediction
 
 

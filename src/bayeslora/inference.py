@@ -8,7 +8,7 @@ costs Me-LoRA only N·B small r×r matrices. Deterministic adapters use N = 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -95,6 +95,9 @@ def predict_batch(
     return sample_probs.mean(0), sample_probs
 
 
+#: ``(model, scorer, batch) -> (probs (B, C), per-sample probs (S, B, C))``: a custom predictive.
+BatchPredictor = Callable[[nn.Module, Scorer, Batch], tuple[Tensor, Tensor]]
+
 #: How ensemble members are combined.
 COMBINE = ("probs", "logits")
 
@@ -167,9 +170,11 @@ def predict(
     dropout: bool = False,
     members: Sequence[str] = (),
     combine: str = "probs",
+    sampler: BatchPredictor | None = None,
 ) -> Prediction:
     """Predictive class probabilities for ``examples`` (sample-averaged over ``n_samples``; MC dropout with
-    ``dropout``; an ensemble's ``members`` combined per ``combine``: see :func:`predict_batch`).
+    ``dropout``; an ensemble's ``members`` combined per ``combine``: see :func:`predict_batch`; or any
+    other ``sampler(model, scorer, batch) -> (probs, per-sample probs)``, such as a Laplace posterior's).
 
     Batches are formed by length (less padding) and the results put back in the original order.
     ``keep_samples`` also returns the per-sample (or per-member) probabilities ``(S, N, C)``.
@@ -178,24 +183,31 @@ def predict(
         raise ValueError("no examples to predict")
     was_training = model.training
     model.eval()
-    draws = len(members) if members else max(n_samples, 1)
     probs = torch.zeros(len(examples), scorer.num_classes)
-    samples = torch.zeros(draws, len(examples), scorer.num_classes) if keep_samples else None
+    kept: list[tuple[Tensor, Tensor]] = []
     labels = torch.zeros(len(examples), dtype=torch.long)
     bar = tqdm(total=len(examples), desc="evaluating", unit="ex", disable=not progress, leave=False)
     try:
         for indices in iterate_batches(examples, batch_size):
             batch = scorer.collate([examples[i] for i in indices])
-            mean, per_sample = predict_batch(
-                model, scorer, batch, n_samples, dropout=dropout, members=members, combine=combine
-            )
+            if sampler is not None:
+                mean, per_sample = sampler(model, scorer, batch)
+            else:
+                mean, per_sample = predict_batch(
+                    model, scorer, batch, n_samples, dropout=dropout, members=members, combine=combine
+                )
             index = torch.tensor(indices)
             probs[index] = mean.cpu()
             labels[index] = batch["labels"]
-            if samples is not None:
-                samples[:, index] = per_sample.cpu()
+            if keep_samples:
+                kept.append((index, per_sample.cpu()))
             bar.update(len(indices))
     finally:
         bar.close()
         model.train(was_training)
+    samples = None
+    if kept:  # (S, N, C) in the original order
+        samples = torch.zeros(kept[0][1].shape[0], len(examples), scorer.num_classes)
+        for index, per_sample in kept:
+            samples[:, index] = per_sample
     return Prediction(probs=probs, labels=labels, sample_probs=samples)

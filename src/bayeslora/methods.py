@@ -33,7 +33,8 @@ class Method:
             the user leaves them unset (``None``), e.g. its prior; see :meth:`resolve`.
         prediction: how its predictive distribution is drawn: ``sample`` (posterior samples of the adapter,
             or the one deterministic prediction), ``dropout`` (MC dropout: the adapter's dropout kept on) or
-            ``ensemble`` (one adapter per member, ``--ensemble-size`` of them, trained with seeds seed + k).
+            ``ensemble`` (one adapter per member, ``--ensemble-size`` of them, trained with seeds seed + k) or
+            ``laplace`` (a K-FAC Laplace posterior fitted over the LoRA weights after training).
     """
 
     name: str
@@ -207,6 +208,16 @@ register_method(
         "deep ensemble of --ensemble-size LoRA adapters (seeds seed, seed+1, ...) in one model",
         _lora_config,
         prediction="ensemble",
+    )
+)
+register_method(
+    Method(
+        "laplace",
+        "Laplace-LoRA: LoRA, then a post-hoc K-FAC Laplace posterior over its weights (linearised predictive)",
+        _lora_config,
+        stochastic=True,
+        default_samples=10,
+        prediction="laplace",
     )
 )
 register_method(

@@ -13,7 +13,7 @@ from .config import make_config
 from .evaluation import evaluate_model, write_evaluation
 from .io import read_json
 from .runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
-from .tasks import DATA_SEED, load_task, seeded_heldout
+from .tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout
 
 
 def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -47,15 +47,11 @@ def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) 
     }
 
 
-#: Held-out training examples a temperature is fitted on, by default.
-CALIBRATION_EXAMPLES = 200
-
-
 def calibrate(
     run: str | Path,
     *,
     task: str | None = None,
-    heldout: int = CALIBRATION_EXAMPLES,
+    heldout: int = HELDOUT_EXAMPLES,
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -98,7 +94,7 @@ def calibrate(
         n_samples=n_samples,
         batch_size=config.eval_batch_size,
         progress=progress,
-        **prediction_options(config, n_samples),
+        **prediction_options(config, n_samples, run),
     )
     temperature = fit_temperature(fitted_on.probs, fitted_on.labels)
     records = []

@@ -124,7 +124,9 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
                     prediction = load_predictions(directory)
                     title = f"{record['method']} (N={record.get('n_samples', 1)})"
                     panels.append((title, prediction.probs, prediction.labels))
-            save_reliability_grid(out / f"reliability-{eval_dir(out, task).name}.png", panels, columns=min(4, len(panels)))
+            save_reliability_grid(
+                out / f"reliability-{eval_dir(out, task).name}.png", panels, columns=min(4, len(panels))
+            )
         write_text_atomic(out / "report.md", text)
         records = [record for record, _ in evaluations]
         write_json_atomic(

@@ -10,6 +10,7 @@ Layout::
       eval/<task>/         metrics.json, reliability.png, predictions.safetensors
       bops.json            B-LoRA: bit operations per layer and in total, against the 16-bit LoRA
       structure.png        B-LoRA: learned rank and bit-width per block and module
+      laplace.safetensors  Laplace-LoRA: the K-FAC posterior factors and prior precision
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ADAPTER_DIR = "adapter"
 EVAL_DIR = "eval"
 BOPS_FILE = "bops.json"
 STRUCTURE_PLOT = "structure.png"
+LAPLACE_FILE = "laplace.safetensors"
 
 
 class RunExistsError(FileExistsError):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import olmo
 from .base import (
+    HELDOUT_EXAMPLES,
     ClassificationExample,
     Example,
     MultipleChoiceExample,
@@ -42,6 +43,7 @@ from .files import TaskFileError, load_jsonl_task
 from .hub import load_hub_task
 
 __all__ = [
+    "HELDOUT_EXAMPLES",
     "TASKS",
     "ClassificationExample",
     "Example",

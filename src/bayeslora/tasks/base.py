@@ -152,6 +152,10 @@ def seeded_subset(examples: Sequence, size: int | None, seed: int) -> list:
     return [examples[i] for i in order[:size]]
 
 
+#: Held-out training examples fitted on after training (a temperature, a Laplace prior), by default.
+HELDOUT_EXAMPLES = 200
+
+
 def seeded_heldout(examples: Sequence, used: int | None, size: int, seed: int) -> list:
     """The ``size`` examples that follow the first ``used`` of the seeded permutation of
     :func:`seeded_subset`: examples a run trained on the first ``used`` never saw (e.g. to fit a

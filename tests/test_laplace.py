@@ -1,0 +1,142 @@
+"""Laplace-LoRA: K-FAC curvature, predictive variance, prior precision, linearised vs sampled predictive."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from bayeslora.baselines.laplace import KronLaplace, lora_linears
+from bayeslora.scoring import ClozeScorer
+from bayeslora.tasks import MultipleChoiceExample
+
+
+def questions(count: int, offset: int = 0):
+    return [
+        MultipleChoiceExample.from_question(f"Question {i} about colour?", ["blue", "red", "green"], i % 3)
+        for i in range(offset, offset + count)
+    ]
+
+
+@pytest.fixture()
+def lora(tiny_llama):
+    model, tokenizer = tiny_llama
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    return peft_model.eval(), ClozeScorer(tokenizer, num_classes=3)
+
+
+def total_variance(laplace, model, scorer, examples, prior=None):
+    batch = scorer.collate(examples)
+    _, projected = laplace.projected_gradients(model, scorer, batch)
+    return laplace.covariance(projected, batch["choice_mask"], prior).diagonal(dim1=1, dim2=2)
+
+
+def test_predictive_variance_is_positive_and_shrinks_with_data_and_a_tighter_prior(lora):
+    model, scorer = lora
+    probe = questions(3, offset=100)
+    few = KronLaplace.fit(model, scorer, questions(4))
+    many = KronLaplace.fit(model, scorer, questions(32))
+    variance_few = total_variance(few, model, scorer, probe, prior=1.0)
+    assert (variance_few > 0).all()
+    assert (total_variance(many, model, scorer, probe, prior=1.0) < variance_few).all()
+    assert (total_variance(few, model, scorer, probe, prior=100.0) < variance_few).all()
+
+
+def test_linearised_predictive_matches_sampled_weights_near_the_mode(lora):
+    model, scorer = lora
+    laplace = KronLaplace.fit(model, scorer, questions(16))
+    laplace.prior_precision = 2e4  # a narrow posterior: the network is close to linear over it
+    batch = scorer.collate(questions(2, offset=50))
+    logits, projected = laplace.projected_gradients(model, scorer, batch)
+    covariance = laplace.covariance(projected, batch["choice_mask"])
+    generator = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(400):
+        with laplace.sampled_weights(model, generator=generator), torch.no_grad():
+            draws.append(scorer.class_logits(model, batch).double())
+    draws = torch.stack(draws)  # (S, B, C)
+    centred = draws - draws.mean(0)
+    empirical = torch.einsum("sbi,sbj->bij", centred, centred) / (draws.shape[0] - 1)
+    std = covariance.diagonal(dim1=1, dim2=2).sqrt()
+    assert ((draws.mean(0) - logits).abs() < 0.25 * std).all()  # Monte Carlo error of 400 draws: 0.05 std
+    ratio = empirical.diagonal(dim1=1, dim2=2) / covariance.diagonal(dim1=1, dim2=2)
+    assert ((ratio > 0.8) & (ratio < 1.2)).all()  # Monte Carlo error of a variance from 400 draws: ~7%
+    torch.testing.assert_close(empirical, covariance, rtol=0, atol=0.2 * covariance.abs().max().item())
+
+
+def test_marginal_likelihood_prior_precision_is_the_grid_maximum(lora):
+    model, scorer = lora
+    laplace = KronLaplace.fit(model, scorer, questions(16))
+    chosen = laplace.optimize_prior_precision()
+    grid = torch.logspace(-4, 6, 401).tolist()
+    best = max(grid, key=laplace.log_marginal_likelihood)
+    assert laplace.log_marginal_likelihood(chosen) >= laplace.log_marginal_likelihood(best) - 1e-6
+    assert abs(math.log10(chosen) - math.log10(best)) < 0.05
+
+
+def test_heldout_prior_selection_and_both_predictives(lora):
+    model, scorer = lora
+    laplace = KronLaplace.fit(model, scorer, questions(16))
+    chosen = laplace.select_prior_precision_on(model, scorer, questions(6, offset=200), grid=[0.1, 10.0, 1000.0])
+    assert chosen in (0.1, 10.0, 1000.0)
+    batch = scorer.collate(questions(3, offset=300))
+    for predictive, draws in (("glm", 1), ("nn", 4)):
+        probs, per_sample = laplace.predict_batch(model, scorer, batch, predictive, n_samples=4)
+        assert per_sample.shape[0] == draws
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_save_load_round_trip_and_subsets(lora, tmp_path):
+    model, scorer = lora
+    assert len(lora_linears(model, "all")) == 8 and len(lora_linears(model, "last")) == 2
+    laplace = KronLaplace.fit(model, scorer, questions(8), subset="last")
+    laplace.prior_precision = 3.5
+    laplace.save(tmp_path / "laplace.safetensors")
+    loaded = KronLaplace.load(tmp_path / "laplace.safetensors")
+    assert loaded.prior_precision == 3.5 and loaded.subset == "last"
+    assert loaded.log_marginal_likelihood(2.0) == pytest.approx(laplace.log_marginal_likelihood(2.0))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a readable Laplace"):
+        KronLaplace.load(tmp_path / "broken.safetensors")
+
+
+def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
+    import json
+
+    import bayeslora as bl
+
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=4,
+                  batch_size=4, lr=1e-2, train_size=8, progress=False)  # fmt: skip
+    run = bl.train(method="laplace", output_dir=str(tmp_path / "glm"), **common)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["laplace_prior_precision"] > 0 and summary["laplace_params"] > 0
+    assert (run / "laplace.safetensors").is_file()
+    metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    assert metrics["method"] == "laplace" and metrics["n_samples"] == 1  # the linearised predictive
+    mode = bl.evaluate(run, samples=0, output_dir=tmp_path / "mode", progress=False)  # the trained LoRA
+    assert mode["nll"] != pytest.approx(metrics["nll"])
+    run = bl.train(
+        method="laplace",
+        laplace_prior="heldout",
+        laplace_predictive="nn",
+        laplace_subset="last",
+        samples=3,
+        output_dir=str(tmp_path / "nn"),
+        **common,
+    )
+    metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    assert metrics["n_samples"] == 3
+    assert (
+        json.loads((run / "train_summary.json").read_text())["laplace_prior_precision"]
+        in torch.logspace(-2, 6, 17).tolist()
+    )

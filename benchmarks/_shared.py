@@ -6,9 +6,11 @@ import json
 import multiprocessing
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -69,3 +71,35 @@ def run_all(
         futures = [pool.submit(worker, *configuration) for configuration in configurations]
         for future in futures:
             on_result(future.result())
+
+
+def run_benchmark(
+    worker: Callable[..., dict[str, Any]],
+    configurations: Sequence[tuple],
+    *,
+    jobs: int,
+    out: Path,
+    tag: str,
+    settings: dict[str, Any],
+    summarize: Callable[[list[dict[str, Any]]], str],
+    target_checks: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+) -> None:
+    """Run every configuration (see :func:`run_all`), keeping ``<out>/<tag>.json`` up to date after each
+    result; at the end add the target checks, write ``<tag>.md`` from ``summarize`` and print it."""
+    from bayeslora.io import write_json_atomic, write_text_atomic
+
+    started = time.time()
+    results: list[dict[str, Any]] = []
+
+    def record(result: dict[str, Any]) -> None:
+        results.append(result)
+        write_json_atomic(out / f"{tag}.json", {"settings": settings, "results": results})
+
+    run_all(worker, configurations, jobs, record)
+    write_json_atomic(
+        out / f"{tag}.json", {"settings": settings, "results": results, "targets": target_checks(results)}
+    )
+    table = summarize(results)
+    write_text_atomic(out / f"{tag}.md", table)
+    print(table)
+    print(f"took {(time.time() - started) / 60:.1f} min")

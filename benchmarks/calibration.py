@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import Variant, mean_std, parse_variant, run_all
+from _shared import Variant, mean_std, parse_variant, run_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration"
 DEFAULT_VARIANTS = ("lora", "blob", "melora")
@@ -295,23 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     settings["variants"] = [vars(v) for v in variants]
     configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]
 
-    from bayeslora.io import write_json_atomic, write_text_atomic
-
-    started = time.time()
-    results: list[dict[str, Any]] = []
-
-    def record(result: dict[str, Any]) -> None:
-        results.append(result)
-        write_json_atomic(args.out / f"{args.tag}.json", {"settings": settings, "results": results})
-
-    run_all(run_one, [(*configuration, settings) for configuration in configurations], args.jobs, record)
-    write_json_atomic(
-        args.out / f"{args.tag}.json", {"settings": settings, "results": results, "targets": target_checks(results)}
+    run_benchmark(
+        run_one,
+        [(*configuration, settings) for configuration in configurations],
+        jobs=args.jobs,
+        out=args.out,
+        tag=args.tag,
+        settings=settings,
+        summarize=lambda results: summarize(results, settings, variants),
+        target_checks=target_checks,
     )
-    table = summarize(results, settings, variants)
-    write_text_atomic(args.out / f"{args.tag}.md", table)
-    print(table)
-    print(f"took {(time.time() - started) / 60:.1f} min")
     return 0
 
 

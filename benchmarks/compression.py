@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import Variant, mean_std, parse_variant, run_all
+from _shared import Variant, mean_std, parse_variant, run_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compression"
 DEFAULT_VARIANTS = (
@@ -236,23 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds
     ]
 
-    from bayeslora.io import write_json_atomic, write_text_atomic
-
-    started = time.time()
-    results: list[dict[str, Any]] = []
-
-    def record(result: dict[str, Any]) -> None:
-        results.append(result)
-        write_json_atomic(args.out / f"{args.tag}.json", {"settings": settings, "results": results})
-
-    run_all(run_one, configurations, args.jobs, record)
-    write_json_atomic(
-        args.out / f"{args.tag}.json", {"settings": settings, "results": results, "targets": target_checks(results)}
+    run_benchmark(
+        run_one,
+        configurations,
+        jobs=args.jobs,
+        out=args.out,
+        tag=args.tag,
+        settings=settings,
+        summarize=lambda results: summarize(results, settings, variants),
+        target_checks=target_checks,
     )
-    table = summarize(results, settings, variants)
-    write_text_atomic(args.out / f"{args.tag}.md", table)
-    print(table)
-    print(f"took {(time.time() - started) / 60:.1f} min")
     return 0
 
 

@@ -88,33 +88,41 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def _shared_options(config: RunConfig, targets: list[str], task_type: str) -> dict[str, Any]:
+    """The options every low-rank PEFT config takes from a run: rank, α, dropout, targets, task type."""
+    return {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout or 0.0,
+        "target_modules": targets,
+        "task_type": task_type,
+    }
+
+
+def _core_options(config: RunConfig) -> dict[str, Any]:
+    """The options of a Gaussian r×r core (Me-LoRA, and B-LoRA's Bayesian core)."""
+    return {
+        "core": config.core,
+        "core_init": config.core_init,
+        "sigma_init": config.sigma_init,
+        "sigma_param": config.sigma_param,
+        "prior_mean": config.prior_mean,
+        "prior_std": config.prior_std,
+    }
+
+
 def _lora_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout or 0.0,
-        target_modules=targets,
-        task_type=task_type,
-    )
+    return LoraConfig(**_shared_options(config, targets, task_type))
 
 
 def _melora_config(config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
     from .tuners import MeLoraConfig
 
     return MeLoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout or 0.0,
-        target_modules=targets,
-        task_type=task_type,
-        core=config.core,
-        core_init=config.core_init,
-        sigma_init=config.sigma_init,
-        sigma_param=config.sigma_param,
-        prior_mean=config.prior_mean,
-        prior_std=config.prior_std,
+        **_shared_options(config, targets, task_type),
+        **_core_options(config),
     )
 
 
@@ -122,11 +130,7 @@ def _blob_config(config: RunConfig, targets: list[str], task_type: str, total_st
     from .tuners import BlobConfig
 
     return BlobConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout or 0.0,
-        target_modules=targets,
-        task_type=task_type,
+        **_shared_options(config, targets, task_type),
         init_eps=config.sigma_init,
         prior_std=config.prior_std,
     )
@@ -136,11 +140,7 @@ def _blora_config(config: RunConfig, targets: list[str], task_type: str, total_s
     from .tuners import BLoraConfig
 
     return BLoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout or 0.0,
-        target_modules=targets,
-        task_type=task_type,
+        **_shared_options(config, targets, task_type),
         bayesian_core=config.bayesian_core,
         max_bits=config.max_bits,
         rank_gate_init=config.rank_gate_init,
@@ -148,12 +148,7 @@ def _blora_config(config: RunConfig, targets: list[str], task_type: str, total_s
         gate_temperature=config.gate_temperature,
         quantize_base=config.quantize_base,
         base_max_bits=config.base_max_bits,
-        core=config.core,
-        core_init=config.core_init,
-        sigma_init=config.sigma_init,
-        sigma_param=config.sigma_param,
-        prior_mean=config.prior_mean,
-        prior_std=config.prior_std,
+        **_core_options(config),
     )
 
 

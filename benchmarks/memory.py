@@ -29,7 +29,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,21 +44,6 @@ TARGETS = {
 }
 
 
-def peak_allocated_bytes(fn) -> int:
-    """The largest number of bytes the CPU allocator held at once while ``fn()`` ran, counting only
-    what was allocated after ``fn`` started (read from the profiler's ``[memory]`` events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max([0, *totals])
-
-
 def measure(method: str, width: int, length: int, rank: int, timed_steps: int = 7) -> dict:
     """One method at one shape, in this process (called in a fresh subprocess)."""
     import torch
@@ -67,6 +51,7 @@ def measure(method: str, width: int, length: int, rank: int, timed_steps: int = 
     from torch import nn
 
     import bayeslora  # noqa: F401  (registers the tuners)
+    from bayeslora.system import AllocationPeak
     from bayeslora.tuners import BlobConfig, MeLoraConfig
 
     torch.manual_seed(0)
@@ -114,7 +99,9 @@ def measure(method: str, width: int, length: int, rank: int, timed_steps: int = 
 
     step()  # optimizer state exists from here on, like in any step after the first
     x.grad = None
-    peak = peak_allocated_bytes(step)
+    with AllocationPeak("cpu") as probe:  # the exact allocator peak above what existed before the step
+        step()
+    peak = probe.peak_bytes
     step()
     times = []
     for _ in range(timed_steps):

@@ -9,7 +9,12 @@ methods. For each run the benchmark records:
   with the posterior mean (N = 0) and as a function of N (1, 2, 5, 10: from the saved per-sample
   probabilities, no extra passes);
 * after every epoch, the metrics of the current model (LoRA as is, Bayesian methods with their
-  posterior mean) and the mean posterior σ, to show calibration moving as the adapter over-fits.
+  posterior mean) and the mean posterior σ, to show calibration moving as the adapter over-fits;
+* a temperature-scaled row per variant ("+ TS"): one temperature fitted on ``--ts-heldout`` held-out
+  training questions the run never saw (``bayeslora calibrate``), applied to its evaluation.
+
+The baselines of the literature are variants like any other: ``--variants lora blob melora map mcdropout
+laplace ensemble``.
 
 Finished runs are reused (each writes ``benchmark.json`` last), so the script can be stopped and
 restarted; ``--jobs 2`` trains two configurations at a time with one thread each.
@@ -75,6 +80,21 @@ def _epoch_callback(config, n_samples: int, every: int = 1):
     return EpochEval()
 
 
+def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The record with its temperature-scaled row (``bayeslora calibrate``: T fitted on held-out training
+    questions the run never saw), computed once and stored in the run's ``benchmark.json``."""
+    import bayeslora as bl
+    from bayeslora.io import write_json_atomic
+
+    heldout = settings.get("ts_heldout", 0)
+    if not heldout or "ts" in record:
+        return record
+    (scaled,) = bl.calibrate(run_dir, task=record["task"], heldout=heldout, overwrite=True, progress=False)
+    record = {**record, "ts": {**_metrics_row(scaled), "temperature": scaled["temperature"]}}
+    write_json_atomic(run_dir / "benchmark.json", record)
+    return record
+
+
 def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Train + evaluate one configuration, or reuse its finished record; returns the record."""
     import bayeslora as bl
@@ -86,7 +106,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     run_dir = Path(settings["root"]) / f"{task}-{variant.name}-seed{seed}"
     record_file = run_dir / "benchmark.json"
     if record_file.is_file():
-        return read_json(record_file)
+        return _with_temperature(read_json(record_file), run_dir, settings)
     options = dict(
         model=settings["model"],
         task=task,
@@ -137,6 +157,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
             }
     record["wall_time_min"] = round((time.time() - started) / 60, 1)
     write_json_atomic(record_file, record)
+    record = _with_temperature(record, run_dir, settings)
     f = record["final"]
     print(
         f"== {task} {variant.name} seed {seed}: acc {f['accuracy']:.3f} ece {f['ece']:.3f} nll {f['nll']:.3f} "
@@ -216,6 +237,12 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
             f"{rows[0].get('trainable_params') or 0:,} | "
             f"{mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
         )
+        if all("ts" in r for r in rows):
+            temperature = mean_std([r["ts"]["temperature"] for r in rows], digits=2)
+            lines.append(
+                f"| {task} | {name} + TS (T = {temperature}) | {rows[0]['n_samples']} | "
+                f"{_cells([r['ts'] for r in rows])} | – | | |"
+            )
     checks = target_checks(results)
     if checks:
         lines += [
@@ -284,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", nargs="+", default=None)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument(
+        "--ts-heldout",
+        type=int,
+        default=200,
+        help="Temperature scaling of every run on this many held-out training questions (0: none).",
+    )
     parser.add_argument("--eval-every", type=int, default=2, help="Evaluate after every k-th epoch (and the last).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with cores / jobs threads).")
     parser.add_argument("--tag", default="default")

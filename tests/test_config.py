@@ -94,6 +94,19 @@ def test_shipped_recipes_are_valid():
             make_config(recipe)
 
 
+def test_shipped_accelerate_configs_load_and_say_how_to_launch():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"ddp-gpu", "fsdp", "deepspeed-zero2", "deepspeed-zero3"}
+    for config in configs:
+        loaded = load_config_from_file(str(config))
+        assert loaded.num_processes == 2
+        assert "accelerate launch --config_file " + str(config.relative_to(config.parents[2])) in config.read_text()
+
+
 def test_method_defaults_fill_only_the_options_left_unset():
     from bayeslora.methods import MELORA_SIGMA_LR, get_method
 

@@ -9,6 +9,7 @@ metrics = bl.evaluate(run, task="obqa", limit=200)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,10 +23,12 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback
 
+from . import distributed
 from .adapters import attach_adapter, ensemble_members, load_adapter, save_adapter, trainable_parameters
 from .baselines.adalora import AdaLoraAllocation, AdaLoraOrthogonality, adalora_tuner
 from .baselines.laplace import KronLaplace
 from .config import RunConfig, make_config
+from .distributed import PerRankSeed, barrier, is_main_process
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters
 from .io import read_json, write_json_atomic, write_text_atomic
@@ -130,7 +133,10 @@ def train(
             f"replace it (the old run is kept until the new one finishes)."
         )
 
-    with new_run_dir(run_dir, config.overwrite) as run:
+    distributed.start()
+    main = is_main_process()  # on several processes, only the main one writes (see bayeslora.distributed)
+    with new_run_dir(run_dir, config.overwrite) if main else contextlib.nullcontext(run_dir) as run:
+        barrier()  # the run directory exists from here on, for every process
         transformers.set_seed(config.seed)
         model, tokenizer = load_base(config, task, progress=progress)
         members = ensemble_members(config)
@@ -144,7 +150,8 @@ def train(
             overwrite=False,
             eval_tasks=eval_names,
         )
-        _write_config(run / CONFIG_FILE, resolved)
+        if main:
+            _write_config(run / CONFIG_FILE, resolved)
         scorer = build_scorer(task, tokenizer, config)
         fits = []
         for index, member in enumerate(members or [None]):
@@ -157,6 +164,8 @@ def train(
             member_config = dataclasses.replace(config, seed=seed)
             fits.append(_fit(model, member_config, run, train_examples, scorer, callbacks, member, progress=progress))
         model = fits[-1].model
+        if not main:
+            return run_dir
         save_adapter(model, run / ADAPTER_DIR)
         laplace = {}
         if get_method(config.method).prediction == "laplace":
@@ -227,6 +236,7 @@ def _fit(
             *objective_callbacks,
             *callbacks,
             memory_probe,
+            PerRankSeed(),
             JsonlLogger(run / TRAIN_LOG, {"member": member} if member else None),
         ],
     )

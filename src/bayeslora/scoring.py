@@ -115,8 +115,11 @@ class Scorer(ABC):
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:
-    """Whether the underlying transformers model's forward takes ``argument`` (PEFT wrappers unwrapped)."""
-    inner = model
+    """Whether the underlying transformers model's forward takes ``argument`` (DDP/FSDP and PEFT wrappers
+    unwrapped)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
     while hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
     return argument in inspect.signature(inner.forward).parameters

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .models import default_device
 from .scoring import Scorer
 from .system import AllocationPeak
 from .tasks import Example
@@ -215,5 +216,6 @@ def training_arguments(config, output_dir: Path, *, progress: bool = True) -> Tr
         label_names=["labels"],
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=default_device().type == "cpu",  # also what makes several CPU processes train together (gloo)
         disable_tqdm=not progress,
     )

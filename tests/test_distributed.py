@@ -1,0 +1,68 @@
+"""Training on two CPU processes (gloo) equals one process with the same global batch; only rank 0 writes;
+the KL term is counted once per example."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bayeslora.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def four_questions(tmp_path):
+    """Four questions: with a global batch of 4, every step sees all of them, whatever the sharding."""
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(4)]
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_args(model_dir, task, out, method: str, batch_size: int) -> list[str]:
+    return [
+        "--quiet", "train", "--model", str(model_dir), "--task", str(task), "--eval-tasks", str(task),
+        "--method", method, "--rank", "2", "--max-steps", "4", "--batch-size", str(batch_size), "--lr", "1e-2",
+        "--warmup-ratio", "0", "--logging-steps", "1", "--output-dir", str(out),
+    ]  # fmt: skip
+
+
+def launch_two(args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "bayeslora", *args]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, four_questions, tmp_path):
+    launch_two(train_args(tiny_llama_dir, four_questions, tmp_path / "ddp", "lora", batch_size=2))
+    assert main(train_args(tiny_llama_dir, four_questions, tmp_path / "single", "lora", batch_size=4)) == 0
+    ddp = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
+    single = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert ddp.keys() == single.keys()
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+    assert not list(tmp_path.glob("ddp.failed-*")) and not list(tmp_path.glob(".ddp.replaced-*"))
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # written once, by rank 0
+    assert json.loads((tmp_path / "ddp" / "eval" / "four" / "metrics.json").read_text())["n_examples"] == 4
+
+
+def test_bayesian_kl_uses_the_global_training_set(tiny_llama_dir, four_questions, tmp_path):
+    launch_two(train_args(tiny_llama_dir, four_questions, tmp_path / "melora", "melora", batch_size=2))
+    log = [json.loads(line) for line in (tmp_path / "melora" / "train_log.jsonl").read_text().splitlines()]
+    entry = next(r for r in log if r.get("step") == 4 and "kl" in r)
+    assert entry["kl_term"] == pytest.approx(entry["beta"] * entry["kl"] / 4, rel=1e-4)  # N = 4, not a shard's 2

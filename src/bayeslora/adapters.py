@@ -21,8 +21,11 @@ def attach_adapter(
     """Wrap ``model`` in the PEFT adapter of ``config.method`` (targets checked against the model; options
     left unset take the method's defaults). ``total_steps``: the optimizer steps of the training run (AdaLoRA
     schedules its rank budget over them)."""
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # PEFT's QLoRA preparation: frozen base, float layer norms, gradients through the embeddings
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     method = get_method(config.method)
     config = method.resolve(config)
     targets = config.target_modules or default_target_modules(model)

@@ -404,6 +404,7 @@ def load_base(config: RunConfig, task: Task, *, progress: bool = True):
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
         progress=progress,
+        quantization="4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None,
     )
 
 

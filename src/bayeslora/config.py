@@ -154,6 +154,8 @@ class RunConfig:
     overwrite: bool = _opt(False, "Replace an existing run directory (it is kept until the new run succeeds).")
     num_layers: int | None = _opt(None, "Keep only the first N transformer blocks (quick experiments, tests).")
     dtype: str = _opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.")
+    load_in_4bit: bool = _opt(False, "Load the frozen base in 4 bits (bitsandbytes NF4, QLoRA style; runs on CPU too).")
+    load_in_8bit: bool = _opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8()).")
     report_to: list[str] = _opt(["none"], "Trainer logging integrations (tensorboard, wandb, ...), or none.")
     logging_steps: int = _opt(10, "Log the training loss every N steps.")
     trust_remote_code: bool = _opt(False, "Allow models whose code lives on the Hub (off: only trusted code runs).")
@@ -234,6 +236,13 @@ class RunConfig:
             problems.append(
                 f"--gate-warmup ({self.gate_warmup}) and --gate-fix ({self.gate_fix}) must be >= 0 and sum to less "
                 f"than 1, leaving steps in which the gates learn"
+            )
+        if self.load_in_4bit and self.load_in_8bit:
+            problems.append("--load-in-4bit and --load-in-8bit exclude each other: choose one")
+        if self.quantize_base and (self.load_in_4bit or self.load_in_8bit):
+            problems.append(
+                "--quantize-base learns a quantization of a float base; the base is already quantized by "
+                "bitsandbytes (--load-in-4bit/8bit): use one or the other"
             )
         if self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules is empty")

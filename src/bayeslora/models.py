@@ -108,6 +108,7 @@ def load_model(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    quantization: str | None = None,
 ):
     """Load a base model and its tokenizer.
 
@@ -119,6 +120,8 @@ def load_model(
         dtype: ``auto`` (fp32 on CPU, bf16 on GPU) or a dtype.
         device: where to put the model; default :func:`default_device`.
         progress: show transformers' weight-loading progress bar.
+        quantization: ``4bit`` (NF4) or ``8bit`` (LLM.int8()) through bitsandbytes, computing in ``dtype``;
+            the quantized model stays where bitsandbytes puts it (``device``).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -130,6 +133,8 @@ def load_model(
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     source = resolve_model(name)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if quantization is not None:
+        kwargs.update(quantization_config=bitsandbytes_config(quantization, torch_dtype), device_map=str(device))
     try:
         with _progress_bars(progress):
             if head == "causal-lm":
@@ -150,9 +155,32 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if num_layers is not None:
         truncate_layers(model, num_layers)
-    model.to(device)
+    if quantization is None:
+        model.to(device)  # a bitsandbytes model is placed when loaded and cannot be moved
     model.eval()
     return model, tokenizer
+
+
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
+    """The transformers ``BitsAndBytesConfig`` of ``4bit`` (NF4, double quantization) or ``8bit``."""
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "Loading a base in 4 or 8 bits needs bitsandbytes: pip install 'bayeslora[quantization]'"
+        ) from error
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be 4bit or 8bit, got '{quantization}'")
 
 
 @contextlib.contextmanager

@@ -204,6 +204,11 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
             if not self._has(adapter):
                 continue
             weight = self.get_base_layer().weight
+            if not weight.is_floating_point():
+                raise ValueError(
+                    f"Cannot merge into a quantized base weight ({weight.dtype}, e.g. loaded in 4 or 8 bits): "
+                    f"merge on the float base model, or keep the adapter unmerged."
+                )
             delta = self.get_delta_weight(adapter).detach().to(weight.dtype)
             if safe_merge and not torch.isfinite(weight.data + delta).all():
                 raise ValueError(f"NaNs detected in the merged weights; adapter {adapter} seems broken")

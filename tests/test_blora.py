@@ -507,3 +507,11 @@ def test_packed_loader_rejects_corrupt_files(tmp_path):
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ValueError, match="not a readable packed"):
         load_packed(tmp_path / "packed")
+
+
+def test_saved_bayeslora_adapter_says_how_to_load_it(tmp_path):
+    from bayeslora.adapters import save_adapter
+
+    save_adapter(blora(BLoraConfig(r=2, target_modules=["q"])), tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "import bayeslora" in card and "KeyError: 'BLORA'" in card

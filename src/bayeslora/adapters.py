@@ -75,7 +75,33 @@ def save_adapter(model: nn.Module, path: Path) -> None:
     """Save the PEFT adapter to ``path`` atomically. Only adapter weights are written: the base model's
     embeddings are never changed (LoRA on a tied ``lm_head`` leaves the shared matrix as it is), so PEFT's
     habit of saving whole embedding matrices when an embedding-tied layer is adapted is turned off."""
-    write_dir_atomic(path, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
+        custom = sorted({str(c.peft_type.value) for c in model.peft_config.values()} - {"LORA", "ADALORA"})
+        if custom:  # PEFT's model card, plus how to load what PEFT alone does not know
+            card = tmp / "README.md"
+            card.write_text((card.read_text() if card.is_file() else "") + LOADING_NOTE.format(types=", ".join(custom)))
+
+    write_dir_atomic(path, write)
+
+
+#: Appended to the model card of a bayeslora adapter.
+LOADING_NOTE = """
+## Loading this adapter
+
+This is a bayeslora adapter (PEFT type {types}). PEFT learns these types when bayeslora is imported, so
+load it with `import bayeslora` first:
+
+```python
+import bayeslora  # registers Me-LoRA, BLoB and B-LoRA with PEFT
+from peft import PeftModel
+model = PeftModel.from_pretrained(base_model, "path/to/adapter")
+```
+
+Without the import PEFT stops with `KeyError: '{types}'`. `bayeslora export --to lora` turns it into a
+plain LoRA adapter (the posterior mean; B-LoRA truncated to its learned ranks) that needs no bayeslora.
+"""
 
 
 def trainable_parameters(model: nn.Module) -> int:

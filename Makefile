@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-slow lint format benchmarks clean
+.PHONY: setup demo test test-slow test-browser lint format benchmarks clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The HTML report rendered by headless Chromium (Debian's package; the test is skipped where it is missing).
+test-browser: setup
+	command -v chromium >/dev/null || apt-get install -y -q chromium
+	$(PY) -m pytest -q tests/test_html_report.py
 
 lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks

@@ -135,8 +135,9 @@ def save_structure_heatmap(path: str | Path, layers: Sequence[dict], title: str 
             top = max(layer["max_rank"] for layer in layers) if quantity == "rank" else 32
             image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0 if quantity == "rank" else 2, vmax=top)
             for (i, j), value in np.ndenumerate(grid):
-                if not np.isnan(value):
-                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white")
+                if not np.isnan(value):  # dark text on the light (high) end of viridis
+                    color = "black" if value > 0.6 * top else "white"
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color=color)
             ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
             ax.set_yticks(range(len(rows)), rows, fontsize=7)
             ax.set_title("rank" if quantity == "rank" else f"bits of {quantity}", fontsize=9)
@@ -144,6 +145,55 @@ def save_structure_heatmap(path: str | Path, layers: Sequence[dict], title: str 
         axes[0].set_ylabel("block")
         if title:
             fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _label(row: dict) -> str:
+    return f"{row['method']} ({Path(str(row.get('run', ''))).name})" if row.get("run") else str(row["method"])
+
+
+def save_accuracy_ece_scatter(path: str | Path, rows: Sequence[dict], title: str = "") -> None:
+    """Write a PNG scatter of accuracy (%) against ECE (%), one labelled point per evaluation row: up and to
+    the left is better."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.4), dpi=110)
+    try:
+        for row in rows:
+            x, y = 100 * row["ece"], 100 * row["accuracy"]
+            ax.scatter([x], [y], s=36)
+            ax.annotate(str(row["method"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("ECE (%)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title or "accuracy against calibration error", fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def save_cost_bars(path: str | Path, rows: Sequence[dict]) -> None:
+    """Write a PNG of two bar charts over the trained runs: step time (s) and the peak memory of a step
+    above the model (MiB), from their ``metrics.json`` (rows without those figures are left out)."""
+    rows = [r for r in rows if r.get("step_time_s") is not None]
+    if not rows:
+        raise ValueError("no trained runs with step time to draw")
+    labels = [_label(r) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.1 * len(rows) + 3), 3.8), dpi=110)
+    try:
+        for ax, key, unit in (
+            (axes[0], "step_time_s", "step time (s)"),
+            (axes[1], "step_memory_mb", "step memory (MiB)"),
+        ):
+            values = [r.get(key) or 0 for r in rows]
+            ax.bar(range(len(rows)), values, color="#4C72B0")
+            ax.set_xticks(range(len(rows)), labels, rotation=40, ha="right", fontsize=7)
+            ax.set_title(unit, fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")

@@ -32,7 +32,8 @@ REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """One formatted table cell (fractions shown as percentages, – when missing)."""
     value = row.get(key)
     if value is None:
         return "–"
@@ -47,7 +48,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     lines = ["| " + " | ".join(title for title, _, _ in used) + " |"]
     lines.append("|" + "|".join("---" for _ in used) + "|")
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for _, key, fmt in used) + " |")
+        lines.append("| " + " | ".join(cell(row, key, fmt) for _, key, fmt in used) + " |")
     return "\n".join(lines)
 
 
@@ -85,7 +86,8 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
     ``eval/*/metrics.json``, temperature-scaled rows included) with accuracy, ECE, NLL, Brier, trainable
     parameters, training and evaluation time; then, for runs that learn their structure, their bit
     operations per layer and in total for ``sequence_length`` tokens. With ``out``, also writes
-    ``report.md``, ``report.json`` and per task ``reliability-<task>.png`` (every method side by side)."""
+    ``report.md``, ``report.json``, per task ``reliability-<task>.png`` (every method side by side) and
+    ``accuracy-ece-<task>.png``, and a self-contained ``report.html`` with all of it."""
     from .evaluation import load_predictions
     from .io import read_json, write_json_atomic, write_text_atomic
     from .plots import save_reliability_grid
@@ -128,8 +130,36 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
                 out / f"reliability-{eval_dir(out, task).name}.png", panels, columns=min(4, len(panels))
             )
         write_text_atomic(out / "report.md", text)
+        _write_html(out, tasks, evaluations, runs, bops)
         records = [record for record, _ in evaluations]
         write_json_atomic(
             out / "report.json", {"evaluations": records, "bops": bops, "sequence_length": sequence_length}
         )
     return text
+
+
+def _write_html(out: Path, tasks: list[str], evaluations: list, runs: Sequence[str | Path], bops: dict) -> None:
+    """``report.html`` next to ``report.md``, with its figures inlined (see :mod:`bayeslora.html_report`)."""
+    from .html_report import render_html
+    from .io import write_text_atomic
+    from .plots import save_accuracy_ece_scatter, save_cost_bars
+    from .runs import STRUCTURE_PLOT, eval_dir
+
+    sections = []
+    for task in tasks:
+        rows = [record for record, _ in evaluations if record["task"] == task]
+        name = eval_dir(out, task).name
+        save_accuracy_ece_scatter(out / f"accuracy-ece-{name}.png", rows, title=f"accuracy against ECE on {task}")
+        sections.append((task, rows, out / f"reliability-{name}.png", out / f"accuracy-ece-{name}.png"))
+    trained = [record for record, _ in evaluations if record.get("step_time_s") is not None]
+    costs = None
+    if trained:
+        save_cost_bars(out / "step-cost.png", trained)
+        costs = out / "step-cost.png"
+    structures = [(str(run), Path(run) / STRUCTURE_PLOT) for run in runs if (Path(run) / STRUCTURE_PLOT).is_file()]
+    notes = [
+        f"{run}: adapter path {report['adapter_ratio']:.3f}x the 16-bit LoRA's bit operations, all adapted layers "
+        f"{report['total_ratio']:.3f}x ({report['convention']})"
+        for run, report in bops.items()
+    ]
+    write_text_atomic(out / "report.html", render_html(sections, costs, structures, notes, REPORT_COLUMNS))

@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from . import distributed
 from .adapters import attach_adapter, ensemble_members, load_adapter, save_adapter, trainable_parameters
@@ -55,6 +56,7 @@ from .training import (
     ExampleDataset,
     JsonlLogger,
     StepMemoryProbe,
+    TermsProgress,
     combine_losses,
     training_arguments,
 )
@@ -240,6 +242,9 @@ def _fit(
             JsonlLogger(run / TRAIN_LOG, {"member": member} if member else None),
         ],
     )
+    if progress:  # the progress bar also shows the loss terms
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TermsProgress())
     output = trainer.train()
     return _Fit(trainer.model, output, memory_probe.peak_mib)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from .models import default_device
 from .scoring import Scorer
@@ -167,6 +168,20 @@ class JsonlLogger(TrainerCallback):
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+
+
+class TermsProgress(ProgressCallback):
+    """The Trainer's progress bar, with the latest loss terms beside it: loss, NLL, the KL of Bayesian
+    adapters, B-LoRA's expected bit operations (relative to the 16-bit LoRA) and mean learned rank."""
+
+    SHOWN = (("loss", "loss"), ("nll", "nll"), ("kl", "kl"), ("expected_bops_ratio", "E[BOPs]"), ("rank", "rank"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {label: f"{logs[key]:.4g}" for key, label in self.SHOWN if isinstance(logs.get(key), int | float)}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
 
 
 class StepMemoryProbe(TrainerCallback):

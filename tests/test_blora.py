@@ -408,12 +408,29 @@ def trained_looking_blora(bayesian_core: bool = False):
     return model.eval()
 
 
-@pytest.mark.parametrize("bayesian_core", [False, True])
-def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, bayesian_core):
+def trained_looking(kind: str):
+    """A B-LoRA model with learned structure (``blora``, ``blora-core``), or a Me-LoRA / BLoB model with a
+    non-trivial posterior mean."""
+    if kind.startswith("blora"):
+        return trained_looking_blora(bayesian_core=kind == "blora-core")
+    from bayeslora.tuners import BlobConfig, MeLoraConfig
+
+    config = {"melora": MeLoraConfig, "blob": BlobConfig}[kind](r=3, target_modules=["q", "v"])
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLayers(), config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.split(".")[-2] in ("melora_B", "blob_B", "melora_core"):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["blora", "blora-core", "melora", "blob"])
+def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, kind):
     from bayeslora.exporters import export_lora
     from bayeslora.sampling import posterior_mean
 
-    model = trained_looking_blora(bayesian_core)
+    model = trained_looking(kind)
     x = torch.randn(2, 3, 16)
     with posterior_mean():
         expected = model(x).detach()
@@ -435,7 +452,10 @@ def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, bayesian_core
     subprocess.run([sys.executable, "-c", script], check=True)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=0)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert config["rank_pattern"]["v"] == 1 and config["r"] == 3
+    if kind.startswith("blora"):
+        assert config["rank_pattern"]["v"] == 1 and config["r"] == 3
+    else:
+        assert config["r"] == 3 and not config["rank_pattern"]
 
 
 def test_packed_export_round_trip_and_size(tmp_path):

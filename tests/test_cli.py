@@ -289,3 +289,12 @@ def test_blora_train_export_and_report_end_to_end(tmp_path, capsys):
     assert run_cli("report", str(run), "--sequence-length", "128", "--out", str(tmp_path / "report")) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| arc-easy | blora |" in report and "Bit operations" in report and "for 128 tokens" in report
+
+
+def test_export_of_a_lora_run_is_its_adapter(trained_run, tmp_path):
+    from safetensors.torch import load_file
+
+    assert run_cli("--quiet", "export", "--run", str(trained_run), "--to", "lora", "--out", str(tmp_path / "x")) == 0
+    exported = load_file(str(tmp_path / "x" / "adapter_model.safetensors"))
+    original = load_file(str(trained_run / "adapter" / "adapter_model.safetensors"))
+    assert exported.keys() == original.keys() and all(exported[k].equal(original[k]) for k in original)

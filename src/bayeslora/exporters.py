@@ -85,8 +85,18 @@ def _lora_config(
 def export_lora(
     model: nn.Module, out: str | Path, adapter: str = "default", dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Write the model's adapter as a plain PEFT LoRA adapter in ``out`` (atomically; refused if it exists)."""
+    """Write the model's adapter as a plain PEFT LoRA adapter in ``out`` (atomically; refused if it exists).
+    A PEFT LoRA (or AdaLoRA) adapter is already one, and is written as it is."""
     peft_config = model.peft_config[adapter]
+    if str(peft_config.peft_type.value) in ("LORA", "ADALORA"):
+        if len(model.peft_config) > 1:
+            raise ValueError(
+                f"the model holds {len(model.peft_config)} adapters (an ensemble): each of adapter/<member>/ is "
+                f"already a plain PEFT LoRA adapter; there is no single LoRA to export"
+            )
+        _refuse_existing(Path(out))
+        write_dir_atomic(Path(out), lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+        return Path(out)
     return _write_lora(
         lora_factors(model, adapter),
         _saved_modules(model, adapter),
@@ -273,9 +283,13 @@ def reference_lora_bytes(model: nn.Module, adapter: str = "default") -> int:
     included), measured by writing it."""
     import tempfile
 
+    from peft.tuners.lora import LoraLayer
+
     tensors = {}
     for name, module in model.named_modules():
-        if isinstance(module, BayesianLowRankLayer) and module._has(adapter):
+        adapted = module._has(adapter) if isinstance(module, BayesianLowRankLayer) else False
+        adapted = adapted or (isinstance(module, LoraLayer) and adapter in module.lora_A)
+        if adapted:
             r, key = module.r[adapter], name.removeprefix(_PREFIX)
             tensors[f"{_PREFIX}{key}.lora_A.weight"] = torch.zeros(r, module.in_features, dtype=torch.float16)
             tensors[f"{_PREFIX}{key}.lora_B.weight"] = torch.zeros(module.out_features, r, dtype=torch.float16)

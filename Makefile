@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-slow test-browser lint format benchmarks clean
+.PHONY: setup demo test test-slow test-browser test-oldest test-newest lint format benchmarks clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The fast suite at the low and the high end of the supported dependency ranges, each in its own venv
+# (requirements/oldest.txt, requirements/newest.txt; the same install order as setup).
+test-oldest test-newest: test-%:
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet torch==2.13.0
+	.venv-$*/bin/python -m pip install --quiet -c requirements/$*.txt -e ".[dev]"
+	.venv-$*/bin/python -m pip install --quiet --no-deps -r requirements/assets.txt
+	.venv-$*/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|accelerate|datasets|torchmetrics) "
+	.venv-$*/bin/python -m pytest -q
+
 # The HTML report rendered by headless Chromium (Debian's package; the test is skipped where it is missing).
 test-browser: setup
 	command -v chromium >/dev/null || apt-get install -y -q chromium
@@ -52,4 +62,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-oldest .venv-newest build dist src/*.egg-info .pytest_cache .ruff_cache

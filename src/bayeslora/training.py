@@ -103,8 +103,10 @@ class BayesLoraTrainer(Trainer):
         self.special_lrs = list(special_lrs)
         self._running: dict[str, list[float]] = defaultdict(list)
 
-    def create_optimizer(self, model=None):
-        """The Trainer's AdamW, with extra parameter groups for :attr:`special_lrs`."""
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's AdamW, with extra parameter groups for :attr:`special_lrs`. (transformers 5.0 calls it
+        without arguments, later releases with the model: both are passed through.)"""
+        model = args[0] if args else kwargs.get("model")
         if self.optimizer is None and self.special_lrs:
             opt_model = self.model if model is None else model
             special = {id(p) for params, _ in self.special_lrs for p in params}
@@ -117,7 +119,7 @@ class BayesLoraTrainer(Trainer):
             groups += [{"params": list(params), "lr": lr, "weight_decay": 0.0} for params, lr in self.special_lrs]
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
-        return super().create_optimizer(model)
+        return super().create_optimizer(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``CE(class_logits, labels)`` averaged over the batch, plus the extra terms."""

@@ -359,7 +359,7 @@ def test_gate_schedule_phases_and_range_calibration():
     schedule._enter(model, "open")
     with torch.no_grad():
         layer.blora_B["default"].fill_(0.5)
-    schedule._enter(model, "sample")  # quantization starts: B's range now covers B
+    schedule._enter(model, "sample", calibrate=True)  # quantization starts: B's range now covers B
     assert layer.phase == "sample"
     assert float(layer.blora_B_range["default"][1]) >= 0.5
 

@@ -150,31 +150,46 @@ class GateSchedule(TrainerCallback):
         self.fix = fix
         self.range_width = range_width
 
+    def warmup_steps(self, max_steps: int) -> int:
+        """How many optimizer steps the open phase lasts."""
+        return math.ceil(self.warmup * max_steps)
+
     def phase_at(self, step: int, max_steps: int) -> str:
         """The phase of optimizer step ``step`` (0-based) of ``max_steps``."""
-        if step < math.ceil(self.warmup * max_steps):
+        if step < self.warmup_steps(max_steps):
             return "open"
         if self.fix > 0 and step >= max_steps - math.ceil(self.fix * max_steps):
             return "fixed"
         return "sample"
 
-    def _enter(self, model: nn.Module, phase: str) -> None:
+    def _enter(self, model: nn.Module, phase: str, calibrate: bool = False) -> None:
+        """Put the model's B-LoRA layers in ``phase``; with ``calibrate``, first set every quantizer's range
+        from the weights as they are (when quantization starts after the open phase)."""
         tuner = blora_tuner(model)
         if tuner is None:
             return
-        layers = tuner.bayesian_layers()
-        if layers and layers[0].phase == "open" and phase != "open":  # quantization starts: ranges from now
-            for layer in layers:
+        if calibrate:
+            for layer in tuner.bayesian_layers():
                 for adapter in layer.active_adapters:
                     if layer._has(adapter):
                         layer.calibrate_ranges(adapter, self.range_width)
         tuner.set_gate_phase(phase)
 
+    def _is_open(self, model: nn.Module) -> bool:
+        tuner = blora_tuner(model)
+        layers = tuner.bayesian_layers() if tuner is not None else []
+        return bool(layers) and layers[0].phase == "open"
+
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        # the Trainer calls this before it restores a checkpoint's step: the step hook sets the right phase
         self._enter(model, self.phase_at(state.global_step, state.max_steps))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self._enter(model, self.phase_at(state.global_step, state.max_steps))
+        phase = self.phase_at(state.global_step, state.max_steps)
+        # quantization starts at exactly this step; a run resumed later keeps the ranges of its checkpoint
+        starts = self._is_open(model) and phase != "open" and state.global_step == self.warmup_steps(state.max_steps)
+        self._enter(model, phase, calibrate=starts)
 
     def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
-        self._enter(model, "sample")  # what is saved and evaluated: deterministic gates, quantized
+        # what is saved and evaluated: deterministic gates, quantized (ranges set now if never set)
+        self._enter(model, "sample", calibrate=self._is_open(model))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from .config import RunConfig, make_config
 from .distributed import PerRankSeed, barrier, is_main_process
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters
-from .io import read_json, write_json_atomic, write_text_atomic
+from .io import read_json, read_yaml, write_json_atomic, write_text_atomic
 from .methods import get_method
 from .models import load_model
 from .objectives import bayesian_objective, variance_parameters
@@ -44,6 +45,7 @@ from .runs import (
     TRAIN_SUMMARY,
     RunExistsError,
     eval_dir,
+    has_adapter,
     new_run_dir,
     read_run_config,
 )
@@ -121,6 +123,15 @@ def train(
     elif recipe or overrides:
         raise ValueError("pass either a RunConfig or recipe/overrides, not both")
     config.validate()
+    run_dir = config.resolved_output_dir()
+    checkpoint = None
+    if config.resume:  # the run's own configuration, before anything is resolved from it
+        config, checkpoint = resume_point(config, run_dir)
+    elif run_dir.exists() and not config.overwrite:  # fail before loading anything heavy
+        raise RunExistsError(
+            f"Run directory {run_dir} already exists. Choose another --output-dir, pass --overwrite to replace it "
+            f"(the old run is kept until the new one finishes), or --resume to continue an unfinished run."
+        )
     config = get_method(config.method).resolve(config)
     task = load_task(config.task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
@@ -128,16 +139,11 @@ def train(
     eval_tasks = [task if name == config.task else load_task(name) for name in eval_names]
     for eval_task in eval_tasks:
         _check_eval_task(task, eval_task)
-    run_dir = config.resolved_output_dir()
-    if run_dir.exists() and not config.overwrite:  # fail before loading anything heavy
-        raise RunExistsError(
-            f"Run directory {run_dir} already exists. Choose another --output-dir, or pass --overwrite to "
-            f"replace it (the old run is kept until the new one finishes)."
-        )
 
     distributed.start()
     main = is_main_process()  # on several processes, only the main one writes (see bayeslora.distributed)
-    with new_run_dir(run_dir, config.overwrite) if main else contextlib.nullcontext(run_dir) as run:
+    creates = main and checkpoint is None
+    with new_run_dir(run_dir, config.overwrite) if creates else contextlib.nullcontext(run_dir) as run:
         barrier()  # the run directory exists from here on, for every process
         transformers.set_seed(config.seed)
         model, tokenizer = load_base(config, task, progress=progress)
@@ -152,8 +158,10 @@ def train(
             overwrite=False,
             eval_tasks=eval_names,
         )
-        if main:
+        if main and checkpoint is None:
             _write_config(run / CONFIG_FILE, resolved)
+        if main and checkpoint is not None:
+            _truncate_log(run / TRAIN_LOG, checkpoint)
         scorer = build_scorer(task, tokenizer, config)
         fits = []
         for index, member in enumerate(members or [None]):
@@ -164,7 +172,11 @@ def train(
                     model.add_adapter(member, model.peft_config[members[0]])
                 model.set_adapter(member)
             member_config = dataclasses.replace(config, seed=seed)
-            fits.append(_fit(model, member_config, run, train_examples, scorer, callbacks, member, progress=progress))
+            fits.append(
+                _fit(
+                    model, member_config, run, train_examples, scorer, callbacks, member, checkpoint, progress=progress
+                )
+            )
         model = fits[-1].model
         if not main:
             return run_dir
@@ -219,11 +231,13 @@ def _fit(
     scorer: Scorer,
     callbacks: Sequence[TrainerCallback],
     member: str | None,
+    checkpoint: Path | None = None,
     *,
     progress: bool,
 ) -> _Fit:
     """Train the model's active adapter with the transformers Trainer (the method's loss terms, callbacks
-    and learning rates); log lines go to ``train_log.jsonl``, tagged with the ensemble ``member``."""
+    and learning rates), from ``checkpoint`` if given; log lines go to ``train_log.jsonl``, tagged with the
+    ensemble ``member``."""
     extra_loss, objective_callbacks, special_lrs = training_extras(model, config, len(train_examples))
     memory_probe = StepMemoryProbe()
     trainer = BayesLoraTrainer(
@@ -245,8 +259,70 @@ def _fit(
     if progress:  # the progress bar also shows the loss terms
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(TermsProgress())
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return _Fit(trainer.model, output, memory_probe.peak_mib)
+
+
+#: Options that say where and how a run is written, not what it computes (free to differ on --resume).
+_RUN_HANDLING = ("resume", "overwrite", "output_dir", "save_steps", "save_total_limit", "report_to", "logging_steps")
+
+
+def resume_point(config: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
+    """``(the run's stored configuration, its last checkpoint)`` for ``--resume``. Options of ``config`` that
+    differ from the defaults must agree with the stored ones (a resumed run computes what the original
+    would have); a finished run, a run without checkpoints or an ensemble cannot be resumed."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue ({CONFIG_FILE} is missing).")
+    if has_adapter(run_dir / ADAPTER_DIR):
+        raise RunExistsError(f"--resume: {run_dir} is a finished run (it has its adapter); nothing to continue.")
+    stored = make_config(**read_yaml(run_dir / CONFIG_FILE))
+    defaults = RunConfig()
+    conflicts = [
+        f"--{f.name.replace('_', '-')}: {getattr(config, f.name)!r} here, {getattr(stored, f.name)!r} in the run"
+        for f in dataclasses.fields(RunConfig)
+        if f.name not in _RUN_HANDLING
+        and getattr(config, f.name) != getattr(defaults, f.name)
+        and getattr(config, f.name) != getattr(stored, f.name)
+    ]
+    if conflicts:
+        raise ValueError(
+            "--resume continues a run as it was configured; these options differ from "
+            f"{run_dir / CONFIG_FILE}:\n  - " + "\n  - ".join(conflicts) + "\nDrop them, or start a new run."
+        )
+    if ensemble_members(stored):
+        raise ValueError("--resume of an ensemble is not supported: train it again (each member is short).")
+    last = _last_complete_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        raise FileNotFoundError(
+            f"--resume: {run_dir} has no checkpoint to continue from (train with --save-steps N to write them)."
+        )
+    given = {  # how the run is written: the stored choices, unless given again here
+        name: getattr(config, name)
+        for name in _RUN_HANDLING
+        if name not in ("output_dir", "overwrite") and getattr(config, name) != getattr(defaults, name)
+    }
+    return dataclasses.replace(stored, **given, output_dir=str(run_dir)), last
+
+
+def _last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` whose saving finished (its trainer state is written last): a process
+    killed while saving leaves an incomplete one behind, which is skipped."""
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
+    )
+    complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
+    return complete[-1] if complete else None
+
+
+def _truncate_log(path: Path, checkpoint: Path) -> None:
+    """Keep the log lines up to the checkpoint's step (a resumed run writes the later ones again)."""
+    if not path.is_file():
+        return
+    step = int(checkpoint.name.rsplit("-", 1)[-1])
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def total_steps(config: RunConfig, n_train: int) -> int:

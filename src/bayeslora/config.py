@@ -152,6 +152,13 @@ class RunConfig:
     # --- system ---
     output_dir: str | None = _opt(None, "Run directory (default: runs/<task>-<method>-seed<seed>).")
     overwrite: bool = _opt(False, "Replace an existing run directory (it is kept until the new run succeeds).")
+    save_steps: int | None = _opt(None, "Save a training checkpoint every N optimizer steps (in <run>/checkpoints).")
+    save_total_limit: int = _opt(2, "Checkpoints kept (the oldest are deleted).")
+    resume: bool = _opt(
+        False,
+        "Continue the unfinished run in --output-dir from its last checkpoint, as it was configured (options you "
+        "give must agree with its config.yaml).",
+    )
     num_layers: int | None = _opt(None, "Keep only the first N transformer blocks (quick experiments, tests).")
     dtype: str = _opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.")
     load_in_4bit: bool = _opt(False, "Load the frozen base in 4 bits (bitsandbytes NF4, QLoRA style; runs on CPU too).")
@@ -193,6 +200,12 @@ class RunConfig:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.samples is not None and self.samples < 0:
             problems.append(f"--samples must be >= 0 (0 = posterior mean), got {self.samples}")
+        if self.save_steps is not None and self.save_steps <= 0:
+            problems.append(f"--save-steps must be positive, got {self.save_steps}")
+        if self.save_total_limit <= 0:
+            problems.append(f"--save-total-limit must be positive, got {self.save_total_limit}")
+        if self.resume and self.overwrite:
+            problems.append("--resume continues a run and --overwrite replaces it: choose one")
         for name in ("train_size", "limit", "num_layers"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -210,7 +210,7 @@ class StepMemoryProbe(TrainerCallback):
 
 def training_arguments(config, output_dir: Path, *, progress: bool = True) -> TrainingArguments:
     """The ``TrainingArguments`` of a :class:`~bayeslora.config.RunConfig`: AdamW, linear warm-up then linear
-    decay, no intermediate checkpoints, seeded."""
+    decay, seeded; a checkpoint every ``save_steps`` steps (the last ``save_total_limit`` kept) if asked."""
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -225,7 +225,9 @@ def training_arguments(config, output_dir: Path, *, progress: bool = True) -> Tr
         optim="adamw_torch",
         logging_steps=config.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=config.save_total_limit,
         report_to=config.report_to,
         seed=config.seed,
         data_seed=config.seed,

@@ -1,0 +1,83 @@
+"""Interrupted runs: killed with SIGKILL in the middle of a step, resumed from the last checkpoint, they end
+with the adapter and metrics of an uninterrupted run (gate schedule, KL weight and random streams included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bayeslora as bl
+
+SLOW_RUN = r"""
+import sys, time
+from transformers import TrainerCallback
+import bayeslora as bl
+
+class Slow(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= 4:
+            time.sleep(0.5)  # room for the test to kill the process inside a step
+
+bl.train(callbacks=[Slow()], progress=False, **OPTIONS)
+"""
+
+
+@pytest.fixture()
+def options(tiny_llama_dir, tmp_path):
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(8)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dict(
+        model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="blora", bayesian_core=True,
+        rank=2, max_steps=8, batch_size=2, lr=1e-2, save_steps=2, gate_warmup=0.25, gate_fix=0.25,
+        logging_steps=1, samples=3, seed=5,
+    )  # fmt: skip
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(options, tmp_path):
+    killed = tmp_path / "killed"
+    script = SLOW_RUN.replace("**OPTIONS", f"**{dict(options, output_dir=str(killed))!r}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside step 5
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter").exists()
+
+    bl.train(output_dir=str(killed), resume=True, progress=False)
+    reference = bl.train(**options, output_dir=str(tmp_path / "reference"), progress=False)
+
+    resumed_weights = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    reference_weights = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert resumed_weights.keys() == reference_weights.keys()
+    for key in reference_weights:
+        torch.testing.assert_close(resumed_weights[key], reference_weights[key], atol=1e-5, rtol=1e-5)
+    resumed = json.loads((killed / "eval" / "toy" / "metrics.json").read_text())
+    expected = json.loads((reference / "eval" / "toy" / "metrics.json").read_text())
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-5)
+    log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))  # each step logged once
+
+
+def test_resume_refuses_what_it_cannot_continue(options, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run to continue"):
+        bl.train(output_dir=str(tmp_path / "none"), resume=True, progress=False)
+    finished = bl.train(**dict(options, max_steps=2), output_dir=str(tmp_path / "done"), progress=False)
+    with pytest.raises(FileExistsError, match="finished run"):
+        bl.train(output_dir=str(finished), resume=True, progress=False)
+    (finished / "adapter").rename(finished / "adapter-moved")  # looks unfinished now
+    with pytest.raises(ValueError, match="--rank: 4 here, 2 in the run"):
+        bl.train(output_dir=str(finished), resume=True, rank=4, progress=False)

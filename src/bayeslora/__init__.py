@@ -12,11 +12,12 @@ The Python API mirrors the command line::
 """
 
 from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEFT)
-from .adapters import attach_adapter, load_adapter
+from .adapters import AdapterFileError, attach_adapter, load_adapter
 from .api import build_scorer, evaluate, train
 from .bops import bops_report
 from .config import RunConfig, make_config
 from .exporters import export_lora, export_packed, load_packed
+from .fingerprint import AdapterMismatchError
 from .inference import Prediction, predict, predict_batch
 from .methods import METHODS, get_method
 from .metrics import classification_metrics
@@ -33,6 +34,8 @@ __all__ = [
     "METHODS",
     "MODEL_ALIASES",
     "TASKS",
+    "AdapterFileError",
+    "AdapterMismatchError",
     "BLoraConfig",
     "BlobConfig",
     "ClassificationScorer",

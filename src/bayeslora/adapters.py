@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 
 from torch import nn
 
 from .config import RunConfig
+from .fingerprint import AdapterMismatchError, check_fingerprint, write_fingerprint
 from .io import write_dir_atomic
 from .methods import get_method
 from .models import check_target_modules, default_target_modules
@@ -47,19 +49,26 @@ def _quiet_peft_wrapping():
         yield
 
 
-def load_adapter(base: nn.Module, adapter_dir: str | Path):
+def load_adapter(base: nn.Module, adapter_dir: str | Path, *, force: bool = False):
     """A saved adapter on ``base`` (``PeftModel.from_pretrained``), in eval mode. A directory holding one
-    sub-directory per named adapter (an ensemble's members) loads them all, the first one active."""
+    sub-directory per named adapter (an ensemble's members) loads them all, the first one active.
+
+    An adapter trained on another base model is refused (:class:`~bayeslora.fingerprint.AdapterMismatchError`
+    naming both), unless ``force``; truncated or corrupt files raise :class:`AdapterFileError` naming the file.
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir} does not exist: there is no adapter to load (was the run finished?)")
     if (adapter_dir / "adapter_config.json").is_file():
         names = [None]
     else:
         names = sorted(p.name for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
         if not names:
             raise FileNotFoundError(f"{adapter_dir} holds no adapter (no adapter_config.json)")
-    with _quiet_peft_wrapping():
+    check_fingerprint(base, adapter_dir, force=force)
+    with _quiet_peft_wrapping(), _named_load_errors(adapter_dir):
         if names == [None]:
             model = PeftModel.from_pretrained(base, str(adapter_dir))
         else:
@@ -71,13 +80,38 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path):
     return model
 
 
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read: truncated, corrupt, or not what its name says."""
+
+
+@contextlib.contextmanager
+def _named_load_errors(adapter_dir: Path):
+    """Turn the errors of reading damaged adapter files into messages naming the directory and the fix."""
+    from safetensors import SafetensorError
+
+    fix = "Restore the adapter from a copy, or train the run again (its config.yaml reproduces it)."
+    try:
+        yield
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"The adapter in {adapter_dir} is truncated or corrupt ({error}). {fix}") from error
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        raise AdapterMismatchError(
+            f"The adapter in {adapter_dir} does not fit this base model (its weights have other shapes: it was "
+            f"trained on another model, or the file was altered). {fix}\n{error}"
+        ) from error
+
+
 def save_adapter(model: nn.Module, path: Path) -> None:
     """Save the PEFT adapter to ``path`` atomically. Only adapter weights are written: the base model's
     embeddings are never changed (LoRA on a tied ``lm_head`` leaves the shared matrix as it is), so PEFT's
-    habit of saving whole embedding matrices when an embedding-tied layer is adapted is turned off."""
+    habit of saving whole embedding matrices when an embedding-tied layer is adapted is turned off. The base
+    model's fingerprint is saved beside it (see :mod:`bayeslora.fingerprint`)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), save_embedding_layers=False)
+        write_fingerprint(model, tmp)
         custom = sorted({str(c.peft_type.value) for c in model.peft_config.values()} - {"LORA", "ADALORA"})
         if custom:  # PEFT's model card, plus how to load what PEFT alone does not know
             card = tmp / "README.md"

@@ -264,7 +264,16 @@ def _fit(
 
 
 #: Options that say where and how a run is written, not what it computes (free to differ on --resume).
-_RUN_HANDLING = ("resume", "overwrite", "output_dir", "save_steps", "save_total_limit", "report_to", "logging_steps")
+_RUN_HANDLING = (
+    "resume",
+    "overwrite",
+    "output_dir",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "logging_steps",
+    "force_base",
+)
 
 
 def resume_point(config: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
@@ -544,7 +553,7 @@ def evaluate(
     network, tokenizer = load_base(config, train_task, progress=progress)
     summary = None
     if run is not None:
-        network = load_adapter(network, Path(run) / ADAPTER_DIR)
+        network = load_adapter(network, Path(run) / ADAPTER_DIR, force=config.force_base)
         summary_path = Path(run) / TRAIN_SUMMARY
         summary = read_json(summary_path) if summary_path.is_file() else None
     network.eval()
@@ -554,7 +563,7 @@ def evaluate(
         config,
         train_task,
         eval_task,
-        base_dir,
+        Path(run) if run is not None else base_dir,  # where the run's own files are (a Laplace posterior)
         summary,
         samples=samples,
         limit=limit,

@@ -63,6 +63,9 @@ def _print_run_metrics(run) -> None:
         print(format_table(rows))
 
 
+FORCE_BASE_HELP = "Load the adapter even onto a base model other than the one it was trained on (not advised)."
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate
     from .report import format_table
@@ -70,7 +73,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     options = {
         key: coerce_value(key, value)
         for key, value in vars(args).items()
-        if key in ("scoring", "num_layers", "max_length", "dtype", "cloze_normalization", "eval_batch_size")
+        if key
+        in ("scoring", "num_layers", "max_length", "dtype", "cloze_normalization", "eval_batch_size", "force_base")
     }
     metrics = evaluate(
         args.run,
@@ -97,7 +101,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .posthoc import export
 
-    written = export(args.run, args.to, args.out, progress=not args.quiet)
+    written = export(args.run, args.to, args.out, force_base=args.force_base, progress=not args.quiet)
     print(
         f"Exported {args.run} as {written['format']} to {written['out']}: {written['bytes']:,} bytes of tensors "
         f"({written['ratio']:.2f}x the {written['reference_16bit_lora_bytes']:,} bytes of the 16-bit LoRA of the "
@@ -111,7 +115,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .report import format_table
 
     records = calibrate(
-        args.run, task=args.task, heldout=args.heldout, overwrite=args.overwrite, progress=not args.quiet
+        args.run,
+        task=args.task,
+        heldout=args.heldout,
+        overwrite=args.overwrite,
+        force_base=args.force_base,
+        progress=not args.quiet,
     )
     print(format_table(records))
     print(
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing eval/<task>/.")
     _add_config_flags(
         evaluate,
-        only=("scoring", "cloze_normalization", "num_layers", "max_length", "dtype", "eval_batch_size"),
+        only=("scoring", "cloze_normalization", "num_layers", "max_length", "dtype", "eval_batch_size", "force_base"),
     )
     evaluate.set_defaults(handler=_cmd_eval)
 
@@ -207,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bit-widths (read back with bayeslora.exporters.load_packed).",
     )
     exporter.add_argument("--out", required=True, help="New directory to write (never overwritten).")
+    exporter.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     exporter.set_defaults(handler=_cmd_export)
 
     calibrator = commands.add_parser(
@@ -218,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--heldout", type=int, default=200, help="Training examples the run never saw that T is fitted on."
     )
     calibrator.add_argument("--overwrite", action="store_true", help="Replace existing eval/<task>-ts/.")
+    calibrator.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     calibrator.set_defaults(handler=_cmd_calibrate)
 
     report = commands.add_parser("report", help="One table of every run's evaluations, and B-LoRA's bit operations.")

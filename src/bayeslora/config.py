@@ -166,6 +166,9 @@ class RunConfig:
     report_to: list[str] = _opt(["none"], "Trainer logging integrations (tensorboard, wandb, ...), or none.")
     logging_steps: int = _opt(10, "Log the training loss every N steps.")
     trust_remote_code: bool = _opt(False, "Allow models whose code lives on the Hub (off: only trusted code runs).")
+    force_base: bool = _opt(
+        False, "Load a saved adapter even onto a base model other than the one it was trained on (not advised)."
+    )
 
     def resolved_output_dir(self) -> Path:
         """The run directory: ``output_dir``, else ``runs/<task>-<method>-seed<seed>``."""

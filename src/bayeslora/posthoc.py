@@ -16,10 +16,13 @@ from .runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
 from .tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout
 
 
-def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def export(
+    run: str | Path, to: str, out: str | Path, *, force_base: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Export the adapter of a run: ``to="lora"`` a plain PEFT LoRA adapter (B-LoRA truncated to its learned
     ranks and dequantized; the posterior mean of Me-LoRA and BLoB), ``to="packed"`` B-LoRA's integer codes at
-    their learned bit-widths. Returns what was written and its size against the 16-bit LoRA adapter."""
+    their learned bit-widths. Returns what was written and its size against the 16-bit LoRA adapter.
+    ``force_base``: load the adapter even if its base model's fingerprint differs."""
     from .exporters import EXPORT_FORMATS, PACKED_WEIGHTS, export_lora, export_packed, reference_lora_bytes
 
     if to not in EXPORT_FORMATS:
@@ -30,7 +33,7 @@ def export(run: str | Path, to: str, out: str | Path, *, progress: bool = True) 
     config = make_config(**read_run_config(run))
     task = load_task(config.task)
     network, _ = load_base(config, task, progress=progress)
-    network = load_adapter(network, Path(run) / ADAPTER_DIR)
+    network = load_adapter(network, Path(run) / ADAPTER_DIR, force=force_base)
     if to == "lora":
         export_lora(network, out)
         size = (out / "adapter_model.safetensors").stat().st_size
@@ -53,6 +56,7 @@ def calibrate(
     task: str | None = None,
     heldout: int = HELDOUT_EXAMPLES,
     overwrite: bool = False,
+    force_base: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Temperature scaling of a trained run (post hoc, any method).
@@ -83,7 +87,7 @@ def calibrate(
         raise RunExistsError(f"{', '.join(existing)} already exist(s). Pass --overwrite to replace.")
     examples = seeded_heldout(train_task.split("train"), config.train_size, heldout, DATA_SEED)
     network, tokenizer = load_base(config, train_task, progress=progress)
-    network = load_adapter(network, run / ADAPTER_DIR)
+    network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
     n_samples = resolve_samples(config, None)
     scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
     torch.manual_seed(config.seed)

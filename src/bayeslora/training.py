@@ -137,13 +137,19 @@ class BayesLoraTrainer(Trainer):
             raise NonFiniteLossError(
                 f"The training loss became {loss.item()} at step {self.state.global_step} "
                 f"(non-finite term(s): {', '.join(bad)}). Lower --lr, check the inputs, or for Bayesian "
-                f"methods widen the prior / shrink the initial σ."
+                f"methods widen the prior / shrink the initial σ.{self._checkpoint_hint()}"
             )
         for name, value in terms.items():
             self._running[name].append(float(value.detach()))
         for name, value in logs.items():
             self._running[name].append(value)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _checkpoint_hint(self) -> str:
+        """Where the checkpoints saved before a failure are, if any were saved."""
+        if self.args.save_strategy == "no":
+            return ""
+        return f" The checkpoints saved before this step are kept in {self.args.output_dir}."
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the running means of the loss terms to the Trainer's log line."""

@@ -23,15 +23,16 @@ from torch import Tensor, nn
 
 SigmaParam = Literal["softplus", "exp", "square"]
 _MIN_STD = 1e-8  # σ never reaches 0, so log σ in the KL stays finite
+_MAX_LOG_STD = 20.0  # exp(ρ) is computed on ρ ≤ 20: beyond, the KL's float32 gradient σ²/σ_p² overflows
 
 
 def positive(raw: Tensor, kind: SigmaParam) -> Tensor:
     """A standard deviation from an unconstrained parameter: ``softplus(ρ)``, ``exp(ρ)`` or ``G²`` (BLoB),
-    floored at 1e-8 and (for ``exp``) computed on a clamped ``ρ`` so that it stays finite."""
+    floored at 1e-8 and (for ``exp``) computed on ``ρ`` clamped at 20, so that it and its gradients stay finite."""
     if kind == "softplus":
         std = F.softplus(raw)
     elif kind == "exp":
-        std = torch.exp(raw.clamp(max=80.0))
+        std = torch.exp(raw.clamp(max=_MAX_LOG_STD))
     elif kind == "square":
         std = raw.square()
     else:

@@ -39,6 +39,21 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, method, options)
 
 
+def finished_record(run_dir: Path, variant: Variant) -> dict[str, Any] | None:
+    """The ``benchmark.json`` a finished run wrote last, if the run was made with ``variant``'s method and
+    options (a run left by an earlier definition of the variant is trained again, not reused)."""
+    from bayeslora.io import read_json
+
+    path = run_dir / "benchmark.json"
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if record.get("method") != variant.method or record.get("options", {}) != variant.options:
+        print(f"{run_dir} was made with other options than '{variant.name}' now has: training it again", flush=True)
+        return None
+    return record
+
+
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
     """``mean ± std`` of ``values × scale`` (just the value when there is one)."""
     values = [v * scale for v in values]

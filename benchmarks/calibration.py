@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import Variant, mean_std, parse_variant, run_benchmark
+from _shared import Variant, finished_record, mean_std, parse_variant, run_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration"
 DEFAULT_VARIANTS = ("lora", "blob", "melora")
@@ -105,8 +105,8 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
 
     run_dir = Path(settings["root"]) / f"{task}-{variant.name}-seed{seed}"
     record_file = run_dir / "benchmark.json"
-    if record_file.is_file():
-        return _with_temperature(read_json(record_file), run_dir, settings)
+    if (record := finished_record(run_dir, variant)) is not None:
+        return _with_temperature(record, run_dir, settings)
     options = dict(
         model=settings["model"],
         task=task,

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import Variant, mean_std, parse_variant, run_benchmark
+from _shared import Variant, finished_record, mean_std, parse_variant, run_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compression"
 DEFAULT_VARIANTS = (
@@ -67,8 +67,8 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
     spec = SUITES[suite]
     run_dir = Path(settings["root"]) / f"{task}-{variant.name}-seed{seed}"
     record_file = run_dir / "benchmark.json"
-    if record_file.is_file():
-        return read_json(record_file)
+    if (record := finished_record(run_dir, variant)) is not None:
+        return record
     options = {
         **spec["recipe"],
         "model": spec["model"],

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import bayeslora as bl
+from _toy_models import write_word_task
 from bayeslora.inference import adapter_dropout, predict_batch
 from bayeslora.scoring import ClozeScorer
 from bayeslora.tasks import MultipleChoiceExample
@@ -80,10 +81,7 @@ def test_ensemble_members_differ_and_combine_by_probabilities_or_logits(tiny_lla
 
 @pytest.fixture()
 def toy_task(tmp_path):
-    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(8)]
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_word_task(tmp_path / "toy.jsonl", 8)
 
 
 def train_toy(model_dir, task, out, **options):

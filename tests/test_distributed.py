@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _toy_models import write_word_task
 from bayeslora.cli import main
 
 
@@ -25,10 +26,7 @@ def free_port() -> int:
 @pytest.fixture()
 def four_questions(tmp_path):
     """Four questions: with a global batch of 4, every step sees all of them, whatever the sharding."""
-    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(4)]
-    path = tmp_path / "four.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_word_task(tmp_path / "four.jsonl", 4)
 
 
 def train_args(model_dir, task, out, method: str, batch_size: int) -> list[str]:

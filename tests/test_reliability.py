@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bayeslora as bl
+from _toy_models import write_word_task
 from bayeslora.adapters import AdapterFileError
 from bayeslora.config import RunConfig
 from bayeslora.fingerprint import FINGERPRINT_FILE, AdapterMismatchError
@@ -21,10 +22,7 @@ from bayeslora.tuners.blora.gates import deterministic_gates, nested_expected_co
 
 @pytest.fixture()
 def toy_task(tmp_path):
-    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(12)]
-    path = tmp_path / "toy.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_word_task(tmp_path / "toy.jsonl", 12)
 
 
 def train_toy(model_dir, task, out, **options):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import bayeslora as bl
+from _toy_models import write_word_task
 
 SLOW_RUN = r"""
 import sys, time
@@ -32,9 +33,7 @@ bl.train(callbacks=[Slow()], progress=False, **OPTIONS)
 
 @pytest.fixture()
 def options(tiny_llama_dir, tmp_path):
-    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(8)]
-    task = tmp_path / "toy.jsonl"
-    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
     return dict(
         model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="blora", bayesian_core=True,
         rank=2, max_steps=8, batch_size=2, lr=1e-2, save_steps=2, gate_warmup=0.25, gate_fix=0.25,

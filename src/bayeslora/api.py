@@ -116,7 +116,8 @@ def train(
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. an evaluation every epoch).
 
     Everything is validated (options, method, tasks) before the run directory is created; the directory
-    is refused if it exists, unless ``overwrite`` (see :func:`bayeslora.runs.new_run_dir`).
+    is refused if it exists, unless ``overwrite`` (see :func:`bayeslora.runs.new_run_dir`) or ``resume``
+    (continue the unfinished run there from its last checkpoint, see :func:`resume_point`).
     """
     if config is None:
         config = make_config(recipe, **overrides)
@@ -299,7 +300,9 @@ def resume_point(config: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
             f"{run_dir / CONFIG_FILE}:\n  - " + "\n  - ".join(conflicts) + "\nDrop them, or start a new run."
         )
     if ensemble_members(stored):
-        raise ValueError("--resume of an ensemble is not supported: train it again (each member is short).")
+        raise ValueError(
+            "--resume of an ensemble is not supported (its members share one checkpoint folder): train it again."
+        )
     last = _last_complete_checkpoint(run_dir / "checkpoints")
     if last is None:
         raise FileNotFoundError(

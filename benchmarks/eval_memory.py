@@ -5,7 +5,7 @@ MMLU test questions in their seeded order), which reports its peak resident set 
 resident set right after the model is loaded. Evaluation streams batch by batch, keeping only the N×C class
 probabilities, so the peak above the loaded model should not grow with N; the table shows whether it does.
 
-    python benchmarks/eval_memory.py                            # 250, 1000, 4000 and all 14,042 questions
+    python benchmarks/eval_memory.py                            # 250, 1000, 4000 and all 14,042 questions (~1.5 h)
     python benchmarks/eval_memory.py --sizes 250 1000 --num-layers 2   # quicker: the model cut to 2 blocks
 """
 

@@ -163,33 +163,28 @@ class GateSchedule(TrainerCallback):
         return "sample"
 
     def _enter(self, model: nn.Module, phase: str, calibrate: bool = False) -> None:
-        """Put the model's B-LoRA layers in ``phase``; with ``calibrate``, first set every quantizer's range
-        from the weights as they are (when quantization starts after the open phase)."""
+        """Put the model's B-LoRA layers in ``phase``. If this leaves the open phase and ``calibrate`` is set,
+        first set every quantizer's range from the weights as they are (quantization starts here)."""
         tuner = blora_tuner(model)
         if tuner is None:
             return
-        if calibrate:
-            for layer in tuner.bayesian_layers():
+        layers = tuner.bayesian_layers()
+        if calibrate and layers and layers[0].phase == "open" and phase != "open":
+            for layer in layers:
                 for adapter in layer.active_adapters:
                     if layer._has(adapter):
                         layer.calibrate_ranges(adapter, self.range_width)
         tuner.set_gate_phase(phase)
-
-    def _is_open(self, model: nn.Module) -> bool:
-        tuner = blora_tuner(model)
-        layers = tuner.bayesian_layers() if tuner is not None else []
-        return bool(layers) and layers[0].phase == "open"
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         # the Trainer calls this before it restores a checkpoint's step: the step hook sets the right phase
         self._enter(model, self.phase_at(state.global_step, state.max_steps))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
-        phase = self.phase_at(state.global_step, state.max_steps)
-        # quantization starts at exactly this step; a run resumed later keeps the ranges of its checkpoint
-        starts = self._is_open(model) and phase != "open" and state.global_step == self.warmup_steps(state.max_steps)
-        self._enter(model, phase, calibrate=starts)
+        # quantization starts at exactly the warm-up boundary; a run resumed later keeps its checkpoint's ranges
+        starts = state.global_step == self.warmup_steps(state.max_steps)
+        self._enter(model, self.phase_at(state.global_step, state.max_steps), calibrate=starts)
 
     def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
         # what is saved and evaluated: deterministic gates, quantized (ranges set now if never set)
-        self._enter(model, "sample", calibrate=self._is_open(model))
+        self._enter(model, "sample", calibrate=True)

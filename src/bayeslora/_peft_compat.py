@@ -3,8 +3,9 @@
 PEFT (0.20-0.21) keeps its methods in a closed enum, ``PeftType``; ``register_peft_method`` refuses a
 name that is not a member. So a member is added first (``aenum.extend_enum``), then the method is
 registered like PEFT's own. After that ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``,
-adapter switching and merging work as for LoRA. A process that loads a saved bayeslora adapter must
-``import bayeslora`` first (importing it runs :func:`register`).
+adapter switching and merging work as for LoRA. A process that loads a saved bayeslora adapter needs
+bayeslora imported (importing it runs :func:`register`); the installed package's start-up hook
+(``_bayeslora_peft_hook``) imports it when PEFT looks one of these types up.
 """
 
 from __future__ import annotations

@@ -124,8 +124,8 @@ def save_adapter(model: nn.Module, path: Path) -> None:
 LOADING_NOTE = """
 ## Loading this adapter
 
-This is a bayeslora adapter (PEFT type {types}). PEFT learns these types when bayeslora is imported, so
-load it with `import bayeslora` first:
+This is a bayeslora adapter (PEFT type {types}); loading it needs the `bayeslora` package installed
+(`pip install bayeslora`). PEFT learns these types when bayeslora is imported, so import it first:
 
 ```python
 import bayeslora  # registers Me-LoRA, BLoB and B-LoRA with PEFT
@@ -133,8 +133,11 @@ from peft import PeftModel
 model = PeftModel.from_pretrained(base_model, "path/to/adapter")
 ```
 
-Without the import PEFT stops with `KeyError: '{types}'`. `bayeslora export --to lora` turns it into a
-plain LoRA adapter (the posterior mean; B-LoRA truncated to its learned ranks) that needs no bayeslora.
+An installed bayeslora also does the import for you when PEFT meets one of its types (a start-up hook,
+`bayeslora-peft-hook.pth`; `BAYESLORA_PEFT_HOOK=0` turns that off). Where the hook cannot run (bayeslora
+put on `PYTHONPATH` rather than installed, `python -S`), PEFT without the import stops with
+`KeyError: '{types}'`. `bayeslora export --to lora` turns the adapter into a plain LoRA adapter (the
+posterior mean; B-LoRA truncated to its learned ranks) that needs no bayeslora.
 """
 
 

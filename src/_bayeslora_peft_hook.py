@@ -1,0 +1,122 @@
+"""Start-up hook (run by ``bayeslora-peft-hook.pth``): PEFT loads a bayeslora adapter without ``import bayeslora``.
+
+PEFT looks an adapter's config class up as ``PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]``, and bayeslora's
+types (``MELORA``, ``BLOB``, ``BLORA``) are registered only when bayeslora is imported. Without this hook,
+``PeftModel.from_pretrained(base, "run/adapter")`` in a process that never imported bayeslora stops with a
+bare ``KeyError: 'MELORA'``.
+
+The ``.pth`` file installed with the package imports this module at interpreter start. It uses the
+standard library only and does nothing until PEFT itself is imported: it waits for ``peft.mapping`` to be
+executed and then gives that one mapping a ``__missing__``. A lookup of a bayeslora type that is not
+registered yet imports bayeslora (which registers its types) and returns the class; any other missing
+key raises PEFT's usual ``KeyError``. With ``BAYESLORA_PEFT_HOOK=0`` nothing is imported on demand and the
+lookup raises :class:`BayesLoraTypeNotLoaded`, a ``KeyError`` whose message says to ``import bayeslora``.
+Nothing else of PEFT is touched, and lookups of registered types are plain ``dict`` lookups.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+#: The PEFT types bayeslora registers (``bayeslora.tuners``); a test keeps the two lists equal.
+BAYESLORA_PEFT_TYPES = frozenset({"MELORA", "BLOB", "BLORA"})
+#: The module whose mapping is patched, and the mapping's name in it.
+PEFT_MAPPING_MODULE = "peft.mapping"
+CONFIG_MAPPING = "PEFT_TYPE_TO_CONFIG_MAPPING"
+#: ``0`` turns on-demand importing off (the lookup then raises the explanatory error).
+SWITCH = "BAYESLORA_PEFT_HOOK"
+
+
+class BayesLoraTypeNotLoaded(KeyError):
+    """A bayeslora adapter type was looked up before bayeslora registered it with PEFT."""
+
+    def __str__(self) -> str:  # KeyError would print the message as a quoted repr
+        return str(self.args[0])
+
+
+def _type_name(key: Any) -> str:
+    return str(getattr(key, "value", key)).upper()
+
+
+class PeftConfigMapping(dict):
+    """``PEFT_TYPE_TO_CONFIG_MAPPING`` that registers bayeslora's types on first lookup."""
+
+    def __missing__(self, key: Any) -> Any:
+        name = _type_name(key)
+        if name not in BAYESLORA_PEFT_TYPES:
+            raise KeyError(key)
+        fix = "Add `import bayeslora` before loading it (or export it with `bayeslora export --to lora`)."
+        if os.environ.get(SWITCH, "1") == "0":
+            raise BayesLoraTypeNotLoaded(
+                f"This adapter is a bayeslora adapter (PEFT type {name!r}), which PEFT knows only once bayeslora "
+                f"is imported. {fix}"
+            )
+        try:
+            import bayeslora  # noqa: F401  (registers MELORA, BLOB and BLORA with PEFT)
+        except Exception as error:
+            raise BayesLoraTypeNotLoaded(
+                f"This adapter is a bayeslora adapter (PEFT type {name!r}), but importing bayeslora failed "
+                f"({type(error).__name__}: {error}). Reinstall bayeslora, then {fix[0].lower()}{fix[1:]}"
+            ) from error
+        if key in self:
+            return dict.__getitem__(self, key)
+        raise BayesLoraTypeNotLoaded(f"bayeslora was imported but did not register PEFT type {name!r}. {fix}")
+
+
+class _PatchAfterExec:
+    """Loader wrapper: runs the real loader, then installs :class:`PeftConfigMapping` in the module."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ... of the real loader
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        install(module)
+
+
+class _PeftMappingWatcher:
+    """``sys.meta_path`` entry that wraps the loader of ``peft.mapping``; removes itself after that."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != PEFT_MAPPING_MODULE:
+            return None
+        sys.meta_path[:] = [finder for finder in sys.meta_path if finder is not self]
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchAfterExec(spec.loader)
+        return spec
+
+
+def install(module: Any) -> bool:
+    """Replace ``module.PEFT_TYPE_TO_CONFIG_MAPPING`` (a plain dict) by a :class:`PeftConfigMapping` with the same
+    entries. Safe only before other modules bind the name, i.e. right after ``peft.mapping`` executes."""
+    mapping = getattr(module, CONFIG_MAPPING, None)
+    if type(mapping) is not dict:  # already installed, or a PEFT that keeps it elsewhere: leave PEFT alone
+        return False
+    setattr(module, CONFIG_MAPPING, PeftConfigMapping(mapping))
+    return True
+
+
+def activate() -> None:
+    """Called at start-up: watch for ``peft.mapping`` unless it is already imported (then nothing is done)."""
+    if PEFT_MAPPING_MODULE in sys.modules:
+        return
+    if not any(isinstance(finder, _PeftMappingWatcher) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PeftMappingWatcher())
+
+
+activate()  # an error here is reported by `site` ("Error processing line 1 of ...pth"), start-up goes on

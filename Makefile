@@ -58,8 +58,8 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks setup.py
 
 format: setup
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks setup.py
+	$(VENV)/bin/ruff check --fix src tests benchmarks setup.py
 
 clean:
 	rm -rf $(VENV) .venv-oldest .venv-newest build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -39,6 +39,19 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, method, options)
 
 
+def run_directory(root: str | Path, task: str, variant: Variant, seed: int) -> Path:
+    """Where the benchmark keeps the run of (task, variant, seed)."""
+    return Path(root) / f"{task}-{variant.name}-seed{seed}"
+
+
+def finished_run(root: str | Path, task: str, variant: Variant, seed: int) -> tuple[str, dict[str, Any] | None]:
+    """(label, the finished run's ``benchmark.json`` or None): what ``run_benchmark(finished=...)`` takes."""
+    return f"{task} {variant.name} seed {seed}", finished_record(run_directory(root, task, variant, seed), variant)
+
+
+TABULATE_HELP = "Train nothing: make the tables from the finished runs among the configurations, listing the others."
+
+
 def finished_record(run_dir: Path, variant: Variant) -> dict[str, Any] | None:
     """The ``benchmark.json`` a finished run wrote last, if the run was made with ``variant``'s method and
     options (a run left by an earlier definition of the variant is trained again, not reused)."""
@@ -98,23 +111,37 @@ def run_benchmark(
     settings: dict[str, Any],
     summarize: Callable[[list[dict[str, Any]]], str],
     target_checks: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    finished: Callable[..., tuple[str, dict[str, Any] | None]] | None = None,
 ) -> None:
     """Run every configuration (see :func:`run_all`), keeping ``<out>/<tag>.json`` up to date after each
-    result; at the end add the target checks, write ``<tag>.md`` from ``summarize`` and print it."""
+    result; at the end add the target checks, write ``<tag>.md`` from ``summarize`` and print it.
+
+    With ``finished`` (``finished(*configuration)`` -> (label, the finished run's record or None)) nothing is
+    trained: the tables are made from the configurations already run, and the others are listed as missing."""
     from bayeslora.io import write_json_atomic, write_text_atomic
 
     started = time.time()
     results: list[dict[str, Any]] = []
+    missing: list[str] = []
 
     def record(result: dict[str, Any]) -> None:
         results.append(result)
         write_json_atomic(out / f"{tag}.json", {"settings": settings, "results": results})
 
-    run_all(worker, configurations, jobs, record)
-    write_json_atomic(
-        out / f"{tag}.json", {"settings": settings, "results": results, "targets": target_checks(results)}
-    )
+    if finished is None:
+        run_all(worker, configurations, jobs, record)
+    else:
+        for configuration in configurations:
+            label, result = finished(*configuration)
+            if result is None:
+                missing.append(label)
+            else:
+                results.append(result)
+    summary = {"settings": settings, "results": results, "targets": target_checks(results)}
+    write_json_atomic(out / f"{tag}.json", {**summary, "missing": missing} if missing else summary)
     table = summarize(results)
+    if missing:
+        table += "\nNot run yet (not in the tables above): " + "; ".join(missing) + ".\n"
     write_text_atomic(out / f"{tag}.md", table)
     print(table)
     print(f"took {(time.time() - started) / 60:.1f} min")

@@ -37,7 +37,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import Variant, finished_record, mean_std, parse_variant, run_benchmark
+from _shared import (
+    TABULATE_HELP,
+    Variant,
+    finished_record,
+    finished_run,
+    mean_std,
+    parse_variant,
+    run_benchmark,
+    run_directory,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration"
 DEFAULT_VARIANTS = ("lora", "blob", "melora")
@@ -103,7 +112,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     from bayeslora.metrics import classification_metrics
     from bayeslora.runs import eval_dir
 
-    run_dir = Path(settings["root"]) / f"{task}-{variant.name}-seed{seed}"
+    run_dir = run_directory(settings["root"], task, variant, seed)
     record_file = run_dir / "benchmark.json"
     if (record := finished_record(run_dir, variant)) is not None:
         return _with_temperature(record, run_dir, settings)
@@ -219,9 +228,9 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
         f"(fixed seeded subset), N = {settings['samples']} posterior samples for Bayesian methods. "
         f"Seeds: {' '.join(map(str, settings['seeds']))}. Variants: {described}.",
         "",
-        "| task | variant | N | accuracy % | ECE % | NLL | Brier | posterior mean: acc % / ECE % / NLL "
+        "| task | variant | seeds | N | accuracy % | ECE % | NLL | Brier | posterior mean: acc % / ECE % / NLL "
         "| trainable | step s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, name in keys:
         rows = [r for r in results if r["task"] == task and r["variant"] == name]
@@ -233,14 +242,16 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
             else "–"
         )
         lines.append(
-            f"| {task} | {name} | {rows[0]['n_samples']} | {_cells([r['final'] for r in rows])} | {mean_cell} | "
+            f"| {task} | {name} | {' '.join(str(r['seed']) for r in rows)} | {rows[0]['n_samples']} | "
+            f"{_cells([r['final'] for r in rows])} | {mean_cell} | "
             f"{rows[0].get('trainable_params') or 0:,} | "
             f"{mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
         )
         if all("ts" in r for r in rows):
             temperature = mean_std([r["ts"]["temperature"] for r in rows], digits=2)
             lines.append(
-                f"| {task} | {name} + TS (T = {temperature}) | {rows[0]['n_samples']} | "
+                f"| {task} | {name} + TS (T = {temperature}) | {' '.join(str(r['seed']) for r in rows)} | "
+                f"{rows[0]['n_samples']} | "
                 f"{_cells([r['ts'] for r in rows])} | – | | |"
             )
     checks = target_checks(results)
@@ -319,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--eval-every", type=int, default=2, help="Evaluate after every k-th epoch (and the last).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with cores / jobs threads).")
+    parser.add_argument("--tabulate", action="store_true", help=TABULATE_HELP)
     parser.add_argument("--tag", default="default")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
-    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate")}
     settings["root"] = str(args.out / "runs" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]
@@ -337,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         settings=settings,
         summarize=lambda results: summarize(results, settings, variants),
         target_checks=target_checks,
+        finished=(lambda task, variant, seed, _: finished_run(settings["root"], task, variant, seed))
+        if args.tabulate
+        else None,
     )
     return 0
 

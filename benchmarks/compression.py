@@ -32,7 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import Variant, finished_record, mean_std, parse_variant, run_benchmark
+from _shared import (
+    TABULATE_HELP,
+    Variant,
+    finished_record,
+    finished_run,
+    mean_std,
+    parse_variant,
+    run_benchmark,
+    run_directory,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compression"
 DEFAULT_VARIANTS = (
@@ -65,7 +74,7 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
     from bayeslora.runs import eval_dir
 
     spec = SUITES[suite]
-    run_dir = Path(settings["root"]) / f"{task}-{variant.name}-seed{seed}"
+    run_dir = run_directory(settings["root"], task, variant, seed)
     record_file = run_dir / "benchmark.json"
     if (record := finished_record(run_dir, variant)) is not None:
         return record
@@ -222,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=1, help="Runs at a time (each with cores / jobs threads).")
+    parser.add_argument("--tabulate", action="store_true", help=TABULATE_HELP)
     parser.add_argument("--tag", default="default")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
-    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate")}
     settings["root"] = str(args.out / "runs" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [
@@ -247,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         settings=settings,
         summarize=lambda results: summarize(results, settings, variants),
         target_checks=target_checks,
+        finished=(lambda _, task, variant, seed, __: finished_run(settings["root"], task, variant, seed))
+        if args.tabulate
+        else None,
     )
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -39,6 +40,31 @@ def test_temperature_recovers_a_known_overconfidence():
     before = classification_metrics(overconfident, labels)
     after = classification_metrics(scaled(overconfident, temperature), labels)
     assert after["ece"] < before["ece"] / 2 and after["accuracy"] == before["accuracy"]
+
+
+def test_the_fitted_temperature_is_the_minimiser():
+    """Against a dense float64 grid of T: the bisection's NLL is at most the grid's best."""
+    torch.manual_seed(1)
+    probs = (torch.randn(200, 4) * 2).softmax(-1)
+    probs[::3, 3] = 0  # questions with three choices
+    probs = probs / probs.sum(-1, keepdim=True)
+    labels = torch.randint(0, 3, (200,))
+    best = min(nll(scaled(probs, float(t)), labels) for t in torch.logspace(-2, 2, 4001, dtype=torch.float64))
+    assert nll(scaled(probs, fit_temperature(probs, labels)), labels) <= best + 1e-12
+
+
+def test_misleading_predictions_stop_at_the_largest_temperature():
+    """Confident and always wrong, with missing choices: the NLL falls towards uniform; T stops at 100."""
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.05, 0.9, 0.05], [0.8, 0.2, 0.0]] * 5)
+    labels = torch.tensor([1, 2, 1] * 5)
+    temperature = fit_temperature(probs, labels)
+    assert temperature == pytest.approx(100.0)
+    assert nll(scaled(probs, temperature), labels) < nll(probs, labels)
+
+
+def test_a_label_predicted_impossible_is_a_clear_error():
+    with pytest.raises(FloatingPointError, match="probability 0"):
+        fit_temperature(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([1, 0]))
 
 
 def test_missing_choices_stay_impossible():

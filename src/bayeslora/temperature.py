@@ -4,14 +4,19 @@ Predictions are rescaled as ``p_T = softmax(log p / T)``: for a deterministic mo
 ``softmax(z / T)`` of its class scores z (log p and z differ by a per-example constant), and for a Bayesian
 or ensemble prediction it recalibrates the averaged predictive distribution. T > 1 softens over-confident
 predictions, T < 1 sharpens under-confident ones; the most probable class never changes, so accuracy does
-not either. T minimises the held-out NLL (L-BFGS on log T, float64), so it never raises the NLL of the data
-it was fitted on.
+not either. T minimises the held-out NLL, so it never raises the NLL of the data it was fitted on.
+
+The NLL is convex in the inverse temperature β = 1/T: NLL(β) = mean_i [logsumexp_c(β log p_ic) − β log p_iy],
+a log-sum-exp of functions linear in β plus a linear term. Its derivative,
+dNLL/dβ = mean_i [E_{softmax(β log p_i)}[log p_i] − log p_iy], increases with β, so the minimiser is found
+by bisection on the sign of the derivative (over log β, float64) to machine precision. No step can
+overflow, choices an example does not have (p = 0) keep weight 0, and uninformative or misleading
+predictions, whose NLL keeps falling towards the uniform distribution as T grows, stop at T = 100.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: T is kept within [1/100, 100].
@@ -32,23 +37,35 @@ def scaled(probs: Tensor, temperature: float) -> Tensor:
     return (_log_probs(probs) / temperature).softmax(-1)
 
 
-def fit_temperature(probs: Tensor, labels: Tensor, max_iter: int = 200) -> float:
-    """The T > 0 minimising ``NLL(softmax(log p / T), labels)`` over held-out ``probs`` (N, C)."""
+def fit_temperature(probs: Tensor, labels: Tensor, iterations: int = 100) -> float:
+    """The T in [1/100, 100] minimising ``NLL(softmax(log p / T), labels)`` over held-out ``probs`` (N, C)."""
     if probs.shape[0] == 0:
         raise ValueError("temperature scaling needs at least one held-out prediction")
-    log_p, labels = _log_probs(probs), labels.long()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+    log_p = _log_probs(probs)  # (N, C), −inf for missing choices
+    valid = torch.isfinite(log_p)
+    label_log_p = log_p.gather(1, labels.long()[:, None]).squeeze(1)  # (N,)
+    if not torch.isfinite(label_log_p).all():
+        raise FloatingPointError(
+            "temperature scaling is undefined: a held-out label was predicted with probability 0 (its NLL is "
+            "infinite at every temperature)"
+        )
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(log_p / log_t.exp(), labels)
-        loss.backward()
-        return loss
+    def slope(log_beta: float) -> float:
+        """dNLL/dβ at β = exp(log_beta)."""
+        weights = torch.where(valid, log_p * torch.tensor(log_beta, dtype=torch.float64).exp(), -torch.inf)
+        weights = weights.softmax(-1)  # (N, C)
+        expected = torch.where(valid, weights * log_p, torch.zeros_like(log_p)).sum(-1)  # (N,)
+        return float((expected - label_log_p).mean())
 
-    optimizer.step(closure)
-    # uninformative predictions drive T to infinity (the uniform distribution): stop at 100
-    temperature = float(log_t.detach().clamp(-MAX_LOG_T, MAX_LOG_T).exp())
-    if not torch.isfinite(torch.tensor(temperature)):
-        raise FloatingPointError("temperature scaling diverged (are the held-out labels all predicted with p = 0?)")
-    return temperature
+    low, high = -MAX_LOG_T, MAX_LOG_T  # log β; β = 1/T
+    if slope(low) >= 0:  # the NLL still falls as β -> 0: the most uniform prediction allowed
+        return float(torch.tensor(MAX_LOG_T, dtype=torch.float64).exp())
+    if slope(high) <= 0:  # still falls as β grows: the sharpest allowed
+        return float(torch.tensor(-MAX_LOG_T, dtype=torch.float64).exp())
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if slope(middle) > 0:
+            high = middle
+        else:
+            low = middle
+    return float(torch.tensor(-(low + high) / 2, dtype=torch.float64).exp())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -47,6 +48,44 @@ def run_directory(root: str | Path, task: str, variant: Variant, seed: int) -> P
 def finished_run(root: str | Path, task: str, variant: Variant, seed: int) -> tuple[str, dict[str, Any] | None]:
     """(label, the finished run's ``benchmark.json`` or None): what ``run_benchmark(finished=...)`` takes."""
     return f"{task} {variant.name} seed {seed}", finished_record(run_directory(root, task, variant, seed), variant)
+
+
+def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any]:
+    """How to (re)start the run at ``run_dir`` with these ``bayeslora.make_config`` options, picking up what an
+    interrupted benchmark left there. Returns ``(state, config)``:
+
+    * ``("trained", None)``: training finished (``train_summary.json``); its evaluation is completed if the
+      benchmark was stopped during it;
+    * ``("resumed", config)``: continue from the run's last complete checkpoint (``--resume``);
+    * ``("new", config)``: train from the start, replacing whatever unfinished run is there.
+
+    Runs save a checkpoint at the end of every epoch (the last two kept), so a stopped benchmark loses at
+    most one epoch of each run it was training."""
+    import bayeslora as bl
+    from bayeslora.api import resume_point
+    from bayeslora.runs import TRAIN_SUMMARY, RunExistsError, eval_dir
+
+    if (run_dir / TRAIN_SUMMARY).is_file():
+        if not (eval_dir(run_dir, options["task"]) / "metrics.json").is_file():
+            print(f"{run_dir}: trained, evaluating it", flush=True)
+            bl.evaluate(run_dir, overwrite=True, progress=False)
+        return "trained", None
+    train_size, batch = options.get("train_size"), options.get("batch_size", 8)
+    options = {
+        "save_steps": math.ceil(train_size / batch) if train_size else 200,
+        "save_total_limit": 2,
+        **options,
+        "output_dir": str(run_dir),
+    }
+    try:
+        config = bl.make_config(**options, resume=True, overwrite=False)
+        resume_point(config, run_dir)
+    except (FileNotFoundError, RunExistsError, ValueError) as why:
+        if run_dir.exists():
+            print(f"{run_dir}: training again ({str(why).splitlines()[0]})", flush=True)
+        return "new", bl.make_config(**options, overwrite=True)
+    print(f"{run_dir}: continuing from its last checkpoint", flush=True)
+    return "resumed", config
 
 
 TABULATE_HELP = "Train nothing: make the tables from the finished runs among the configurations, listing the others."

@@ -17,11 +17,14 @@ The baselines of the literature are variants like any other: ``--variants lora b
 laplace ensemble``.
 
 Finished runs are reused (each writes ``benchmark.json`` last), so the script can be stopped and
-restarted; ``--jobs 2`` trains two configurations at a time with one thread each.
+restarted: a run it was training continues from its last end-of-epoch checkpoint, one that had finished
+training is only evaluated. ``--jobs 2`` trains two configurations at a time with one thread each;
+``--tabulate`` trains nothing and makes the tables from the runs finished so far.
 
     python benchmarks/calibration.py                                    # the recorded configuration
     python benchmarks/calibration.py --tasks arc-easy --seeds 1 --epochs 2 --tag quick
     python benchmarks/calibration.py --variants lora melora melora-naive=melora:sigma_lr=0.0005
+    python benchmarks/calibration.py --tabulate                         # tables of what has finished
 
 Writes ``benchmarks/results/calibration/<tag>.json`` and ``<tag>.md``; runs go to
 ``benchmarks/results/calibration/runs/<tag>/`` (not committed).
@@ -44,6 +47,7 @@ from _shared import (
     finished_run,
     mean_std,
     parse_variant,
+    prepare_run,
     run_benchmark,
     run_directory,
 )
@@ -58,18 +62,25 @@ def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")}
 
 
-def _epoch_callback(config, n_samples: int, every: int = 1):
+EPOCHS_FILE = "benchmark_epochs.json"
+
+
+def _epoch_callback(config, n_samples: int, every: int = 1, keep: bool = False):
     """A TrainerCallback that evaluates the model at the end of every ``every``-th epoch (and the last) and
-    records its posterior σ."""
+    records its posterior σ, in ``history`` and in the run's ``benchmark_epochs.json`` (with ``keep``, a
+    resumed run, the records already there are kept; an epoch evaluated again replaces its record)."""
     from transformers import TrainerCallback
 
     import bayeslora as bl
     from bayeslora.evaluation import eval_examples, evaluate_model
+    from bayeslora.io import read_json, write_json_atomic
     from bayeslora.objectives import bayesian_tuner, posterior_std_mean
+
+    history_file = config.resolved_output_dir() / EPOCHS_FILE
 
     class EpochEval(TrainerCallback):
         def __init__(self) -> None:
-            self.history: list[dict[str, Any]] = []
+            self.history: list[dict[str, Any]] = read_json(history_file) if keep and history_file.is_file() else []
             task = bl.load_task(config.task)
             self.examples = eval_examples(task, config.limit)
             self.scorer = bl.build_scorer(task, bl.load_tokenizer(config.model), config)
@@ -83,7 +94,8 @@ def _epoch_callback(config, n_samples: int, every: int = 1):
             record = {"epoch": epoch, "step": state.global_step, **_metrics_row(metrics)}
             if bayesian_tuner(model) is not None:
                 record["sigma_mean"] = posterior_std_mean(model)
-            self.history.append(record)
+            self.history = sorted([*(r for r in self.history if r["epoch"] != epoch), record], key=lambda r: r["epoch"])
+            write_json_atomic(history_file, self.history)
             print(f"   {config.task} {config.method} seed {config.seed}: {json.dumps(record)}", flush=True)
 
     return EpochEval()
@@ -129,19 +141,21 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         samples=settings["samples"],
         rank=settings["rank"],
         alpha=settings["alpha"],
-        output_dir=str(run_dir),
-        overwrite=True,  # an unfinished run of an interrupted benchmark (a finished one was returned above)
         logging_steps=20,
     )
     if settings.get("target_modules"):
         options["target_modules"] = settings["target_modules"]
     options.update(variant.options)
-    config = bl.make_config(**options)
-    stochastic = bl.get_method(variant.method).is_stochastic(config)
-    epochs = _epoch_callback(config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1))
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
-    bl.train(config, progress=False, callbacks=[epochs])
+    state, config = prepare_run(options, run_dir)
+    stochastic = bl.get_method(variant.method).is_stochastic(config or bl.make_config(**options))
+    if config is not None:
+        epochs = _epoch_callback(
+            config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1), keep=state == "resumed"
+        )
+        bl.train(config, progress=False, callbacks=[epochs])
+    history = read_json(run_dir / EPOCHS_FILE) if (run_dir / EPOCHS_FILE).is_file() else []
     final = read_json(eval_dir(run_dir, task) / "metrics.json")
     record: dict[str, Any] = {
         "task": task,
@@ -151,7 +165,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         "seed": seed,
         "final": _metrics_row(final),
         "n_samples": final["n_samples"],
-        "epochs": epochs.history,
+        "epochs": history,
         **{k: final.get(k) for k in ("trainable_params", "step_time_s", "step_memory_mb", "steps", "eval_time_s")},
     }
     if stochastic:

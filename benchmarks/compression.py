@@ -20,7 +20,9 @@ bits; and for B-LoRA runs the size of the packed export against the 16-bit LoRA 
     python benchmarks/compression.py --suites minilm --seeds 1 --tag quick
 
 Writes ``benchmarks/results/compression/<tag>.json`` and ``<tag>.md``; runs go to
-``benchmarks/results/compression/runs/<tag>/`` (not committed). Finished runs are reused.
+``benchmarks/results/compression/runs/<tag>/`` (not committed). Finished runs are reused; a stopped run
+continues from its last end-of-epoch checkpoint; ``--tabulate`` makes the tables from the runs finished so
+far, training nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from _shared import (
     finished_run,
     mean_std,
     parse_variant,
+    prepare_run,
     run_benchmark,
     run_directory,
 )
@@ -85,15 +88,14 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
         "method": variant.method,
         "seed": seed,
         "rank": settings["rank"],
-        "output_dir": str(run_dir),
-        "overwrite": True,  # an unfinished run of an interrupted benchmark (a finished one was returned above)
         "logging_steps": 20,
         **variant.options,
     }
-    config = bl.make_config(**options)
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
-    bl.train(config, progress=False)
+    _, config = prepare_run(options, run_dir)
+    if config is not None:
+        bl.train(config, progress=False)
     metrics = read_json(eval_dir(run_dir, task) / "metrics.json")
     bops = metrics.get("bops", {})
     structure = metrics.get("structure", {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,3 +81,25 @@ def test_resume_refuses_what_it_cannot_continue(options, tmp_path):
     (finished / "adapter").rename(finished / "adapter-moved")  # looks unfinished now
     with pytest.raises(ValueError, match="--rank: 4 here, 2 in the run"):
         bl.train(output_dir=str(finished), resume=True, rank=4, progress=False)
+
+
+def test_checkpoints_hold_the_adapter_only_and_resume_from_it(tiny_llama_dir, tmp_path):
+    """With lm_head adapted, PEFT would also save the base embedding matrices in every checkpoint."""
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    options = dict(
+        model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=4, batch_size=2,
+        lr=1e-2, save_steps=2, target_modules=["q_proj", "lm_head"], seed=3, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    run = bl.train(**options, progress=False)
+    finished = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    checkpoint = load_file(str(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert checkpoint.keys() == finished.keys() and all("lora_" in key for key in checkpoint)
+
+    for name in ("adapter", "eval", "train_summary.json"):  # as if stopped after the step-2 checkpoint
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    bl.train(output_dir=str(run), resume=True, progress=False)
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for key in finished:
+        torch.testing.assert_close(resumed[key], finished[key], atol=1e-5, rtol=1e-5)

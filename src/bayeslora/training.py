@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 
 from .models import default_device
@@ -144,6 +146,17 @@ class BayesLoraTrainer(Trainer):
         for name, value in logs.items():
             self._running[name].append(value)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold the adapter only. (PEFT's default adds the base model's embedding matrices when
+        ``lm_head`` is adapted, ~30x the adapter's size for SmolLM2, though training never changes them.)"""
+        if not isinstance(self.model, PeftModel) or not self.args.should_save:
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
+        torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
 
     def _checkpoint_hint(self) -> str:
         """Where the checkpoints saved before a failure are, if any were saved."""

@@ -140,3 +140,54 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
         json.loads((run / "train_summary.json").read_text())["laplace_prior_precision"]
         in torch.logspace(-2, 6, 17).tolist()
     )
+
+
+@pytest.mark.parametrize("predictive", ["glm", "nn"])
+def test_posthoc_laplace_of_a_lora_run_equals_the_laplace_method(tiny_llama_dir, tmp_path, predictive):
+    import json
+
+    from safetensors.torch import load_file
+
+    import bayeslora as bl
+    from _toy_models import write_word_task
+
+    task = write_word_task(tmp_path / "toy.jsonl", 24)
+    common = dict(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=4,
+                  batch_size=4, lr=1e-2, train_size=8, progress=False)  # fmt: skip
+    options = dict(laplace_predictive=predictive, **({"samples": 3} if predictive == "nn" else {}))
+    lora = bl.train(method="lora", output_dir=str(tmp_path / "lora"), **common)
+    posthoc = bl.laplace(lora, progress=False, **options)
+    direct = bl.train(method="laplace", output_dir=str(tmp_path / "direct"), **common, **options)
+
+    assert posthoc == tmp_path / "lora-laplace" and (lora / "eval" / "toy" / "metrics.json").is_file()
+    ours, reference = load_file(str(posthoc / "laplace.safetensors")), load_file(str(direct / "laplace.safetensors"))
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=1e-5)
+    got, expected = (json.loads((run / "eval" / "toy" / "metrics.json").read_text()) for run in (posthoc, direct))
+    assert got["method"] == expected["method"] == "laplace" and got["n_samples"] == expected["n_samples"]
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-5)
+    assert bl.evaluate(posthoc, samples=0, output_dir=tmp_path / "mode", progress=False)["nll"] == pytest.approx(
+        json.loads((lora / "eval" / "toy" / "metrics.json").read_text())["nll"], abs=1e-6
+    )  # the posterior mode is the LoRA run
+
+
+def test_posthoc_laplace_refuses_what_it_cannot_fit(tiny_llama_dir, tmp_path, capsys):
+    import bayeslora as bl
+    from _toy_models import write_word_task
+    from bayeslora.cli import main
+
+    task = write_word_task(tmp_path / "toy.jsonl", 12)
+    common = dict(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=1,
+                  batch_size=4, train_size=8, progress=False)  # fmt: skip
+    melora = bl.train(method="melora", output_dir=str(tmp_path / "melora"), **common)
+    with pytest.raises(ValueError, match=r"'melora' run\. Train one with --method lora"):
+        bl.laplace(melora, progress=False)
+    lora = bl.train(method="lora", output_dir=str(tmp_path / "lora"), **common)
+    with pytest.raises(ValueError, match="not rank"):
+        bl.laplace(lora, rank=4, progress=False)
+    assert main(["--quiet", "laplace", "--run", str(lora), "--output-dir", str(tmp_path / "la")]) == 0
+    assert main(["--quiet", "laplace", "--run", str(lora), "--output-dir", str(tmp_path / "la")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "la" / "laplace.safetensors").is_file()

@@ -22,7 +22,7 @@ from .inference import Prediction, predict, predict_batch
 from .methods import METHODS, get_method
 from .metrics import classification_metrics
 from .models import MODEL_ALIASES, load_model, load_tokenizer
-from .posthoc import calibrate, export
+from .posthoc import calibrate, export, laplace
 from .sampling import posterior_mean
 from .scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from .tasks import TASKS, load_task
@@ -54,6 +54,7 @@ __all__ = [
     "export_lora",
     "export_packed",
     "get_method",
+    "laplace",
     "load_adapter",
     "load_model",
     "load_packed",

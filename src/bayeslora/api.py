@@ -160,7 +160,7 @@ def train(
             eval_tasks=eval_names,
         )
         if main and checkpoint is None:
-            _write_config(run / CONFIG_FILE, resolved)
+            write_config(run / CONFIG_FILE, resolved)
         if main and checkpoint is not None:
             _truncate_log(run / TRAIN_LOG, checkpoint)
         scorer = build_scorer(task, tokenizer, config)
@@ -211,7 +211,7 @@ def train(
         if learns_structure(model):
             write_structure(model, run, title=f"{config.method} on {config.task}")
         for eval_task in eval_tasks:
-            _evaluate_and_write(model, tokenizer, resolved, task, eval_task, run, summary, progress=progress)
+            evaluate_and_write(model, tokenizer, resolved, task, eval_task, run, summary, progress=progress)
     return run_dir
 
 
@@ -368,7 +368,8 @@ def training_extras(model: nn.Module, config: RunConfig, n_train: int):
     return combine_losses(losses), callbacks, special_lrs
 
 
-def _write_config(path: Path, config: RunConfig) -> None:
+def write_config(path: Path, config: RunConfig) -> None:
+    """``config.yaml`` of a run: the resolved options, with the command that reproduces the run."""
     import yaml
 
     header = (
@@ -385,7 +386,7 @@ def resolve_samples(config: RunConfig, samples: int | None) -> int:
     return get_method(config.method).samples(samples if samples is not None else config.samples, config)
 
 
-def _evaluate_and_write(
+def evaluate_and_write(
     model: nn.Module,
     tokenizer,
     config: RunConfig,
@@ -560,7 +561,7 @@ def evaluate(
         summary_path = Path(run) / TRAIN_SUMMARY
         summary = read_json(summary_path) if summary_path.is_file() else None
     network.eval()
-    return _evaluate_and_write(
+    return evaluate_and_write(
         network,
         tokenizer,
         config,

@@ -1,4 +1,4 @@
-"""The ``bayeslora`` command line: train | eval | calibrate | export | report | demo | env | tasks | methods.
+"""The ``bayeslora`` command line: train | eval | calibrate | laplace | export | report | demo | env | tasks | methods.
 
 ``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
 so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from .assets import AssetNotInstalledError
-from .config import RunConfig, coerce_value, field_type, make_config
+from .config import LAPLACE_OPTIONS, RunConfig, coerce_value, field_type, make_config
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -130,6 +130,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_laplace(args: argparse.Namespace) -> int:
+    from .posthoc import laplace
+
+    options = {key: coerce_value(key, value) for key, value in vars(args).items() if key in LAPLACE_OPTIONS}
+    run = laplace(
+        args.run,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        force_base=args.force_base,
+        progress=not args.quiet,
+        **options,
+    )
+    print(f"\nLaplace run written to {run}")
+    _print_run_metrics(run)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
@@ -230,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     calibrator.add_argument("--overwrite", action="store_true", help="Replace existing eval/<task>-ts/.")
     calibrator.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     calibrator.set_defaults(handler=_cmd_calibrate)
+
+    laplacian = commands.add_parser(
+        "laplace", help="Laplace-LoRA post hoc: a K-FAC Laplace posterior over a LoRA (or MAP) run's weights."
+    )
+    laplacian.add_argument("--run", required=True, help="A finished `--method lora` or `--method map` run.")
+    laplacian.add_argument("--output-dir", help="The new run directory (default: <run>-laplace).")
+    laplacian.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+    _add_config_flags(laplacian, only=LAPLACE_OPTIONS)
+    laplacian.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
+    laplacian.set_defaults(handler=_cmd_laplace)
 
     report = commands.add_parser("report", help="One table of every run's evaluations, and B-LoRA's bit operations.")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Run directories.")

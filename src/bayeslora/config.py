@@ -342,3 +342,7 @@ def make_config(recipe: str | Path | None = None, **overrides: Any) -> RunConfig
     config = RunConfig(**values)
     config.validate()
     return config
+
+
+#: The options of a post-hoc Laplace fit (``bayeslora laplace``); the others are those of the LoRA run.
+LAPLACE_OPTIONS = ("laplace_subset", "laplace_prior", "laplace_predictive", "samples", "eval_batch_size")

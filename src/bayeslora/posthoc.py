@@ -1,19 +1,43 @@
-"""What is done to a finished run: export its adapter, calibrate its predictions with a temperature."""
+"""What is done to a finished run: export its adapter, calibrate its predictions with a temperature, fit a
+Laplace posterior over its LoRA weights."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapters import load_adapter
-from .api import build_scorer, load_base, prediction_options, resolve_samples
-from .config import make_config
+from .api import (
+    build_scorer,
+    evaluate_and_write,
+    fit_laplace,
+    load_base,
+    prediction_options,
+    resolve_samples,
+    write_config,
+)
+from .config import LAPLACE_OPTIONS, make_config
 from .evaluation import evaluate_model, write_evaluation
-from .io import read_json
-from .runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
-from .tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout
+from .io import read_json, write_json_atomic
+from .methods import get_method
+from .runs import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    TRAIN_LOG,
+    TRAIN_SUMMARY,
+    RunExistsError,
+    eval_dir,
+    has_adapter,
+    new_run_dir,
+    read_run_config,
+)
+from .tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout, seeded_subset
+
+#: The methods whose adapter a post-hoc Laplace posterior can be fitted to (a single plain LoRA adapter).
+LAPLACE_SOURCES = ("lora", "map")
 
 
 def export(
@@ -118,3 +142,56 @@ def calibrate(
         write_evaluation(target, record, prediction, f"{record['method']} on {before['task']} (T = {temperature:.2f})")
         records.append(record)
     return records
+
+
+def laplace(
+    run: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    force_base: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> Path:
+    """Laplace-LoRA post hoc: a K-FAC Laplace posterior over the weights of a finished LoRA or MAP run.
+
+    Writes a new run directory (``output_dir``, default ``<run>-laplace``) of method ``laplace``: the same
+    adapter, the posterior (``laplace.safetensors``) and every evaluation of the source run predicted with
+    it; the source run is not changed. The result is that of ``train(method="laplace")`` with the LoRA run's
+    options and seed (same LoRA, same fit), without training again. ``options``: ``laplace_subset``,
+    ``laplace_prior``, ``laplace_predictive``, ``samples``, ``eval_batch_size``. Returns the new run directory.
+    """
+    source = Path(run)
+    stored = read_run_config(source)
+    if stored.get("method") not in LAPLACE_SOURCES:
+        raise ValueError(
+            f"A post-hoc Laplace posterior is fitted to a LoRA or MAP run; {source} is a '{stored.get('method')}' "
+            f"run. Train one with --method lora (or map), or train with --method laplace directly."
+        )
+    if not has_adapter(source / ADAPTER_DIR):
+        raise FileNotFoundError(f"{source} has no adapter (the run did not finish); nothing to fit a posterior to.")
+    unknown = sorted(set(options) - set(LAPLACE_OPTIONS))
+    if unknown:
+        raise ValueError(f"laplace takes the options {', '.join(LAPLACE_OPTIONS)}; not {', '.join(unknown)}")
+    out = Path(output_dir) if output_dir is not None else source.with_name(f"{source.name}-laplace")
+    config = make_config(
+        **{**stored, "samples": None, **options, "method": "laplace", "output_dir": str(out), "force_base": force_base}
+    )
+    config.validate()
+    config = get_method("laplace").resolve(config)
+    task = load_task(config.task)
+    train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
+    eval_tasks = [task if name == config.task else load_task(name) for name in config.eval_tasks or []]
+    with new_run_dir(out, overwrite) as new:
+        model, tokenizer = load_base(config, task, progress=progress)
+        model = load_adapter(model, source / ADAPTER_DIR, force=force_base)
+        shutil.copytree(source / ADAPTER_DIR, new / ADAPTER_DIR)
+        if (source / TRAIN_LOG).is_file():
+            shutil.copy2(source / TRAIN_LOG, new / TRAIN_LOG)
+        write_config(new / CONFIG_FILE, config)
+        fitted = fit_laplace(model, config, build_scorer(task, tokenizer, config), task, train_examples, new)
+        summary = {**read_json(source / TRAIN_SUMMARY), "method": "laplace", **fitted, "laplace_of": str(source)}
+        write_json_atomic(new / TRAIN_SUMMARY, summary)
+        for eval_task in eval_tasks:
+            evaluate_and_write(model, tokenizer, config, task, eval_task, new, summary, progress=progress)
+    return out

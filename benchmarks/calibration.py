@@ -116,6 +116,18 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
     return record
 
 
+def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant, seed: int) -> Path | None:
+    """For Laplace-LoRA, the finished LoRA run of the same task and seed if there is one: the posterior is then
+    fitted to it post hoc (``bayeslora laplace``), which gives what training ``--method laplace`` would."""
+    from bayeslora.config import LAPLACE_OPTIONS
+
+    if variant.method != "laplace" or set(variant.options) - set(LAPLACE_OPTIONS):
+        return None
+    lora = Variant("lora", "lora", {})
+    run_dir = run_directory(settings["root"], task, lora, seed)
+    return run_dir if finished_record(run_dir, lora) is not None else None
+
+
 def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Train + evaluate one configuration, or reuse its finished record; returns the record."""
     import bayeslora as bl
@@ -148,14 +160,22 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     options.update(variant.options)
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
-    state, config = prepare_run(options, run_dir)
-    stochastic = bl.get_method(variant.method).is_stochastic(config or bl.make_config(**options))
-    if config is not None:
-        epochs = _epoch_callback(
-            config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1), keep=state == "resumed"
+    stochastic = bl.get_method(variant.method).is_stochastic(bl.make_config(**options))
+    if (lora_run := _lora_run_for_laplace(settings, task, variant, seed)) is not None:
+        print(f"   {task} {variant.name} seed {seed}: the posterior fitted post hoc to {lora_run}", flush=True)
+        laplace_options = {k: v for k, v in variant.options.items() if k != "samples"}
+        bl.laplace(
+            lora_run, output_dir=run_dir, overwrite=True, progress=False, samples=options["samples"], **laplace_options
         )
-        bl.train(config, progress=False, callbacks=[epochs])
-    history = read_json(run_dir / EPOCHS_FILE) if (run_dir / EPOCHS_FILE).is_file() else []
+        history = read_json(lora_run / "benchmark.json")["epochs"]  # the posterior's mode is that LoRA
+    else:
+        state, config = prepare_run(options, run_dir)
+        if config is not None:
+            epochs = _epoch_callback(
+                config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1), keep=state == "resumed"
+            )
+            bl.train(config, progress=False, callbacks=[epochs])
+        history = read_json(run_dir / EPOCHS_FILE) if (run_dir / EPOCHS_FILE).is_file() else []
     final = read_json(eval_dir(run_dir, task) / "metrics.json")
     record: dict[str, Any] = {
         "task": task,

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: every interpreter of the environment imports this module
+if TYPE_CHECKING:
+    from typing import Any
 
 #: The PEFT types bayeslora registers (``bayeslora.tuners``); a test keeps the two lists equal.
 BAYESLORA_PEFT_TYPES = frozenset({"MELORA", "BLOB", "BLORA"})
@@ -37,7 +40,7 @@ class BayesLoraTypeNotLoaded(KeyError):
 
 
 def _type_name(key: Any) -> str:
-    return str(getattr(key, "value", key)).upper()
+    return str(getattr(key, "value", key))
 
 
 class PeftConfigMapping(dict):
@@ -66,12 +69,16 @@ class PeftConfigMapping(dict):
 
 
 class _PatchAfterExec:
-    """Loader wrapper: runs the real loader, then installs :class:`PeftConfigMapping` in the module."""
+    """Loader wrapper: runs the real loader, then installs :class:`PeftConfigMapping` in the module and
+    retires the watcher (if the module fails to execute, the watcher stays for the next attempt)."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, watcher: _PeftMappingWatcher) -> None:
         self._loader = loader
+        self._watcher = watcher
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ... of the real loader
+        if name in ("_loader", "_watcher"):  # not yet set (copy.copy creates the object without __init__)
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def create_module(self, spec: Any) -> Any:
@@ -80,25 +87,31 @@ class _PatchAfterExec:
     def exec_module(self, module: Any) -> None:
         self._loader.exec_module(module)
         install(module)
+        self._watcher.retire()
 
 
 class _PeftMappingWatcher:
-    """``sys.meta_path`` entry that wraps the loader of ``peft.mapping``; removes itself after that."""
+    """``sys.meta_path`` entry that wraps the loader of ``peft.mapping``, found by the other finders."""
+
+    def __init__(self) -> None:
+        self._looking = False  # find_spec below asks the import system, which asks this finder again
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != PEFT_MAPPING_MODULE:
+        if fullname != PEFT_MAPPING_MODULE or self._looking:
             return None
-        sys.meta_path[:] = [finder for finder in sys.meta_path if finder is not self]
-        for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(fullname, path, target) if find_spec is not None else None
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchAfterExec(spec.loader)
+        import importlib.util
+
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchAfterExec(spec.loader, self)
         return spec
+
+    def retire(self) -> None:
+        sys.meta_path[:] = [finder for finder in sys.meta_path if finder is not self]
 
 
 def install(module: Any) -> bool:

@@ -117,3 +117,33 @@ def test_the_installed_package_runs_the_hook_at_start_up():
         check=True,
     )
     assert "_PeftMappingWatcher" in result.stdout
+
+
+def test_a_failed_import_of_peft_mapping_is_watched_again(tmp_path):
+    """The watcher stays until ``peft.mapping`` has executed; the wrapped loader can be copied."""
+    fake = tmp_path / "peft"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "mapping.py").write_text(
+        "import pathlib\n"
+        f"marker = pathlib.Path({str(tmp_path / 'tried')!r})\n"
+        "if not marker.exists():\n"
+        "    marker.touch()\n"
+        "    raise ImportError('first attempt fails')\n"
+        "PEFT_TYPE_TO_CONFIG_MAPPING = {}\n"
+    )
+    script = f"""
+        import copy, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        try:
+            import peft.mapping
+        except ImportError:
+            pass
+        import peft.mapping
+        copy.copy(peft.mapping.__loader__)
+        watching = [type(f).__name__ for f in sys.meta_path if type(f).__name__ == "_PeftMappingWatcher"]
+        print(type(peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING).__name__, watching)
+    """
+    result = run_fresh(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "PeftConfigMapping []"

@@ -43,14 +43,20 @@ def test_temperature_recovers_a_known_overconfidence():
 
 
 def test_the_fitted_temperature_is_the_minimiser():
-    """Against a dense float64 grid of T: the bisection's NLL is at most the grid's best."""
+    """Against a dense float64 grid of T: the bisection's NLL is at most the grid's best (T inside the bounds)."""
     torch.manual_seed(1)
-    probs = (torch.randn(200, 4) * 2).softmax(-1)
-    probs[::3, 3] = 0  # questions with three choices
-    probs = probs / probs.sum(-1, keepdim=True)
-    labels = torch.randint(0, 3, (200,))
+    logits = torch.randn(400, 4) * 3
+    logits[::3, 3] = -torch.inf  # questions with three choices
+    labels = torch.distributions.Categorical(logits=logits / 1.7).sample()  # the model is 1.7x too sharp
+    probs = logits.softmax(-1)
+    temperature = fit_temperature(probs, labels)
+    assert 1.2 < temperature < 2.5
     best = min(nll(scaled(probs, float(t)), labels) for t in torch.logspace(-2, 2, 4001, dtype=torch.float64))
-    assert nll(scaled(probs, fit_temperature(probs, labels)), labels) <= best + 1e-12
+    assert nll(scaled(probs, temperature), labels) <= best + 1e-12
+
+
+def test_a_flat_nll_keeps_the_predictions():
+    assert fit_temperature(torch.full((6, 3), 1 / 3), torch.tensor([0, 1, 2, 0, 1, 2])) == 1.0
 
 
 def test_misleading_predictions_stop_at_the_largest_temperature():

@@ -16,11 +16,14 @@ predictions, whose NLL keeps falling towards the uniform distribution as T grows
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-#: T is kept within [1/100, 100].
-MAX_LOG_T = 4.605170185988092  # log 100
+#: T is kept within [1/MAX_T, MAX_T].
+MAX_T = 100.0
+MAX_LOG_T = math.log(MAX_T)
 
 
 def _log_probs(probs: Tensor) -> Tensor:
@@ -52,20 +55,24 @@ def fit_temperature(probs: Tensor, labels: Tensor, iterations: int = 100) -> flo
 
     def slope(log_beta: float) -> float:
         """dNLL/dβ at β = exp(log_beta)."""
-        weights = torch.where(valid, log_p * torch.tensor(log_beta, dtype=torch.float64).exp(), -torch.inf)
-        weights = weights.softmax(-1)  # (N, C)
+        weights = torch.where(valid, log_p * math.exp(log_beta), -torch.inf).softmax(-1)  # (N, C)
         expected = torch.where(valid, weights * log_p, torch.zeros_like(log_p)).sum(-1)  # (N,)
         return float((expected - label_log_p).mean())
 
     low, high = -MAX_LOG_T, MAX_LOG_T  # log β; β = 1/T
-    if slope(low) >= 0:  # the NLL still falls as β -> 0: the most uniform prediction allowed
-        return float(torch.tensor(MAX_LOG_T, dtype=torch.float64).exp())
-    if slope(high) <= 0:  # still falls as β grows: the sharpest allowed
-        return float(torch.tensor(-MAX_LOG_T, dtype=torch.float64).exp())
+    at_low, at_high = slope(low), slope(high)
+    if max(abs(at_low), abs(at_high)) < 1e-12:  # the NLL does not depend on T (uniform predictions, one choice)
+        return 1.0
+    if at_low >= 0:  # the NLL still falls as β -> 0: the most uniform prediction allowed
+        return MAX_T
+    if at_high <= 0:  # still falls as β grows: the sharpest allowed
+        return 1 / MAX_T
     for _ in range(iterations):
         middle = (low + high) / 2
+        if middle in (low, high):  # the interval cannot shrink further in float64
+            break
         if slope(middle) > 0:
             high = middle
         else:
             low = middle
-    return float(torch.tensor(-(low + high) / 2, dtype=torch.float64).exp())
+    return math.exp(-(low + high) / 2)

@@ -68,6 +68,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(options, tmp_path):
     expected = json.loads((reference / "eval" / "toy" / "metrics.json").read_text())
     for key in ("accuracy", "ece", "nll", "brier"):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-5)
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["steps"] == 8 and summary["resumed_from_step"] == 4  # step time over the 4 steps run here
     log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))  # each step logged once
 

@@ -186,8 +186,9 @@ def train(
         if get_method(config.method).prediction == "laplace":
             laplace = fit_laplace(model, config, scorer, task, train_examples, run)
         device = next(model.parameters()).device
-        runtime = sum(fit.output.metrics.get("train_runtime", 0.0) for fit in fits)
+        runtime = sum(fit.output.metrics.get("train_runtime", 0.0) for fit in fits)  # of this process only
         steps_done = sum(fit.output.global_step for fit in fits)
+        steps_run = steps_done - (_checkpoint_step(checkpoint) if checkpoint else 0)  # the steps of that runtime
         summary = {
             "task": config.task,
             "method": config.method,
@@ -198,7 +199,8 @@ def train(
             **({"ensemble_members": len(members)} if members else {}),
             "train_loss": sum(fit.output.training_loss for fit in fits) / len(fits),
             "train_runtime_s": round(runtime, 2),
-            "step_time_s": round(runtime / max(1, steps_done), 3),
+            **({"resumed_from_step": _checkpoint_step(checkpoint)} if checkpoint else {}),
+            "step_time_s": round(runtime / max(1, steps_run), 3),
             "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "trainable_params": trainable_parameters(model) * len(fits),
@@ -328,11 +330,16 @@ def _last_complete_checkpoint(folder: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
 def _truncate_log(path: Path, checkpoint: Path) -> None:
     """Keep the log lines up to the checkpoint's step (a resumed run writes the later ones again)."""
     if not path.is_file():
         return
-    step = int(checkpoint.name.rsplit("-", 1)[-1])
+    step = _checkpoint_step(checkpoint)
     kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 

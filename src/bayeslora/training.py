@@ -149,14 +149,21 @@ class BayesLoraTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints hold the adapter only. (PEFT's default adds the base model's embedding matrices when
-        ``lm_head`` is adapted, ~30x the adapter's size for SmolLM2, though training never changes them.)"""
-        if not isinstance(self.model, PeftModel) or not self.args.should_save:
+        ``lm_head`` is adapted, ~30x the adapter's size for SmolLM2, though training never changes them.)
+        Every process that the Trainer's own ``_save`` would use takes part, the main one writes."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        joins = self.args.should_save or getattr(self, "is_distributed_loading_by_transformers", False)
+        if not isinstance(model, PeftModel) or not joins:
             super()._save(output_dir, state_dict)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
-        torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
+        if self.args.should_save:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(
+            output_dir, state_dict=state_dict, is_main_process=self.args.should_save, save_embedding_layers=False
+        )
+        if self.args.should_save:
+            torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
 
     def _checkpoint_hint(self) -> str:
         """Where the checkpoints saved before a failure are, if any were saved."""

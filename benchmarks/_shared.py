@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -13,6 +12,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
+
+from bayeslora.io import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -50,42 +53,69 @@ def finished_run(root: str | Path, task: str, variant: Variant, seed: int) -> tu
     return f"{task} {variant.name} seed {seed}", finished_record(run_directory(root, task, variant, seed), variant)
 
 
-def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any]:
+#: The options a benchmark run was started with, in the run: only a run started with the same options is continued.
+OPTIONS_FILE = "benchmark_options.json"
+
+
+def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]:
     """How to (re)start the run at ``run_dir`` with these ``bayeslora.make_config`` options, picking up what an
-    interrupted benchmark left there. Returns ``(state, config)``:
+    interrupted benchmark left there if it was started with the same options. Returns
+    ``(state, config, callbacks)``, the callbacks to pass to ``bayeslora.train`` with the config:
 
-    * ``("trained", None)``: training finished (``train_summary.json``); its evaluation is completed if the
-      benchmark was stopped during it;
-    * ``("resumed", config)``: continue from the run's last complete checkpoint (``--resume``);
-    * ``("new", config)``: train from the start, replacing whatever unfinished run is there.
+    * ``("trained", None, [])``: training finished; its evaluation is completed if the benchmark was
+      stopped during it;
+    * ``("resumed", config, callbacks)``: continue from the run's last complete checkpoint (``--resume``);
+    * ``("new", config, callbacks)``: train from the start; an unfinished run with other options, or one that
+      cannot be continued, is deleted first (benchmark runs are the benchmark's own).
 
-    Runs save a checkpoint at the end of every epoch (the last two kept), so a stopped benchmark loses at
-    most one epoch of each run it was training."""
+    The callbacks save a checkpoint at the end of every epoch, after the other callbacks' end-of-epoch work
+    (the per-epoch evaluations), so a stopped benchmark loses at most the epoch it was in."""
+    import shutil
+
     import bayeslora as bl
     from bayeslora.api import resume_point
     from bayeslora.runs import TRAIN_SUMMARY, RunExistsError, eval_dir
 
-    if (run_dir / TRAIN_SUMMARY).is_file():
+    options = json.loads(json.dumps({**options, "output_dir": str(run_dir)}))
+    same = (run_dir / OPTIONS_FILE).is_file() and json.loads((run_dir / OPTIONS_FILE).read_text()) == options
+    callbacks = [EpochCheckpoints(), RecordOptions(run_dir / OPTIONS_FILE, options)]
+    if same and (run_dir / TRAIN_SUMMARY).is_file():
         if not (eval_dir(run_dir, options["task"]) / "metrics.json").is_file():
             print(f"{run_dir}: trained, evaluating it", flush=True)
             bl.evaluate(run_dir, overwrite=True, progress=False)
-        return "trained", None
-    train_size, batch = options.get("train_size"), options.get("batch_size", 8)
-    options = {
-        "save_steps": math.ceil(train_size / batch) if train_size else 200,
-        "save_total_limit": 2,
-        **options,
-        "output_dir": str(run_dir),
-    }
-    try:
-        config = bl.make_config(**options, resume=True, overwrite=False)
-        resume_point(config, run_dir)
-    except (FileNotFoundError, RunExistsError, ValueError) as why:
-        if run_dir.exists():
-            print(f"{run_dir}: training again ({str(why).splitlines()[0]})", flush=True)
-        return "new", bl.make_config(**options, overwrite=True)
-    print(f"{run_dir}: continuing from its last checkpoint", flush=True)
-    return "resumed", config
+        return "trained", None, []
+    reason = "it was started with other options" if not same else ""
+    if same:
+        try:
+            config = bl.make_config(**options, resume=True)
+            resume_point(config, run_dir)
+        except (FileNotFoundError, RunExistsError, ValueError) as why:
+            reason = str(why).splitlines()[0]
+        else:
+            print(f"{run_dir}: continuing from its last checkpoint", flush=True)
+            return "resumed", config, callbacks
+    if run_dir.exists():
+        print(f"{run_dir}: training again ({reason or 'no benchmark options recorded'})", flush=True)
+        shutil.rmtree(run_dir)
+    return "new", bl.make_config(**options), callbacks
+
+
+class EpochCheckpoints(TrainerCallback):
+    """Save a checkpoint at the end of every epoch (after the end-of-epoch work of the other callbacks)."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_save = True
+
+
+class RecordOptions(TrainerCallback):
+    """Write the benchmark's options into a new run when its training starts."""
+
+    def __init__(self, path: Path, options: dict[str, Any]) -> None:
+        self.path, self.options = path, options
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.path.is_file():
+            write_json_atomic(self.path, self.options)
 
 
 TABULATE_HELP = "Train nothing: make the tables from the finished runs among the configurations, listing the others."
@@ -101,7 +131,7 @@ def finished_record(run_dir: Path, variant: Variant) -> dict[str, Any] | None:
         return None
     record = read_json(path)
     if record.get("method") != variant.method or record.get("options", {}) != variant.options:
-        print(f"{run_dir} was made with other options than '{variant.name}' now has: training it again", flush=True)
+        print(f"{run_dir} was made with other options than '{variant.name}' has now: not reused", flush=True)
         return None
     return record
 
@@ -157,7 +187,7 @@ def run_benchmark(
 
     With ``finished`` (``finished(*configuration)`` -> (label, the finished run's record or None)) nothing is
     trained: the tables are made from the configurations already run, and the others are listed as missing."""
-    from bayeslora.io import write_json_atomic, write_text_atomic
+    from bayeslora.io import write_text_atomic
 
     started = time.time()
     results: list[dict[str, Any]] = []

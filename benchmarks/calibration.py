@@ -169,12 +169,12 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         )
         history = read_json(lora_run / "benchmark.json")["epochs"]  # the posterior's mode is that LoRA
     else:
-        state, config = prepare_run(options, run_dir)
+        state, config, callbacks = prepare_run(options, run_dir)
         if config is not None:
             epochs = _epoch_callback(
                 config, n_samples=0 if stochastic else 1, every=settings.get("eval_every", 1), keep=state == "resumed"
             )
-            bl.train(config, progress=False, callbacks=[epochs])
+            bl.train(config, progress=False, callbacks=[epochs, *callbacks])
         history = read_json(run_dir / EPOCHS_FILE) if (run_dir / EPOCHS_FILE).is_file() else []
     final = read_json(eval_dir(run_dir, task) / "metrics.json")
     record: dict[str, Any] = {

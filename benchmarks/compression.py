@@ -93,9 +93,9 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
     }
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
-    _, config = prepare_run(options, run_dir)
+    _, config, callbacks = prepare_run(options, run_dir)
     if config is not None:
-        bl.train(config, progress=False)
+        bl.train(config, progress=False, callbacks=callbacks)
     metrics = read_json(eval_dir(run_dir, task) / "metrics.json")
     bops = metrics.get("bops", {})
     structure = metrics.get("structure", {})

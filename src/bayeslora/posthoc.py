@@ -168,8 +168,8 @@ def laplace(
             f"A post-hoc Laplace posterior is fitted to a LoRA or MAP run; {source} is a '{stored.get('method')}' "
             f"run. Train one with --method lora (or map), or train with --method laplace directly."
         )
-    if not has_adapter(source / ADAPTER_DIR):
-        raise FileNotFoundError(f"{source} has no adapter (the run did not finish); nothing to fit a posterior to.")
+    if not has_adapter(source / ADAPTER_DIR) or not (source / TRAIN_SUMMARY).is_file():
+        raise FileNotFoundError(f"{source} is not a finished run (no adapter or {TRAIN_SUMMARY}): nothing to fit.")
     unknown = sorted(set(options) - set(LAPLACE_OPTIONS))
     if unknown:
         raise ValueError(f"laplace takes the options {', '.join(LAPLACE_OPTIONS)}; not {', '.join(unknown)}")
@@ -177,7 +177,6 @@ def laplace(
     config = make_config(
         **{**stored, "samples": None, **options, "method": "laplace", "output_dir": str(out), "force_base": force_base}
     )
-    config.validate()
     config = get_method("laplace").resolve(config)
     task = load_task(config.task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)

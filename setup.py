@@ -40,12 +40,18 @@ def _record_line(name: str, data: bytes) -> str:
 
 
 def add_to_wheel(wheel: Path, name: str, data: bytes) -> None:
-    """Rewrite ``wheel`` with the file ``name`` at its root and the matching RECORD line."""
+    """Rewrite ``wheel`` with the file ``name`` at its root (a regular file, mode 644, dated like the wheel's
+    other entries) and the matching RECORD line; nothing is done if the wheel already has it."""
     with zipfile.ZipFile(wheel) as old:
         entries = [(info, old.read(info)) for info in old.infolist()]
+    if any(info.filename == name for info, _ in entries):
+        return
+    added = zipfile.ZipInfo(name, date_time=entries[0][0].date_time)
+    added.external_attr = 0o100644 << 16
+    added.compress_type = zipfile.ZIP_DEFLATED
     rewritten = wheel.with_suffix(".tmp")
     with zipfile.ZipFile(rewritten, "w", zipfile.ZIP_DEFLATED) as new:
-        new.writestr(name, data)
+        new.writestr(added, data)
         for info, content in entries:
             if info.filename.endswith(".dist-info/RECORD"):
                 content = content.rstrip(b"\n") + b"\n" + _record_line(name, data).encode() + b"\n"

@@ -268,6 +268,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
     ]
     for task, name in keys:
         rows = [r for r in results if r["task"] == task and r["variant"] == name]
+        seeds = " ".join(str(r["seed"]) for r in rows)
         means = [r["posterior_mean"] for r in rows if "posterior_mean" in r]
         mean_cell = (
             f"{mean_std([m['accuracy'] for m in means], 100)} / {mean_std([m['ece'] for m in means], 100)} / "
@@ -276,7 +277,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
             else "–"
         )
         lines.append(
-            f"| {task} | {name} | {' '.join(str(r['seed']) for r in rows)} | {rows[0]['n_samples']} | "
+            f"| {task} | {name} | {seeds} | {rows[0]['n_samples']} | "
             f"{_cells([r['final'] for r in rows])} | {mean_cell} | "
             f"{rows[0].get('trainable_params') or 0:,} | "
             f"{mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
@@ -284,7 +285,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
         if all("ts" in r for r in rows):
             temperature = mean_std([r["ts"]["temperature"] for r in rows], digits=2)
             lines.append(
-                f"| {task} | {name} + TS (T = {temperature}) | {' '.join(str(r['seed']) for r in rows)} | "
+                f"| {task} | {name} + TS (T = {temperature}) | {seeds} | "
                 f"{rows[0]['n_samples']} | "
                 f"{_cells([r['ts'] for r in rows])} | – | | |"
             )

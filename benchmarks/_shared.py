@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from bayeslora.io import write_json_atomic
+from bayeslora.io import write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,6 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
 
     The callbacks save a checkpoint at the end of every epoch, after the other callbacks' end-of-epoch work
     (the per-epoch evaluations), so a stopped benchmark loses at most the epoch it was in."""
-    import shutil
-
     import bayeslora as bl
     from bayeslora.api import resume_point
     from bayeslora.runs import TRAIN_SUMMARY, RunExistsError, eval_dir
@@ -187,8 +186,6 @@ def run_benchmark(
 
     With ``finished`` (``finished(*configuration)`` -> (label, the finished run's record or None)) nothing is
     trained: the tables are made from the configurations already run, and the others are listed as missing."""
-    from bayeslora.io import write_text_atomic
-
     started = time.time()
     results: list[dict[str, Any]] = []
     missing: list[str] = []

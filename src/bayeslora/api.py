@@ -137,7 +137,7 @@ def train(
     task = load_task(config.task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
     eval_names = config.eval_tasks if config.eval_tasks is not None else ([config.task] if task.heldout_eval else [])
-    eval_tasks = [task if name == config.task else load_task(name) for name in eval_names]
+    eval_tasks = load_eval_tasks(config, task, eval_names)
     for eval_task in eval_tasks:
         _check_eval_task(task, eval_task)
 
@@ -188,7 +188,8 @@ def train(
         device = next(model.parameters()).device
         runtime = sum(fit.output.metrics.get("train_runtime", 0.0) for fit in fits)  # of this process only
         steps_done = sum(fit.output.global_step for fit in fits)
-        steps_run = steps_done - (_checkpoint_step(checkpoint) if checkpoint else 0)  # the steps of that runtime
+        start_step = _checkpoint_step(checkpoint) if checkpoint else 0
+        steps_run = steps_done - start_step  # the steps of that runtime
         summary = {
             "task": config.task,
             "method": config.method,
@@ -199,7 +200,7 @@ def train(
             **({"ensemble_members": len(members)} if members else {}),
             "train_loss": sum(fit.output.training_loss for fit in fits) / len(fits),
             "train_runtime_s": round(runtime, 2),
-            **({"resumed_from_step": _checkpoint_step(checkpoint)} if checkpoint else {}),
+            **({"resumed_from_step": start_step} if checkpoint else {}),
             "step_time_s": round(runtime / max(1, steps_run), 3),
             "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -328,6 +329,11 @@ def _last_complete_checkpoint(folder: Path) -> Path | None:
     )
     complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
     return complete[-1] if complete else None
+
+
+def load_eval_tasks(config: RunConfig, train_task: Task, names: Sequence[str]) -> list[Task]:
+    """The evaluation tasks ``names`` of a run; its training task (``config.task``) is reused, not loaded again."""
+    return [train_task if name == config.task else load_task(name) for name in names]
 
 
 def _checkpoint_step(checkpoint: Path) -> int:

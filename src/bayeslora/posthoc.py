@@ -15,6 +15,7 @@ from .api import (
     evaluate_and_write,
     fit_laplace,
     load_base,
+    load_eval_tasks,
     prediction_options,
     resolve_samples,
     write_config,
@@ -180,7 +181,7 @@ def laplace(
     config = get_method("laplace").resolve(config)
     task = load_task(config.task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
-    eval_tasks = [task if name == config.task else load_task(name) for name in config.eval_tasks or []]
+    eval_tasks = load_eval_tasks(config, task, config.eval_tasks or [])
     with new_run_dir(out, overwrite) as new:
         model, tokenizer = load_base(config, task, progress=progress)
         model = load_adapter(model, source / ADAPTER_DIR, force=force_base)

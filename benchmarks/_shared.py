@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from bayeslora.io import write_json_atomic, write_text_atomic
+from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,14 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
     from bayeslora.runs import TRAIN_SUMMARY, RunExistsError, eval_dir
 
     options = json.loads(json.dumps({**options, "output_dir": str(run_dir)}))
-    same = (run_dir / OPTIONS_FILE).is_file() and json.loads((run_dir / OPTIONS_FILE).read_text()) == options
+    recorded = read_json(run_dir / OPTIONS_FILE) if (run_dir / OPTIONS_FILE).is_file() else None
     callbacks = [EpochCheckpoints(), RecordOptions(run_dir / OPTIONS_FILE, options)]
-    if same and (run_dir / TRAIN_SUMMARY).is_file():
-        if not (eval_dir(run_dir, options["task"]) / "metrics.json").is_file():
-            print(f"{run_dir}: trained, evaluating it", flush=True)
-            bl.evaluate(run_dir, overwrite=True, progress=False)
-        return "trained", None, []
-    reason = "it was started with other options" if not same else ""
-    if same:
+    if recorded == options:
+        if (run_dir / TRAIN_SUMMARY).is_file():
+            if not (eval_dir(run_dir, options["task"]) / "metrics.json").is_file():
+                print(f"{run_dir}: trained, evaluating it", flush=True)
+                bl.evaluate(run_dir, overwrite=True, progress=False)
+            return "trained", None, []
         try:
             config = bl.make_config(**options, resume=True)
             resume_point(config, run_dir)
@@ -93,8 +92,10 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
         else:
             print(f"{run_dir}: continuing from its last checkpoint", flush=True)
             return "resumed", config, callbacks
+    else:
+        reason = "no benchmark options recorded" if recorded is None else "it was started with other options"
     if run_dir.exists():
-        print(f"{run_dir}: training again ({reason or 'no benchmark options recorded'})", flush=True)
+        print(f"{run_dir}: training again ({reason})", flush=True)
         shutil.rmtree(run_dir)
     return "new", bl.make_config(**options), callbacks
 
@@ -123,8 +124,6 @@ TABULATE_HELP = "Train nothing: make the tables from the finished runs among the
 def finished_record(run_dir: Path, variant: Variant) -> dict[str, Any] | None:
     """The ``benchmark.json`` a finished run wrote last, if the run was made with ``variant``'s method and
     options (a run left by an earlier definition of the variant is trained again, not reused)."""
-    from bayeslora.io import read_json
-
     path = run_dir / "benchmark.json"
     if not path.is_file():
         return None

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -535,3 +536,31 @@ def test_saved_bayeslora_adapter_says_how_to_load_it(tmp_path):
     save_adapter(blora(BLoraConfig(r=2, target_modules=["q"])), tmp_path / "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "import bayeslora" in card and "bayeslora-peft-hook.pth" in card and "BLORA" in card
+
+
+def test_a_run_too_short_for_the_gates_to_close_is_warned_about():
+    from bayeslora.gating import warn_if_gates_cannot_close
+    from bayeslora.tuners.blora.gates import OFF_THRESHOLD, deterministic_gates, gate_logit_for
+
+    off_logit = gate_logit_for(1 - OFF_THRESHOLD)  # the distance the warning measures ends where a gate is off
+    assert deterministic_gates(torch.tensor([off_logit - 1e-3, off_logit + 1e-3])).tolist() == [0.0, 1.0]
+    # the RTE benchmark run: 104 steps, 82 of them training the gates, at most ~4.1 of the 3.9 needed
+    with pytest.warns(UserWarning, match="82 optimizer steps at --gate-lr 0.05; .* ~4.1 in all, .* takes 3.9"):
+        assert warn_if_gates_cannot_close(104, 0.1, 0.1, 0.05, 3.0, 2 / 3) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_gates_cannot_close(312, 0.1, 0.1, 0.05, 3.0, 2 / 3) is None  # SST-2's run, which compressed
+        assert warn_if_gates_cannot_close(104, 0.1, 0.1, 0.2, 3.0, 2 / 3) is None  # a larger gate learning rate
+
+
+def test_training_a_short_blora_run_warns_that_gates_cannot_close():
+    from bayeslora.api import training_extras
+    from bayeslora.config import make_config
+
+    model = blora(BLoraConfig(r=4, target_modules=["q"]))
+    config = make_config(method="blora", task="sst2", max_steps=20)
+    with pytest.warns(UserWarning, match="The gates will probably all stay on"):
+        training_extras(model, config, n_train=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training_extras(model, make_config(method="blora", task="sst2", max_steps=400), n_train=64)

@@ -32,7 +32,7 @@ from .baselines.laplace import KronLaplace
 from .config import RunConfig, make_config
 from .distributed import PerRankSeed, barrier, is_main_process
 from .evaluation import eval_examples, evaluate_model, write_evaluation
-from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters
+from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters, warn_if_gates_cannot_close
 from .io import read_json, read_yaml, write_json_atomic, write_text_atomic
 from .methods import get_method
 from .models import load_model
@@ -375,6 +375,14 @@ def training_extras(model: nn.Module, config: RunConfig, n_train: int):
         losses.append(AdaLoraOrthogonality())
         callbacks.append(AdaLoraAllocation())
     if blora_tuner(model) is not None:
+        warn_if_gates_cannot_close(
+            total_steps(config, n_train),
+            config.gate_warmup,
+            config.gate_fix,
+            config.gate_lr,
+            min(config.rank_gate_init, config.bit_gate_init),
+            config.gate_temperature,
+        )
         losses.append(GatePenalty(config.gate_lambda, config.gate_cost))
         callbacks.append(GateSchedule(config.gate_warmup, config.gate_fix))
         special_lrs.append((gate_parameters(model), config.gate_lr))

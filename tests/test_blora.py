@@ -546,11 +546,15 @@ def test_a_run_too_short_for_the_gates_to_close_is_warned_about():
     assert deterministic_gates(torch.tensor([off_logit - 1e-3, off_logit + 1e-3])).tolist() == [0.0, 1.0]
     # the RTE benchmark run: 104 steps, 82 of them training the gates, at most ~4.1 of the 3.9 needed
     with pytest.warns(UserWarning, match="82 optimizer steps at --gate-lr 0.05; .* ~4.1 in all, .* takes 3.9"):
-        assert warn_if_gates_cannot_close(104, 0.1, 0.1, 0.05, 3.0, 2 / 3) is not None
+        assert warn_if_gates_cannot_close(GateSchedule(0.1, 0.1), 104, 0.05, 3.0, 2 / 3) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert warn_if_gates_cannot_close(312, 0.1, 0.1, 0.05, 3.0, 2 / 3) is None  # SST-2's run, which compressed
-        assert warn_if_gates_cannot_close(104, 0.1, 0.1, 0.2, 3.0, 2 / 3) is None  # a larger gate learning rate
+        assert (
+            warn_if_gates_cannot_close(GateSchedule(0.1, 0.1), 312, 0.05, 3.0, 2 / 3) is None
+        )  # SST-2's run, which compressed
+        assert (
+            warn_if_gates_cannot_close(GateSchedule(0.1, 0.1), 104, 0.2, 3.0, 2 / 3) is None
+        )  # a larger gate learning rate
 
 
 def test_training_a_short_blora_run_warns_that_gates_cannot_close():

@@ -375,16 +375,12 @@ def training_extras(model: nn.Module, config: RunConfig, n_train: int):
         losses.append(AdaLoraOrthogonality())
         callbacks.append(AdaLoraAllocation())
     if blora_tuner(model) is not None:
-        warn_if_gates_cannot_close(
-            total_steps(config, n_train),
-            config.gate_warmup,
-            config.gate_fix,
-            config.gate_lr,
-            min(config.rank_gate_init, config.bit_gate_init),
-            config.gate_temperature,
-        )
+        schedule = GateSchedule(config.gate_warmup, config.gate_fix)
+        initial_logit = min(config.rank_gate_init, config.bit_gate_init)
+        steps = total_steps(config, n_train)
+        warn_if_gates_cannot_close(schedule, steps, config.gate_lr, initial_logit, config.gate_temperature)
         losses.append(GatePenalty(config.gate_lambda, config.gate_cost))
-        callbacks.append(GateSchedule(config.gate_warmup, config.gate_fix))
+        callbacks.append(schedule)
         special_lrs.append((gate_parameters(model), config.gate_lr))
     return combine_losses(losses), callbacks, special_lrs
 

@@ -193,25 +193,25 @@ class GateSchedule(TrainerCallback):
 
 
 def warn_if_gates_cannot_close(
-    total_steps: int, warmup: float, fix: float, gate_lr: float, initial_logit: float, temperature: float
+    schedule: GateSchedule, total_steps: int, gate_lr: float, initial_logit: float, temperature: float
 ) -> str | None:
     """Warn (and return the message) when a run is too short for any gate to switch off.
 
-    Gate logits train only between the open and the fixed phase, ``n`` steps. Adam moves a parameter by about
-    its learning rate per step, so a logit travels at most ≈ ``gate_lr · n``; a gate is off at evaluation
-    once its logit is below ``gate_logit_for(1 − 0.34)`` (P(z = 0) ≥ 0.34). The warning fires when that
-    travel is less than twice the distance: the gradient of the penalty has to outweigh the data's on every
-    step for the gate to get there, which it does not.
+    Gate logits train only in the sampled phase of ``schedule``, ``n`` of the ``total_steps``. Adam moves a
+    parameter by about its learning rate per step, so a logit travels at most ≈ ``gate_lr · n``; a gate is off
+    at evaluation once its logit is below ``gate_logit_for(1 − 0.34)`` (P(z = 0) ≥ 0.34). The warning fires
+    when that travel is less than twice the distance: the penalty would have to outweigh the data on nearly
+    every step for a gate to get there.
     """
-    steps = total_steps - math.ceil(warmup * total_steps) - (math.ceil(fix * total_steps) if fix > 0 else 0)
+    steps = sum(schedule.phase_at(step, total_steps) == "sample" for step in range(total_steps))
     distance = initial_logit - gate_logit_for(1 - OFF_THRESHOLD, temperature)
-    travel = gate_lr * max(steps, 0)
+    travel = gate_lr * steps
     if travel >= 2 * distance:
         return None
     message = (
-        f"B-LoRA: the gates train for {max(steps, 0)} optimizer steps at --gate-lr {gate_lr:g}; a gate logit "
-        f"moves about the learning rate per step, at most ~{travel:.1f} in all, and switching a gate off from "
-        f"its initial logit {initial_logit:g} takes {distance:.1f}. The gates will probably all stay on (no "
+        f"B-LoRA: the gates train for {steps} optimizer steps at --gate-lr {gate_lr:g}; a gate logit moves "
+        f"about the learning rate per step, at most ~{travel:.1f} in all, and switching a gate off from its "
+        f"initial logit {initial_logit:g} takes {distance:.1f}. The gates will probably all stay on (no "
         f"compression): train for more steps (--epochs, --max-steps) or raise --gate-lr."
     )
     warnings.warn(message, UserWarning, stacklevel=2)

@@ -111,24 +111,24 @@ def measure(run: Path, n_train: int, n_eval: int, batch_size: int = 4) -> dict:
     groups: dict[str, list[int]] = defaultdict(list)
     for k, factor in enumerate(laplace.factors):
         groups[_group(factor.name)].append(k)
+    group_norm = {g: sum(eval_j[k].square().sum((-1, -2)) for k in members) for g, members in groups.items()}  # ‖j_g‖²
     variance = {}
     for prior in PRIORS:
-        per_group = {}
-        for group, members in sorted(groups.items()):
-            var = sum((eval_j[k].square() / laplace.factors[k].eigen_grid(prior)).sum((-1, -2)) for k in members)
-            squared = sum(eval_j[k].square().sum((-1, -2)) for k in members)
-            per_group[group] = {
-                "variance": float(var.flatten()[keep].median()),
-                "prior_only": float((squared / prior).flatten()[keep].median()),
-            }
-        total = sum(
-            (pe.square() / f.eigen_grid(prior)).sum((-1, -2)) for f, pe in zip(laplace.factors, eval_j, strict=True)
-        )
+        group_variance = {
+            group: sum((eval_j[k].square() / laplace.factors[k].eigen_grid(prior)).sum((-1, -2)) for k in members)
+            for group, members in sorted(groups.items())
+        }  # (E, C) each
         total_ek = sum((pe.square() / (d + prior)).sum((-1, -2)) for d, pe in zip(diagonal, eval_j, strict=True))
         variance[str(prior)] = {
-            "std_median": float(total.flatten()[keep].median().sqrt()),
+            "std_median": float(sum(group_variance.values()).flatten()[keep].median().sqrt()),
             "ekfac_std_median": float(total_ek.flatten()[keep].median().sqrt()),
-            "groups": per_group,
+            "groups": {
+                group: {
+                    "variance": float(var.flatten()[keep].median()),
+                    "prior_only": float((group_norm[group] / prior).flatten()[keep].median()),
+                }
+                for group, var in group_variance.items()
+            },
         }
     return {
         "run": run.name,
@@ -147,7 +147,7 @@ def measure(run: Path, n_train: int, n_eval: int, batch_size: int = 4) -> dict:
 def table(result: dict) -> str:
     """The measurements as markdown."""
     lines = [
-        f"Laplace-LoRA curvature on `{Path(result['run']).name}`: {result['train_questions']} training questions, "
+        f"Laplace-LoRA curvature on `{result['run']}`: {result['train_questions']} training questions, "
         f"{result['eval_questions']} evaluation questions, {result['laplace_params']:,} LoRA weights.",
         "",
         "| jᵀ F̃ j / jᵀ F j along evaluation class-score gradients | p10 | median | p90 |",

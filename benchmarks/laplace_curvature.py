@@ -14,7 +14,7 @@ the directions that matter for prediction, the class-score gradients j = ∂f_c/
 The Fisher needs one backward pass per class of every training question, so it runs on a subset
 (``--train``, default 48 questions; K-FAC is fitted on the same subset).
 
-    python benchmarks/laplace_curvature.py                       # ~12 min here
+    python benchmarks/laplace_curvature.py                       # ~2 min on idle cores here
     python benchmarks/laplace_curvature.py --run RUN --train 96 --eval 16
 
 Writes ``benchmarks/results/laplace_curvature/<tag>.json`` and ``<tag>.md``.

@@ -117,8 +117,10 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=4,
                   batch_size=4, lr=1e-2, train_size=8, progress=False)  # fmt: skip
-    run = bl.train(method="laplace", output_dir=str(tmp_path / "glm"), **common)
+    with pytest.warns(UserWarning, match="only 16 of the 24 training examples are left unused"):
+        run = bl.train(method="laplace", output_dir=str(tmp_path / "glm"), **common)  # prior 'auto'
     summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["laplace_prior"] == "marglik"
     assert summary["laplace_prior_precision"] > 0 and summary["laplace_params"] > 0
     assert (run / "laplace.safetensors").is_file()
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
@@ -136,6 +138,7 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
     )
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     assert metrics["n_samples"] == 3
+    assert json.loads((run / "train_summary.json").read_text())["laplace_prior"] == "heldout"
     assert (
         json.loads((run / "train_summary.json").read_text())["laplace_prior_precision"]
         in torch.logspace(-2, 6, 17).tolist()
@@ -191,3 +194,22 @@ def test_posthoc_laplace_refuses_what_it_cannot_fit(tiny_llama_dir, tmp_path, ca
     assert main(["--quiet", "laplace", "--run", str(lora), "--output-dir", str(tmp_path / "la")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "la" / "laplace.safetensors").is_file()
+
+
+def test_auto_prior_is_heldout_only_when_enough_examples_are_left():
+    import warnings
+
+    from bayeslora.baselines.laplace import MIN_HELDOUT, resolve_prior
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_prior("auto", 2251, 320) == "heldout"
+        assert resolve_prior("auto", 320 + MIN_HELDOUT, 320) == "heldout"
+        assert resolve_prior("marglik", 2251, 320) == "marglik"
+        assert resolve_prior("heldout", 2251, 320) == "heldout"
+    with pytest.warns(UserWarning, match=f"only {MIN_HELDOUT - 1} of the"):
+        assert resolve_prior("auto", 320 + MIN_HELDOUT - 1, 320) == "marglik"
+    with pytest.warns(UserWarning, match="only 0 of the 2251"):
+        assert resolve_prior("auto", 2251, None) == "marglik"
+    with pytest.raises(ValueError, match="must be one of auto, marglik, heldout"):
+        resolve_prior("evidence", 2251, 320)

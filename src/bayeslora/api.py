@@ -28,7 +28,7 @@ from transformers.trainer_callback import ProgressCallback
 from . import distributed
 from .adapters import attach_adapter, ensemble_members, load_adapter, save_adapter, trainable_parameters
 from .baselines.adalora import AdaLoraAllocation, AdaLoraOrthogonality, adalora_tuner
-from .baselines.laplace import KronLaplace
+from .baselines.laplace import KronLaplace, resolve_prior
 from .config import RunConfig, make_config
 from .distributed import PerRankSeed, barrier, is_main_process
 from .evaluation import eval_examples, evaluate_model, write_evaluation
@@ -492,13 +492,15 @@ def fit_laplace(model: nn.Module, config: RunConfig, scorer: Scorer, task: Task,
     laplace = KronLaplace.fit(
         model, scorer, train_examples, subset=config.laplace_subset, batch_size=config.batch_size, seed=config.seed
     )
-    if config.laplace_prior == "heldout":
+    prior = resolve_prior(config.laplace_prior, len(task.split("train")), config.train_size)
+    if prior == "heldout":
         heldout = seeded_heldout(task.split("train"), config.train_size, HELDOUT_EXAMPLES, DATA_SEED)
         laplace.select_prior_precision_on(model, scorer, heldout, batch_size=config.batch_size)
     else:
         laplace.optimize_prior_precision()
     laplace.save(run / LAPLACE_FILE)
     return {
+        "laplace_prior": prior,
         "laplace_prior_precision": laplace.prior_precision,
         "laplace_params": laplace.num_params,
         "laplace_fit_s": round(time.perf_counter() - started, 2),

@@ -117,10 +117,11 @@ class RunConfig:
         choices=("all", "last"),
     )
     laplace_prior: str = _opt(
-        "marglik",
-        "laplace: prior precision chosen by the Laplace marginal likelihood, or by the NLL on held-out training "
-        "examples (heldout: needs --train-size below the training split's size).",
-        choices=("marglik", "heldout"),
+        "auto",
+        "laplace: prior precision chosen by the NLL on held-out training examples (heldout: needs --train-size "
+        "below the training split's size) or by the Laplace marginal likelihood (marglik); auto: heldout when at "
+        "least 50 training examples are left unused, else marglik with a warning.",
+        choices=("auto", "marglik", "heldout"),
     )
     laplace_predictive: str = _opt(
         "glm",

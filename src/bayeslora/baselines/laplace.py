@@ -39,12 +39,36 @@ from ..io import atomic_path
 from ..scoring import Batch, Scorer
 
 SUBSETS = ("all", "last")
-PRIORS = ("marglik", "heldout")
+PRIORS = ("auto", "marglik", "heldout")
+#: ``auto`` chooses the prior on held-out training examples when at least this many are left unused.
+MIN_HELDOUT = 50
 PREDICTIVES = ("glm", "nn")
 #: Output factors wider than this are kept diagonal (dense would be out² numbers).
 MAX_DENSE = 4096
 #: Monte Carlo draws of the class scores in the linearised predictive (cheap: C numbers each).
 GLM_DRAWS = 1000
+
+
+def resolve_prior(requested: str, split_size: int, train_size: int | None) -> str:
+    """The prior-precision rule a run uses: ``requested`` unless it is ``auto``, which means ``heldout``
+    when the run left at least :data:`MIN_HELDOUT` of the ``split_size`` training examples unused
+    (``train_size`` below it) and ``marglik`` otherwise, with a warning: on language models the marginal
+    likelihood's λ can leave the linearised predictive close to uniform (README, Calibration benchmark)."""
+    if requested not in PRIORS:
+        raise ValueError(f"the Laplace prior must be one of {', '.join(PRIORS)}, got '{requested}'")
+    if requested != "auto":
+        return requested
+    unused = split_size - train_size if train_size is not None else 0
+    if unused >= MIN_HELDOUT:
+        return "heldout"
+    warnings.warn(
+        f"Laplace prior 'auto': only {max(unused, 0)} of the {split_size} training examples are left unused "
+        f"(fewer than {MIN_HELDOUT}), so the prior precision is chosen by the marginal likelihood, which can "
+        f"leave a language model's predictive close to uniform. Train with a smaller --train-size to keep "
+        f"held-out examples, or set --laplace-prior marglik to choose this explicitly.",
+        stacklevel=2,
+    )
+    return "marglik"
 
 
 @dataclass

@@ -47,3 +47,35 @@ def test_orthogonality_term_is_zero_for_orthonormal_factors(tiny_llama):
             if "lora_A" in name or "lora_B" in name:  # P Pᵀ = I and Qᵀ Q = I
                 parameter.copy_(torch.eye(*parameter.shape))
     assert float(loss(model, None).terms["orth_reg"]) < 1e-6
+
+
+def test_a_layer_pruned_to_rank_zero_saves_quietly_and_loads_back(tiny_llama_dir, tmp_path):
+    import warnings
+
+    from peft import PeftModel
+
+    from bayeslora.adapters import save_adapter
+    from bayeslora.models import load_model
+
+    base, _ = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    model = get_peft_model(base, AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    names = sorted(n for n, _ in model.base_model.model.named_parameters() if "lora_E" in n)  # PEFT's keys
+    pattern = {name: [False, False] if i == 0 else [True, False] for i, name in enumerate(names)}  # layer 0: rank 0
+    model.peft_config["default"].rank_pattern = pattern
+    model.base_model.rankallocator.mask_using_rank_pattern(model.base_model.model, pattern)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    model.eval()
+    expected = model(input_ids=ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter(model, tmp_path / "adapter")
+    assert not [w for w in caught if "invalid shape" in str(w.message)]
+    fresh, _ = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    assert loaded.base_model.model.model.layers[0].self_attn.q_proj.r["default"] == 0
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)

@@ -103,6 +103,18 @@ def _named_load_errors(adapter_dir: Path):
         ) from error
 
 
+@contextlib.contextmanager
+def pruned_ranks_allowed(model: nn.Module):
+    """While saving: PEFT warns that zero-sized ``lora_A``/``lora_B`` tensors are DeepSpeed/FSDP shards
+    that were never gathered, but an AdaLoRA layer whose whole rank budget was pruned saves exactly such
+    tensors (its ``rank_pattern`` entry is 0) and PEFT loads them back. That warning is silenced for
+    AdaLoRA adapters only; every other adapter keeps it."""
+    with warnings.catch_warnings():
+        if any(str(c.peft_type.value) == "ADALORA" for c in getattr(model, "peft_config", {}).values()):
+            warnings.filterwarnings("ignore", message=r"Adapter .* LoRA tensor\(s\) have invalid shape")
+        yield
+
+
 def save_adapter(model: nn.Module, path: Path) -> None:
     """Save the PEFT adapter to ``path`` atomically. Only adapter weights are written: the base model's
     embeddings are never changed (LoRA on a tied ``lm_head`` leaves the shared matrix as it is), so PEFT's
@@ -110,7 +122,8 @@ def save_adapter(model: nn.Module, path: Path) -> None:
     model's fingerprint is saved beside it (see :mod:`bayeslora.fingerprint`)."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), save_embedding_layers=False)
+        with pruned_ranks_allowed(model):
+            model.save_pretrained(str(tmp), save_embedding_layers=False)
         write_fingerprint(model, tmp)
         custom = sorted({str(c.peft_type.value) for c in model.peft_config.values()} - {"LORA", "ADALORA"})
         if custom:  # PEFT's model card, plus how to load what PEFT alone does not know

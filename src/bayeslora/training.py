@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 
+from .adapters import pruned_ranks_allowed
 from .models import default_device
 from .scoring import Scorer
 from .system import AllocationPeak
@@ -159,9 +160,10 @@ class BayesLoraTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(
-            output_dir, state_dict=state_dict, is_main_process=self.args.should_save, save_embedding_layers=False
-        )
+        with pruned_ranks_allowed(model):
+            model.save_pretrained(
+                output_dir, state_dict=state_dict, is_main_process=self.args.should_save, save_embedding_layers=False
+            )
         if self.args.should_save:
             torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
 

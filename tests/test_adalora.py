@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
 
@@ -79,3 +80,23 @@ def test_a_layer_pruned_to_rank_zero_saves_quietly_and_loads_back(tiny_llama_dir
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     assert loaded.base_model.model.model.layers[0].self_attn.q_proj.r["default"] == 0
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+
+
+def test_bit_operations_are_counted_against_the_lora_of_the_target_rank(tiny_llama_dir):
+    from bayeslora.bops import bops_report, reference_adapter_bops
+    from bayeslora.models import load_model
+
+    base, _ = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    model = get_peft_model(base, AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["q_proj"]))
+    singular_values = [p for n, p in model.named_parameters() if "lora_E" in n]
+    with torch.no_grad():
+        for values in singular_values:
+            values.fill_(1.0)
+    report = bops_report(model)
+    lora2 = sum(reference_adapter_bops(32, 32, 2) for _ in singular_values)  # two 32x32 q_proj
+    assert report["reference_adapter"] == lora2
+    assert report["adapter_ratio"] == pytest.approx(3 / 2)  # nothing pruned yet: rank 3 against LoRA's 2
+    with torch.no_grad():
+        for values in singular_values:
+            values[2] = 0.0  # pruned to the budget
+    assert bops_report(model)["adapter_ratio"] == pytest.approx(1.0)

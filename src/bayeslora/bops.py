@@ -9,7 +9,8 @@ linear layer y = W0 x (W0 ∈ R^{m×n}) with a low-rank adapter of kept rank r':
 
 Conventions, stated in every report: activations that are not quantized, and the rank-r' intermediate,
 count as 16-bit; so do W0 unless the base is quantized. The reference is the plain 16-bit LoRA of the same
-maximal rank r (A and B at 16 bits, no middle factor) on a 16-bit base. Attention's score and value
+maximal rank r (A and B at 16 bits, no middle factor) on a 16-bit base; for AdaLoRA, which starts above
+its budget and prunes to an average rank, the LoRA of that average (target) rank. Attention's score and value
 products and every other operation outside the adapted linear layers are not counted. BOPs for a
 sequence are the per-token figures × its length.
 """
@@ -78,9 +79,12 @@ class LayerBops:
     reference_base: float
 
 
-def layer_bops(name: str, layer: nn.Module, adapter: str = "default") -> LayerBops | None:
+def layer_bops(
+    name: str, layer: nn.Module, adapter: str = "default", reference_rank: int | None = None
+) -> LayerBops | None:
     """The BOPs of one adapter layer: a B-LoRA layer with its learned structure; PEFT's LoRA (AdaLoRA with the
     ranks it kept) and the other bayeslora layers at 16 bits and full rank (a Me-LoRA core counted as such).
+    The reference is the 16-bit LoRA of rank ``reference_rank``, by default the layer's own (maximum) rank.
     None for other modules."""
     from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
@@ -120,7 +124,7 @@ def layer_bops(name: str, layer: nn.Module, adapter: str = "default") -> LayerBo
             adapter_bops(n, m, rank, bits["A"], bits["B"], middle_bits=middle, core=core, activation_bits=x_bits)
         ),
         base=float(base_bops(n, m, bits.get("W", DEFAULT_BITS), x_bits)),
-        reference_adapter=reference_adapter_bops(n, m, layer.r[adapter]),
+        reference_adapter=reference_adapter_bops(n, m, reference_rank or layer.r[adapter]),
         reference_base=float(base_bops(n, m)),
     )
 
@@ -130,11 +134,16 @@ def bops_report(model: nn.Module, sequence_length: int = 1, adapter: str = "defa
 
     Returns ``{"layers": [...], "adapter", "base", "total", "reference_adapter", "reference_base",
     "reference_total", "adapter_ratio", "total_ratio", "sequence_length", "convention"}``; ratios are
-    against the 16-bit LoRA of the same rank on a 16-bit base.
+    against the 16-bit LoRA of the same rank on a 16-bit base. For AdaLoRA, whose layers start at a larger
+    rank and are pruned to an average budget (``target_r``), the reference is the LoRA of rank ``target_r``:
+    the LoRA it is matched with.
     """
     if sequence_length <= 0:
         raise ValueError(f"sequence_length must be positive, got {sequence_length}")
-    layers = [found for name, module in model.named_modules() if (found := layer_bops(name, module, adapter))]
+    reference_rank = getattr(getattr(model, "peft_config", {}).get(adapter), "target_r", None)  # AdaLoRA's only
+    layers = [
+        found for name, module in model.named_modules() if (found := layer_bops(name, module, adapter, reference_rank))
+    ]
     if not layers:
         raise ValueError("the model has no adapter layers to count bit operations for")
     totals = {
@@ -151,7 +160,8 @@ def bops_report(model: nn.Module, sequence_length: int = 1, adapter: str = "defa
         "convention": (
             "per adapted linear layer: MACs x weight bits x activation bits; unquantized activations, the "
             "rank-r intermediate and an unquantized base count as 16-bit; reference = 16-bit LoRA of the same "
-            "rank on a 16-bit base; attention products and other operations not counted"
+            "rank (AdaLoRA: of its target average rank) on a 16-bit base; attention products and other "
+            "operations not counted"
         ),
         "layers": [asdict(layer) for layer in layers],
     }

@@ -58,6 +58,12 @@ def finished_run(root: str | Path, task: str, variant: Variant, seed: int) -> tu
 OPTIONS_FILE = "benchmark_options.json"
 
 
+def _without_location(options: dict[str, Any]) -> dict[str, Any]:
+    """Run options but where the run is: a results directory that was moved or reached through another
+    path holds the same runs."""
+    return {key: value for key, value in options.items() if key != "output_dir"}
+
+
 def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]:
     """How to (re)start the run at ``run_dir`` with these ``bayeslora.make_config`` options, picking up what an
     interrupted benchmark left there if it was started with the same options. Returns
@@ -78,7 +84,7 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
     options = json.loads(json.dumps({**options, "output_dir": str(run_dir)}))
     recorded = read_json(run_dir / OPTIONS_FILE) if (run_dir / OPTIONS_FILE).is_file() else None
     callbacks = [EpochCheckpoints(), RecordOptions(run_dir / OPTIONS_FILE, options)]
-    if recorded == options:
+    if recorded is not None and _without_location(recorded) == _without_location(options):
         if (run_dir / TRAIN_SUMMARY).is_file():
             if not (eval_dir(run_dir, options["task"]) / "metrics.json").is_file():
                 print(f"{run_dir}: trained, evaluating it", flush=True)

@@ -52,6 +52,10 @@ def test_a_stopped_benchmark_run_continues_and_other_options_start_again(tiny_ll
     shutil.rmtree(run / "eval")  # stopped while evaluating: only the evaluation is done again
     assert prepare_run(options, run)[:2] == ("trained", None)
     assert (run / "eval" / "toy" / "metrics.json").is_file()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "run").symlink_to(run)  # the same runs reached through another path are still the same runs
+    assert prepare_run(options, moved / "run")[:2] == ("trained", None)
 
     state, _, _ = prepare_run({**options, "lr": 5e-3}, run)  # other options: never continued
     assert state == "new" and not run.exists()

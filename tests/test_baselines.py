@@ -85,18 +85,14 @@ def toy_task(tmp_path):
 
 
 def train_toy(model_dir, task, out, **options):
+    defaults = dict(rank=2, max_steps=4, batch_size=4, lr=1e-2, logging_steps=2)
     return bl.train(
         model=str(model_dir),
         task=str(task),
         eval_tasks=[str(task)],
-        rank=2,
-        max_steps=4,
-        batch_size=4,
-        lr=1e-2,
-        logging_steps=2,
         output_dir=str(out),
         progress=False,
-        **options,
+        **{**defaults, **options},
     )
 
 
@@ -118,8 +114,10 @@ def test_ensemble_trains_members_with_their_own_seeds_and_reloads(tiny_llama_dir
 def test_map_and_mcdropout_resolve_their_defaults(tiny_llama_dir, toy_task, tmp_path):
     import yaml
 
-    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "map", method="map")
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "map", method="map")  # lr 1e-2: lr·wd = 1e-7 acts
     assert yaml.safe_load((run / "config.yaml").read_text())["weight_decay"] == 1e-5
+    with pytest.warns(UserWarning, match="weight decay changes nothing"):  # 1e-4 x 1e-5 rounds away
+        train_toy(tiny_llama_dir, toy_task, tmp_path / "map-small-lr", method="map", lr=1e-4)
     run = train_toy(tiny_llama_dir, toy_task, tmp_path / "mcd", method="mcdropout", samples=3)
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["dropout"] == 0.1
@@ -127,3 +125,25 @@ def test_map_and_mcdropout_resolve_their_defaults(tiny_llama_dir, toy_task, tmp_
     assert metrics["n_samples"] == 3
     mean = bl.evaluate(run, samples=0, output_dir=tmp_path / "mean", progress=False)
     assert mean["n_samples"] == 0
+
+
+@pytest.mark.parametrize(("lr", "weight_decay", "dtype", "vanishes"), [
+    (5e-4, 1e-5, torch.float32, True),   # MAP at the benchmarks' learning rate
+    (5e-4, 1e-4, torch.float32, False),  # lr·wd = 5e-8, above 2^-25
+    (5e-4, 1e-5, torch.float64, False),
+])  # fmt: skip
+def test_the_weight_decay_warning_matches_what_adamw_does(lr, weight_decay, dtype, vanishes):
+    import warnings
+
+    from bayeslora.training import warn_if_weight_decay_vanishes
+
+    weight = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
+    before = weight.detach().clone()
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    weight.grad = torch.zeros_like(weight)  # only the decay moves the weights
+    optimizer.step()
+    assert torch.equal(weight.detach(), before) == vanishes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_weight_decay_vanishes(lr, weight_decay, dtype)
+    assert bool([w for w in caught if "changes nothing" in str(w.message)]) == vanishes

@@ -61,6 +61,7 @@ from .training import (
     TermsProgress,
     combine_losses,
     training_arguments,
+    warn_if_weight_decay_vanishes,
 )
 
 
@@ -364,6 +365,9 @@ def training_extras(model: nn.Module, config: RunConfig, n_train: int):
     BLoB, B-LoRA's Bayesian core), the gates' penalty and schedule (B-LoRA), with their learning rates, and
     AdaLoRA's budget allocation and orthogonality loss."""
     losses, callbacks, special_lrs = [], [], []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay and trainable:
+        warn_if_weight_decay_vanishes(config.lr, config.weight_decay, trainable[0].dtype)
     variances = variance_parameters(model)
     if variances:
         kl_loss, kl_callbacks = bayesian_objective(config, n_train)

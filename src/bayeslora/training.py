@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -234,6 +235,27 @@ class StepMemoryProbe(TrainerCallback):
         if self._probe is not None and self.peak_mib is None:
             self._probe.__exit__(None, None, None)
             self.peak_mib = self._probe.peak_mib
+
+
+def warn_if_weight_decay_vanishes(lr: float, weight_decay: float, dtype: torch.dtype) -> None:
+    """Warn when AdamW's weight decay cannot change a weight of ``dtype``.
+
+    Decoupled decay multiplies every weight by ``1 − lr·wd`` each step (the peak ``lr``; warm-up and decay
+    only lower it). The representable number nearest to that factor is exactly 1 when ``lr·wd`` is below
+    a quarter of the dtype's machine epsilon (half the spacing below 1): in float32 below 2^-25 ≈ 3.0e-8, so
+    MAP's weight decay 1e-5 at a learning rate of 5e-4 (5e-9) leaves every weight as it is."""
+    if weight_decay <= 0 or not dtype.is_floating_point:
+        return
+    threshold = torch.finfo(dtype).eps / 4
+    if lr * weight_decay < threshold:
+        warnings.warn(
+            f"--weight-decay {weight_decay:g} at --lr {lr:g}: AdamW multiplies every weight by 1 - lr*wd = "
+            f"1 - {lr * weight_decay:.1e} per step, which is exactly 1 in {str(dtype).removeprefix('torch.')} "
+            f"(below {threshold:.1e} it rounds to 1), so the weight decay changes nothing and the run trains "
+            f"what it would without it. For an effect, raise --weight-decay to at least "
+            f"{threshold / lr:.1e} at this learning rate.",
+            stacklevel=2,
+        )
 
 
 def training_arguments(config, output_dir: Path, *, progress: bool = True) -> TrainingArguments:

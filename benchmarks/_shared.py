@@ -59,7 +59,7 @@ OPTIONS_FILE = "benchmark_options.json"
 
 
 def _without_location(options: dict[str, Any]) -> dict[str, Any]:
-    """Run options but where the run is: a results directory that was moved or reached through another
+    """Run options without where the run is: a results directory that was moved or reached through another
     path holds the same runs."""
     return {key: value for key, value in options.items() if key != "output_dir"}
 

@@ -148,14 +148,13 @@ def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the packed export at least 3x smaller than the 16-bit LoRA file."""
     checks = []
     for task in sorted({r["task"] for r in results}):
-        lora = [r for r in results if r["task"] == task and r["variant"] == "lora"]
-        blora_variants = dict.fromkeys(
-            r["variant"]
-            for r in results
-            if r["task"] == task and r["method"] == "blora" and not r["options"].get("quantize_base")
-        )
-        for variant in blora_variants if lora else ():
-            rows = [r for r in results if r["task"] == task and r["variant"] == variant]
+        of_task = [r for r in results if r["task"] == task]
+        lora = [r for r in of_task if r["variant"] == "lora"]
+        if not lora:
+            continue
+        blora = [r for r in of_task if r["method"] == "blora" and not r["options"].get("quantize_base")]
+        for variant in dict.fromkeys(r["variant"] for r in blora):
+            rows = [r for r in blora if r["variant"] == variant]
             ratio = _mean(rows, "adapter_bops_ratio")
             gap = 100 * (_mean(rows, "accuracy") - _mean(lora, "accuracy"))
             packed = _mean(rows, "packed_ratio")

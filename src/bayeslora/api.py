@@ -496,9 +496,10 @@ def fit_laplace(model: nn.Module, config: RunConfig, scorer: Scorer, task: Task,
     laplace = KronLaplace.fit(
         model, scorer, train_examples, subset=config.laplace_subset, batch_size=config.batch_size, seed=config.seed
     )
-    prior = resolve_prior(config.laplace_prior, len(task.split("train")), config.train_size)
+    split = task.split("train")
+    prior = resolve_prior(config.laplace_prior, len(split), config.train_size)
     if prior == "heldout":
-        heldout = seeded_heldout(task.split("train"), config.train_size, HELDOUT_EXAMPLES, DATA_SEED)
+        heldout = seeded_heldout(split, config.train_size, HELDOUT_EXAMPLES, DATA_SEED)
         laplace.select_prior_precision_on(model, scorer, heldout, batch_size=config.batch_size)
     else:
         laplace.optimize_prior_precision()

@@ -124,6 +124,30 @@ def test_quantizer_at_b_bits_takes_at_most_2_to_the_b_values(bits):
     assert residual.min() >= -1.0 - 1e-6 and residual.max() <= 2.0 + 1e-6
 
 
+@pytest.mark.parametrize(("floor", "bits"), [(4, 4), (4, 8), (8, 8), (8, 16)])
+def test_quantizer_with_a_floor_starts_its_chain_there(floor, bits):
+    torch.manual_seed(0)
+    x = torch.randn(200, 100) * 3
+    bounds = torch.tensor([-1.0, 2.0])
+    widths = bit_gate_widths(16, floor)
+    assert widths == tuple(w for w in (4, 8, 16) if w > floor)
+    gates = torch.tensor([1.0 if w <= bits else 0.0 for w in widths])
+    assert bits_of(gates, widths, floor) == bits
+    one_step = 3.0 / (2**bits - 1)  # at 16 bits float32 residuals can move a value by one step (module doc)
+    atol = 1e-5 if bits <= 8 else 1.01 * one_step
+    torch.testing.assert_close(
+        quantize_residual(x, bounds, gates, floor), quantize_fixed(x, bounds, bits), atol=atol, rtol=0
+    )
+
+
+def test_quantizer_floor_must_be_a_width_below_the_largest():
+    with pytest.raises(ValueError, match="min_bits"):
+        bit_gate_widths(16, 3)
+    with pytest.raises(ValueError, match="must not exceed"):
+        bit_gate_widths(8, 16)
+    assert bit_gate_widths(8, 8) == ()
+
+
 def test_quantizer_gradients_reach_input_range_and_gates():
     x = torch.randn(10, 10, requires_grad=True)
     bounds = torch.tensor([-0.5, 0.5], requires_grad=True)
@@ -286,7 +310,10 @@ def test_config_gate_initialisation_reaches_the_layers():
 
 
 def test_base_quantization_at_32_bits_is_the_base_layer_and_quantizes_below():
-    model = blora(BLoraConfig(r=4, target_modules=["q"], quantize_base=True, base_max_bits=32, bit_gate_init=10))
+    config = BLoraConfig(
+        r=4, target_modules=["q"], quantize_base=True, base_max_bits=32, base_min_bits=2, bit_gate_init=10
+    )
+    model = blora(config)
     layer = layers(model)[0]
     model.eval()
     x = torch.randn(2, 3, 16).clamp(-7.9, 7.9)
@@ -295,9 +322,54 @@ def test_base_quantization_at_32_bits_is_the_base_layer_and_quantizes_below():
         layer.blora_W_bits["default"].copy_(torch.tensor([5.0, -5.0, -5.0, -5.0]))  # W0 at 4 bits
     assert layer.learned_bits("default")["W"] == 4
     weight = layer.quantize("W", layer.get_base_layer().weight, "default")
-    assert weight.unique().numel() <= 16
+    assert all(row.unique().numel() <= 16 for row in weight)  # per output channel: 16 levels in each row
+    assert weight.unique().numel() > 16
+    torch.testing.assert_close(weight.amax(1), layer.get_base_layer().weight.amax(1))  # each row's own range
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge_adapter()
+
+
+def test_base_quantizer_never_goes_below_its_floor():
+    config = BLoraConfig(r=4, target_modules=["q"], quantize_base=True, base_min_bits=8, bit_gate_init=-10)
+    model = blora(config)
+    layer = layers(model)[0]
+    assert layer.blora_W_bits["default"].shape == (1,) and layer.blora_A_bits["default"].shape == (3,)
+    assert layer.learned_bits("default") == {"A": 2, "B": 2, "e": 2, "W": 8, "x": 8}
+    assert float(layer.expected_bits("W", "default").detach()) == pytest.approx(8, abs=0.01)  # P(on) ≈ 2e-4
+    weight = layer.get_base_layer().weight
+    layer.train()  # sampled gates: all off at logit −10, so the chain stops at its 8-bit floor
+    torch.testing.assert_close(
+        layer.quantize("W", weight, "default"), quantize_fixed(weight, layer.blora_W_range["default"], 8)
+    )
+
+
+def test_activation_range_is_set_from_the_inputs_seen_in_the_warm_up():
+    model = blora(BLoraConfig(r=4, target_modules=["q"], quantize_base=True, activation_range=8.0))
+    layer = layers(model)[0]
+    assert layer.blora_x_range["default"].tolist() == [-8.0, 8.0]
+    model.train()
+    layer.phase = "open"
+    inputs = [torch.randn(2, 3, 16) * 20, torch.randn(2, 3, 16) - 30]  # beyond ±8 both ways
+    for x in inputs:
+        layer(x)
+    model.eval()
+    layer(torch.full((1, 1, 16), 100.0))  # evaluation passes are not observed
+    layer.calibrate_ranges("default")
+    seen = torch.cat([x.flatten() for x in inputs])
+    torch.testing.assert_close(layer.blora_x_range["default"].detach(), torch.stack([seen.min(), seen.max()]))
+    layer.calibrate_ranges("default")  # nothing seen since: the range is kept
+    torch.testing.assert_close(layer.blora_x_range["default"].detach(), torch.stack([seen.min(), seen.max()]))
+
+
+def test_base_quantizer_at_a_fixed_width_has_no_gates():
+    config = BLoraConfig(r=4, target_modules=["q"], quantize_base=True, base_min_bits=8, base_max_bits=8)
+    model = blora(config)
+    layer = layers(model)[0]
+    assert layer.blora_x_bits["default"].numel() == 0
+    assert layer.learned_bits("default")["x"] == 8 and float(layer.expected_bits("x", "default").detach()) == 8
+    model.train()
+    model(torch.randn(2, 3, 16)).square().sum().backward()  # the empty gate chains train without error
+    assert layer.blora_A["default"].grad is not None
 
 
 def test_bayesian_core_samples_per_example_and_has_a_kl():

@@ -101,6 +101,9 @@ class RunConfig:
     gate_fix: float = _opt(0.1, "blora: final fraction of the steps with the gates fixed at their chosen values.")
     quantize_base: bool = _opt(False, "blora: also quantize the frozen weights and input activations (gated).")
     base_max_bits: int = _opt(16, "blora: largest bit-width of the frozen weights and activations.")
+    base_min_bits: int = _opt(
+        4, "blora: smallest bit-width of the frozen weights and activations (the floor of their quantizers)."
+    )
     bayesian_core: bool = _opt(
         False, "blora: put Me-LoRA's Gaussian r×r core between B and A (calibrated and compressed)."
     )
@@ -244,9 +247,13 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value not in choices:
                 problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'")
-        for name in ("max_bits", "base_max_bits"):
+        for name in ("max_bits", "base_max_bits", "base_min_bits"):
             if getattr(self, name) not in (2, 4, 8, 16, 32):
                 problems.append(f"--{name.replace('_', '-')} must be 2, 4, 8, 16 or 32, got {getattr(self, name)}")
+        if self.base_min_bits > self.base_max_bits:
+            problems.append(
+                f"--base-min-bits ({self.base_min_bits}) must not exceed --base-max-bits ({self.base_max_bits})"
+            )
         if self.gate_temperature <= 0 or self.gate_lr <= 0 or self.gate_lambda < 0:
             problems.append("--gate-temperature and --gate-lr must be positive, --gate-lambda >= 0")
         if not (self.gate_warmup >= 0 and self.gate_fix >= 0 and self.gate_warmup + self.gate_fix < 1):

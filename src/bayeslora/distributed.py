@@ -54,6 +54,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def reduce_extremes(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min over processes of low, max over processes of high)``, elementwise (``low``/``high`` as they
+    are on a single process), so that statistics observed on each process's share of the data agree."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        low, high = low.clone(), high.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return low, high
+
+
 class PerRankSeed(TrainerCallback):
     """Re-seed the global generator with ``seed + RANK_STRIDE·rank`` when training starts (multi-process only)."""
 

@@ -148,6 +148,7 @@ def _blora_config(config: RunConfig, targets: list[str], task_type: str, total_s
         gate_temperature=config.gate_temperature,
         quantize_base=config.quantize_base,
         base_max_bits=config.base_max_bits,
+        base_min_bits=config.base_min_bits,
         **_core_options(config),
     )
 

@@ -60,17 +60,33 @@ class BLoraConfig(MeLoraCoreOptions):
     base_max_bits: int = field(
         default=16, metadata={"help": "Largest bit-width of W0 and of the input activations (quantize_base)."}
     )
+    base_min_bits: int = field(
+        default=4,
+        metadata={
+            "help": "Smallest bit-width of W0 and of the input activations (quantize_base): the floor of their "
+            "quantizers. The frozen base cannot adapt to its quantization: on SmolLM2 gates sampled over a "
+            "2-bit floor raise the NLL from 1.51 to 2.16 before any training, over a 4-bit floor it stays 1.50."
+        },
+    )
     activation_range: float = field(
-        default=8.0, metadata={"help": "Initial clipping range ±a of the input activations (quantize_base)."}
+        default=8.0,
+        metadata={
+            "help": "Initial clipping range ±a of the input activations (quantize_base); once the warm-up has "
+            "shown the layer's inputs, their observed [min, max] replaces it when quantization starts."
+        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_bits", "base_max_bits"):
+        for name in ("max_bits", "base_max_bits", "base_min_bits"):
             if getattr(self, name) not in BIT_WIDTHS:
                 raise ValueError(
                     f"BLoraConfig.{name} must be one of {', '.join(map(str, BIT_WIDTHS))}, got {getattr(self, name)}"
                 )
+        if self.base_min_bits > self.base_max_bits:
+            raise ValueError(
+                f"BLoraConfig.base_min_bits ({self.base_min_bits}) must not exceed base_max_bits ({self.base_max_bits})"
+            )
         if self.gate_temperature <= 0:
             raise ValueError(f"BLoraConfig.gate_temperature must be positive, got {self.gate_temperature}")
         if self.range_init_width <= 0 or self.activation_range <= 0:

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...distributed import reduce_extremes
 from ..base import BayesianLowRankLayer
 from ..melora.layer import SampledCoreMixin
 from .config import BLoraConfig
 from .gates import deterministic_gates, nested, nested_expected_cost, prefix_length, prob_nonzero, sample_gates
-from .quantizer import bit_gate_widths, bits_of, initial_bounds, quantize_fixed, quantize_residual
+from .quantizer import bit_gate_widths, bits_of, initial_bounds, quantize_fixed, quantize_residual, widened
 
 PHASES = ("open", "sample", "fixed")
 #: The bits reported for a tensor that is not quantized (the open phase), as the BOPs convention counts it.
@@ -46,8 +47,9 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     Parameters per adapter (all created with the adapter, none on a first forward):
     ``blora_A`` (r, n), ``blora_B`` (m, r), ``blora_e`` (r,) or the core ``blora_core`` / ``blora_core_rho``;
     ``blora_rank`` (r − 1,) rank-gate logits; for every quantized tensor t ∈ {A, B, e} (and W, x with
-    ``quantize_base``) ``blora_<t>_range`` (2,) its clipping range [lo, hi] and ``blora_<t>_bits`` (k,) the
-    logits of its bit-width gates.
+    ``quantize_base``) ``blora_<t>_range`` its clipping range [lo, hi], (2,), and ``blora_<t>_bits`` (k,) the
+    logits of its bit-width gates. The frozen weight W0 (m, n) is quantized per output channel: its range is
+    (2, m, 1), one [lo, hi] per row, as 4-bit weight quantization of language models needs.
     """
 
     adapter_layer_names = (
@@ -81,6 +83,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         "bayesian_core",
         "max_bits",
         "base_max_bits",
+        "base_min_bits",
         "quantize_base",
         "gate_temperature",
     )
@@ -95,9 +98,11 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.bayesian_core: dict[str, bool] = {}
         self.max_bits: dict[str, int] = {}
         self.base_max_bits: dict[str, int] = {}
+        self.base_min_bits: dict[str, int] = {}
         self.quantize_base: dict[str, bool] = {}
         self.gate_temperature: dict[str, float] = {}
         self.phase = "sample"
+        self._observed_x: dict[str, Tensor] = {}  # (2,) [min, max] of the inputs seen while the gates are open
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -110,6 +115,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.bayesian_core[adapter_name] = config.bayesian_core
         self.max_bits[adapter_name] = config.max_bits
         self.base_max_bits[adapter_name] = config.base_max_bits
+        self.base_min_bits[adapter_name] = config.base_min_bits
         self.quantize_base[adapter_name] = config.quantize_base
         self.gate_temperature[adapter_name] = config.gate_temperature
         self.blora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
@@ -121,11 +127,12 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             self.blora_e[adapter_name] = nn.Parameter(torch.ones(r))
         self.blora_rank[adapter_name] = nn.Parameter(torch.full((r - 1,), float(config.rank_gate_init)))
         for tensor in self.quantized_tensors(adapter_name):
-            widths = bit_gate_widths(self._max_bits_of(tensor, adapter_name))
+            widths = self._gate_widths(tensor, adapter_name)
             getattr(self, f"blora_{tensor}_bits")[adapter_name] = nn.Parameter(
                 torch.full((len(widths),), float(config.bit_gate_init))
             )
-            getattr(self, f"blora_{tensor}_range")[adapter_name] = nn.Parameter(torch.zeros(2))
+            shape = (2, self.out_features, 1) if tensor == "W" else (2,)  # W0 per output channel
+            getattr(self, f"blora_{tensor}_range")[adapter_name] = nn.Parameter(torch.zeros(shape))
         self.calibrate_ranges(adapter_name, config.range_init_width, activation_range=config.activation_range)
         self._finish_update(adapter_name, config.inference_mode)
 
@@ -134,8 +141,14 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         names = ("A", "B") if self.bayesian_core[adapter] else ("A", "B", "e")
         return (*names, "W", "x") if self.quantize_base[adapter] else names
 
-    def _max_bits_of(self, tensor: str, adapter: str) -> int:
-        return self.base_max_bits[adapter] if tensor in ("W", "x") else self.max_bits[adapter]
+    def _bit_range(self, tensor: str, adapter: str) -> tuple[int, int]:
+        """``(largest, smallest)`` bit-width of ``tensor``: the base path's (W, x) or the adapter's (floor 2)."""
+        if tensor in ("W", "x"):
+            return self.base_max_bits[adapter], self.base_min_bits[adapter]
+        return self.max_bits[adapter], 2
+
+    def _gate_widths(self, tensor: str, adapter: str) -> tuple[int, ...]:
+        return bit_gate_widths(*self._bit_range(tensor, adapter))
 
     def _tensor(self, name: str, adapter: str) -> Tensor:
         if name == "W":
@@ -144,16 +157,30 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
 
     @torch.no_grad()
     def calibrate_ranges(self, adapter: str, min_width: float = 0.1, activation_range: float | None = None) -> None:
-        """Set the clipping range of every quantized weight tensor to its current [min, max] (widened to
-        ``min_width`` if it is constant), and that of the activations to ±``activation_range`` if given.
-        Called at construction and when quantization starts after the warm-up."""
+        """Set the clipping range of every quantized weight tensor to its current [min, max] (per output
+        channel for W0; widened to ``min_width`` if constant), and that of the activations to
+        ±``activation_range`` if given, else to the [min, max] of the inputs seen in training since the last
+        calibration (the warm-up, agreed over processes), if any. Called at construction and when
+        quantization starts after the warm-up."""
         for name in self.quantized_tensors(adapter):
             bounds = getattr(self, f"blora_{name}_range")[adapter]
             if name == "x":
+                observed = self._observed_x.pop(adapter, None)
                 if activation_range is not None:
                     bounds.copy_(torch.tensor([-activation_range, activation_range]))
+                elif observed is not None:
+                    bounds.copy_(widened(*reduce_extremes(observed[0], observed[1]), min_width))
                 continue
-            bounds.copy_(initial_bounds(self._tensor(name, adapter).detach(), min_width))
+            bounds.copy_(initial_bounds(self._tensor(name, adapter).detach(), min_width, per_row=name == "W"))
+
+    @torch.no_grad()
+    def _observe_input(self, x: Tensor, adapter: str) -> None:
+        """Widen the observed input range of ``adapter`` to include ``x``."""
+        seen = torch.stack([x.min(), x.max()]).to(self.blora_x_range[adapter].dtype)
+        if adapter in self._observed_x:
+            previous = self._observed_x[adapter]
+            seen = torch.stack([torch.minimum(previous[0], seen[0]), torch.maximum(previous[1], seen[1])])
+        self._observed_x[adapter] = seen
 
     # --- gates ---
     def _gates(self, logits: Tensor, adapter: str) -> Tensor:
@@ -178,9 +205,10 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         logits = getattr(self, f"blora_{name}_bits")[adapter]
         bounds = getattr(self, f"blora_{name}_range")[adapter]
         gates = self._gates(logits, adapter)
+        floor = self._bit_range(name, adapter)[1]
         if self.training and self.phase == "sample":
-            return quantize_residual(value, bounds, gates)
-        return quantize_fixed(value, bounds, bits_of(gates, bit_gate_widths(self._max_bits_of(name, adapter))))
+            return quantize_residual(value, bounds, gates, floor)
+        return quantize_fixed(value, bounds, bits_of(gates, self._gate_widths(name, adapter), floor))
 
     # --- forward ---
     def _base_quantizer(self) -> str | None:
@@ -190,7 +218,11 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     def layer_input(self, x: Tensor) -> Tensor:
         """Q_x(x) when an active adapter quantizes the base path (one gate sample for both paths)."""
         adapter = self._base_quantizer()
-        return x if adapter is None else self.quantize("x", x, adapter)
+        if adapter is None:
+            return x
+        if self.training and self.phase == "open":  # the warm-up shows the activations' range
+            self._observe_input(x, adapter)
+        return self.quantize("x", x, adapter)
 
     def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Q_W(W0)·x when an active adapter quantizes the base path (x is already Q_x(x))."""
@@ -250,7 +282,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
                 continue
             logits = getattr(self, f"blora_{name}_bits")[adapter]
             gates = deterministic_gates(logits, self.gate_temperature[adapter])
-            found[name] = bits_of(gates, bit_gate_widths(self._max_bits_of(name, adapter)))
+            found[name] = bits_of(gates, self._gate_widths(name, adapter), self._bit_range(name, adapter)[1])
         return found
 
     def expected_rank(self, adapter: str) -> Tensor:
@@ -258,11 +290,12 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         return 1 + nested_expected_cost(self.blora_rank[adapter], 1.0, self.gate_temperature[adapter])
 
     def expected_bits(self, name: str, adapter: str) -> Tensor:
-        """E[b] = 2 + Σ_k Δ_k Π_{j≤k} P(z_j ≠ 0), Δ = (2, 4, 8, 16) the bits each doubling adds."""
+        """E[b] = b_0 + Σ_k Δ_k Π_{j≤k} P(z_j ≠ 0): the floor b_0 (2, or the base's) plus Δ = (2, 4, 8, 16),
+        the bits each doubling adds."""
         logits = getattr(self, f"blora_{name}_bits")[adapter]
-        widths = bit_gate_widths(self._max_bits_of(name, adapter))
+        widths = self._gate_widths(name, adapter)
         steps = torch.tensor([_BIT_STEPS[w] for w in widths], device=logits.device, dtype=logits.dtype)
-        return 2 + nested_expected_cost(logits, steps, self.gate_temperature[adapter])
+        return self._bit_range(name, adapter)[1] + nested_expected_cost(logits, steps, self.gate_temperature[adapter])
 
     def expected_open_gates(self, adapter: str) -> tuple[Tensor, int]:
         """``(Σ over the layer's gate chains of Σ_k Π_{j≤k} P(z_j ≠ 0), number of gates)``: the expected

@@ -9,6 +9,9 @@ doubling, each step gated:
     ε_4 = s_4·⌊(x − x_2)/s_4⌉,  ε_8 = s_8·⌊(x − x_2 − ε_4)/s_8⌉, …
     x_q = x_2 + z_4·(ε_4 + z_8·(ε_8 + z_16·(ε_16 + z_32·ε_32)))
 
+A higher floor b_0 (4 or 8 bits; B-LoRA's base quantizer, see ``base_min_bits``) starts the chain at
+x_{b_0} and gates only the doublings above it.
+
 Rounding uses the straight-through estimator (the gradient of ⌊v⌉ is taken as 1), so x_q is
 differentiable in x (inside the range), in the range ends (through clipping and the steps) and in the
 gates. With binary gates the chain equals direct rounding on the finest active grid,
@@ -28,17 +31,21 @@ BIT_WIDTHS = (2, 4, 8, 16, 32)
 MIN_RANGE = 1e-5
 
 
-def bit_gate_widths(max_bits: int) -> tuple[int, ...]:
-    """The widths that have a gate (every width above 2 up to ``max_bits``): 16 → (4, 8, 16)."""
-    if max_bits not in BIT_WIDTHS:
-        raise ValueError(f"max_bits must be one of {', '.join(map(str, BIT_WIDTHS))}, got {max_bits}")
-    return tuple(b for b in BIT_WIDTHS if 2 < b <= max_bits)
+def bit_gate_widths(max_bits: int, min_bits: int = 2) -> tuple[int, ...]:
+    """The widths that have a gate (every width above the floor ``min_bits`` up to ``max_bits``):
+    16 → (4, 8, 16); 16 with floor 8 → (16,)."""
+    for name, bits in (("max_bits", max_bits), ("min_bits", min_bits)):
+        if bits not in BIT_WIDTHS:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, BIT_WIDTHS))}, got {bits}")
+    if min_bits > max_bits:
+        raise ValueError(f"min_bits ({min_bits}) must not exceed max_bits ({max_bits})")
+    return tuple(b for b in BIT_WIDTHS if min_bits < b <= max_bits)
 
 
-def bits_of(gates: Tensor | list[float], widths: tuple[int, ...]) -> int:
-    """The bit-width selected by binary nested gates (one per width in ``widths``): 2 plus every doubling
-    whose gate, and all gates before it, are on."""
-    bits = 2
+def bits_of(gates: Tensor | list[float], widths: tuple[int, ...], min_bits: int = 2) -> int:
+    """The bit-width selected by binary nested gates (one per width in ``widths``): the floor ``min_bits``
+    plus every doubling whose gate, and all gates before it, are on."""
+    bits = min_bits
     for gate, width in zip([float(g) for g in gates], widths, strict=True):
         if gate < 0.5:
             break
@@ -70,14 +77,16 @@ def step_size(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
     return (hi - lo) / (2.0**bits - 1.0)
 
 
-def quantize_residual(x: Tensor, bounds: Tensor, gates: Tensor) -> Tensor:
-    """The gated residual quantizer: ``x`` on the 2-bit grid plus the gated residuals of 4, 8, ... bits,
-    one gate per width above 2 (``gates`` is (k,), values in [0, 1]; nested as in the module docstring)."""
+def quantize_residual(x: Tensor, bounds: Tensor, gates: Tensor, min_bits: int = 2) -> Tensor:
+    """The gated residual quantizer: ``x`` on the grid of the floor ``min_bits`` (2 in Bayesian Bits) plus
+    the gated residuals of each doubling above it, one gate per width (``gates`` is (k,), values in [0, 1];
+    nested as in the module docstring, which starts at 2 bits)."""
     x, lo, hi = clip_to_range(x, bounds)
-    widths = BIT_WIDTHS[: gates.shape[0] + 1]
-    s = step_size(lo, hi, 2)
-    x_2 = lo + s * _round_ste((x - lo) / s)
-    reached, residuals = x_2, []
+    first = BIT_WIDTHS.index(min_bits)
+    widths = BIT_WIDTHS[first : first + gates.shape[0] + 1]
+    s = step_size(lo, hi, min_bits)
+    x_floor = lo + s * _round_ste((x - lo) / s)
+    reached, residuals = x_floor, []
     for bits in widths[1:]:
         s = step_size(lo, hi, bits)
         eps = s * _round_ste((x - reached) / s)  # ε_b on the residual of every coarser level
@@ -86,7 +95,7 @@ def quantize_residual(x: Tensor, bounds: Tensor, gates: Tensor) -> Tensor:
     gated = torch.zeros_like(x)
     for eps, gate in zip(reversed(residuals), reversed(gates.unbind(0)), strict=True):
         gated = gate * (eps + gated)  # z_b·(ε_b + z_2b·(…))
-    return x_2 + gated
+    return x_floor + gated
 
 
 def quantize_fixed(x: Tensor, bounds: Tensor, bits: int) -> Tensor:
@@ -106,11 +115,15 @@ def integer_codes(x: Tensor, bounds: Tensor, bits: int) -> tuple[Tensor, float, 
     return codes, float(lo), float(s)
 
 
-def initial_bounds(x: Tensor, min_width: float) -> Tensor:
-    """``(lo, hi)`` = the tensor's min and max, widened symmetrically to at least ``min_width``."""
+def initial_bounds(x: Tensor, min_width: float, per_row: bool = False) -> Tensor:
+    """``(lo, hi)`` = the tensor's min and max, widened symmetrically to at least ``min_width``: shape (2,),
+    or with ``per_row`` (2, m, 1), the range of each row of an (m, n) matrix (per output channel)."""
     with torch.no_grad():
-        lo, hi = float(x.min()), float(x.max())
-        if hi - lo < min_width:
-            center = (lo + hi) / 2
-            lo, hi = center - min_width / 2, center + min_width / 2
-    return torch.tensor([lo, hi], dtype=x.dtype, device=x.device)
+        lo, hi = (x.amin(1, keepdim=True), x.amax(1, keepdim=True)) if per_row else (x.min(), x.max())
+        return widened(lo, hi, min_width)
+
+
+def widened(lo: Tensor, hi: Tensor, min_width: float) -> Tensor:
+    """``stack(lo, hi)`` with every range narrower than ``min_width`` widened symmetrically to it."""
+    pad = (min_width - (hi - lo)).clamp(min=0) / 2
+    return torch.stack([lo - pad, hi + pad])

@@ -71,14 +71,15 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
 
     * ``("trained", None, [])``: training finished; its evaluation is completed if the benchmark was
       stopped during it;
-    * ``("resumed", config, callbacks)``: continue from the run's last complete checkpoint (``--resume``);
+    * ``("resumed", config, callbacks)``: continue from the run's last complete checkpoint, or an ensemble after
+      its last finished member (``--resume``);
     * ``("new", config, callbacks)``: train from the start; an unfinished run with other options, or one that
       cannot be continued, is deleted first (benchmark runs are the benchmark's own).
 
     The callbacks save a checkpoint at the end of every epoch, after the other callbacks' end-of-epoch work
     (the per-epoch evaluations), so a stopped benchmark loses at most the epoch it was in."""
     import bayeslora as bl
-    from bayeslora.api import resume_point
+    from bayeslora.resume import resume_point
     from bayeslora.runs import TRAIN_SUMMARY, RunExistsError, eval_dir
 
     options = json.loads(json.dumps({**options, "output_dir": str(run_dir)}))

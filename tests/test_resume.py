@@ -105,3 +105,51 @@ def test_checkpoints_hold_the_adapter_only_and_resume_from_it(tiny_llama_dir, tm
     resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for key in finished:
         torch.testing.assert_close(resumed[key], finished[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("member1_checkpoint", [True, False])
+def test_ensemble_resumes_after_its_trained_members(tiny_llama_dir, tmp_path, member1_checkpoint):
+    """Stopped in member 1 (after its step-2 checkpoint, or before any): member 0 is loaded, not trained again,
+    member 1 continues, member 2 trains, and the ensemble equals the uninterrupted one."""
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    run = bl.train(
+        model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="ensemble", ensemble_size=3,
+        rank=2, max_steps=4, batch_size=2, lr=1e-2, save_steps=2, logging_steps=1, seed=3,
+        output_dir=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    members = ("member0", "member1", "member2")
+    finished = {m: load_file(str(run / "adapter" / m / "adapter_model.safetensors")) for m in members}
+    expected = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    for name in ("adapter", "eval", "train_summary.json"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(run / "checkpoints" / "member2")
+    shutil.rmtree(run / "checkpoints" / "member1" / ("trained" if member1_checkpoint else ""))
+    if member1_checkpoint:
+        shutil.rmtree(run / "checkpoints" / "member1" / "checkpoint-4")
+
+    bl.train(output_dir=str(run), resume=True, progress=False)
+    for member in members:
+        resumed = load_file(str(run / "adapter" / member / "adapter_model.safetensors"))
+        for key in finished[member]:
+            torch.testing.assert_close(resumed[key], finished[member][key], atol=1e-5, rtol=1e-5)
+    metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from_step"] == (6 if member1_checkpoint else 4)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    logged = [(entry["member"], entry["step"]) for entry in log if "loss" in entry]
+    assert logged == [(m, step) for m in members for step in range(1, 5)]  # member 0 was not trained again
+
+
+def test_ensemble_without_a_finished_member_or_checkpoint_cannot_resume(tiny_llama_dir, tmp_path):
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    run = bl.train(
+        model=str(tiny_llama_dir), task=str(task), method="ensemble", ensemble_size=2, rank=2, max_steps=2,
+        batch_size=2, output_dir=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no checkpoint to continue from"):
+        bl.train(output_dir=str(run), resume=True, progress=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -33,10 +32,20 @@ from .config import RunConfig, make_config
 from .distributed import PerRankSeed, barrier, is_main_process
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters, warn_if_gates_cannot_close
-from .io import read_json, read_yaml, write_json_atomic, write_text_atomic
+from .io import read_json, write_json_atomic, write_text_atomic
 from .methods import get_method
 from .models import load_model
 from .objectives import bayesian_objective, variance_parameters
+from .resume import (
+    checkpoint_folder,
+    checkpoint_step,
+    last_complete_checkpoint,
+    load_trained_member,
+    resume_point,
+    save_trained_member,
+    trained_member,
+    truncate_log,
+)
 from .runs import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -45,7 +54,6 @@ from .runs import (
     TRAIN_SUMMARY,
     RunExistsError,
     eval_dir,
-    has_adapter,
     new_run_dir,
     read_run_config,
 )
@@ -126,9 +134,9 @@ def train(
         raise ValueError("pass either a RunConfig or recipe/overrides, not both")
     config.validate()
     run_dir = config.resolved_output_dir()
-    checkpoint = None
-    if config.resume:  # the run's own configuration, before anything is resolved from it
-        config, checkpoint = resume_point(config, run_dir)
+    resuming = config.resume
+    if resuming:  # the run's own configuration, before anything is resolved from it
+        config = resume_point(config, run_dir)
     elif run_dir.exists() and not config.overwrite:  # fail before loading anything heavy
         raise RunExistsError(
             f"Run directory {run_dir} already exists. Choose another --output-dir, pass --overwrite to replace it "
@@ -144,7 +152,7 @@ def train(
 
     distributed.start()
     main = is_main_process()  # on several processes, only the main one writes (see bayeslora.distributed)
-    creates = main and checkpoint is None
+    creates = main and not resuming
     with new_run_dir(run_dir, config.overwrite) if creates else contextlib.nullcontext(run_dir) as run:
         barrier()  # the run directory exists from here on, for every process
         transformers.set_seed(config.seed)
@@ -160,10 +168,10 @@ def train(
             overwrite=False,
             eval_tasks=eval_names,
         )
-        if main and checkpoint is None:
+        if main and not resuming:
             write_config(run / CONFIG_FILE, resolved)
-        if main and checkpoint is not None:
-            _truncate_log(run / TRAIN_LOG, checkpoint)
+        if main and resuming:
+            truncate_log(run / TRAIN_LOG, run)
         scorer = build_scorer(task, tokenizer, config)
         fits = []
         for index, member in enumerate(members or [None]):
@@ -173,13 +181,18 @@ def train(
                     transformers.set_seed(seed)
                     model.add_adapter(member, model.peft_config[members[0]])
                 model.set_adapter(member)
+            if resuming and member is not None and trained_member(run, member):
+                fits.append(_Fit.recorded(load_trained_member(model, member, run)))
+                continue
+            checkpoint = last_complete_checkpoint(checkpoint_folder(run, member)) if resuming else None
             member_config = dataclasses.replace(config, seed=seed)
-            fits.append(
-                _fit(
-                    model, member_config, run, train_examples, scorer, callbacks, member, checkpoint, progress=progress
-                )
+            fit = _fit(
+                model, member_config, run, train_examples, scorer, callbacks, member, checkpoint, progress=progress
             )
-        model = fits[-1].model
+            if member is not None and main:  # a resumed ensemble continues after it
+                save_trained_member(model, member, run, fit.record())
+            fits.append(fit)
+        model = next((fit.model for fit in reversed(fits) if fit.model is not None), model)  # as the Trainer left it
         if not main:
             return run_dir
         save_adapter(model, run / ADAPTER_DIR)
@@ -187,10 +200,10 @@ def train(
         if get_method(config.method).prediction == "laplace":
             laplace = fit_laplace(model, config, scorer, task, train_examples, run)
         device = next(model.parameters()).device
-        runtime = sum(fit.output.metrics.get("train_runtime", 0.0) for fit in fits)  # of this process only
-        steps_done = sum(fit.output.global_step for fit in fits)
-        start_step = _checkpoint_step(checkpoint) if checkpoint else 0
-        steps_run = steps_done - start_step  # the steps of that runtime
+        runtime = sum(fit.runtime_s for fit in fits)  # of this process only
+        steps_done = sum(fit.global_step for fit in fits)
+        steps_before = sum(fit.start_step for fit in fits)  # done before an interruption
+        steps_run = steps_done - steps_before  # the steps of that runtime
         summary = {
             "task": config.task,
             "method": config.method,
@@ -199,9 +212,9 @@ def train(
             "train_examples": len(train_examples),
             "steps": steps_done,
             **({"ensemble_members": len(members)} if members else {}),
-            "train_loss": sum(fit.output.training_loss for fit in fits) / len(fits),
+            "train_loss": sum(fit.training_loss for fit in fits) / len(fits),
             "train_runtime_s": round(runtime, 2),
-            **({"resumed_from_step": start_step} if checkpoint else {}),
+            **({"resumed_from_step": steps_before} if resuming else {}),
             "step_time_s": round(runtime / max(1, steps_run), 3),
             "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -221,11 +234,31 @@ def train(
 
 @dataclasses.dataclass
 class _Fit:
-    """What one training pass leaves: the trained model, the Trainer's output, one step's memory."""
+    """What training one adapter left: the model as the Trainer left it (None for an ensemble member loaded
+    from its record), its steps (``start_step`` of them done before an interruption, the others in
+    ``runtime_s`` seconds by this process), mean training loss and one step's memory."""
 
-    model: nn.Module
-    output: Any
+    model: nn.Module | None
+    global_step: int
+    training_loss: float
     step_memory_mib: float | None
+    start_step: int = 0
+    runtime_s: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        """What a trained ensemble member's record keeps (see :func:`bayeslora.resume.save_trained_member`)."""
+        return {
+            "global_step": self.global_step,
+            "training_loss": self.training_loss,
+            "step_memory_mib": self.step_memory_mib,
+        }
+
+    @classmethod
+    def recorded(cls, record: dict[str, Any]) -> _Fit:
+        """The fit of a member trained before an interruption: all its steps done before, none run here."""
+        return cls(
+            None, record["global_step"], record["training_loss"], record["step_memory_mib"], record["global_step"]
+        )
 
 
 def _fit(
@@ -247,7 +280,7 @@ def _fit(
     memory_probe = StepMemoryProbe()
     trainer = BayesLoraTrainer(
         model=model,
-        args=training_arguments(config, run / "checkpoints", progress=progress),
+        args=training_arguments(config, checkpoint_folder(run, member), progress=progress),
         train_dataset=ExampleDataset(train_examples),
         data_collator=scorer.collate,
         scorer=scorer,
@@ -265,90 +298,19 @@ def _fit(
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(TermsProgress())
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    return _Fit(trainer.model, output, memory_probe.peak_mib)
-
-
-#: Options that say where and how a run is written, not what it computes (free to differ on --resume).
-_RUN_HANDLING = (
-    "resume",
-    "overwrite",
-    "output_dir",
-    "save_steps",
-    "save_total_limit",
-    "report_to",
-    "logging_steps",
-    "force_base",
-)
-
-
-def resume_point(config: RunConfig, run_dir: Path) -> tuple[RunConfig, Path]:
-    """``(the run's stored configuration, its last checkpoint)`` for ``--resume``. Options of ``config`` that
-    differ from the defaults must agree with the stored ones (a resumed run computes what the original
-    would have); a finished run, a run without checkpoints or an ensemble cannot be resumed."""
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue ({CONFIG_FILE} is missing).")
-    if has_adapter(run_dir / ADAPTER_DIR):
-        raise RunExistsError(f"--resume: {run_dir} is a finished run (it has its adapter); nothing to continue.")
-    stored = make_config(**read_yaml(run_dir / CONFIG_FILE))
-    defaults = RunConfig()
-    conflicts = [
-        f"--{f.name.replace('_', '-')}: {getattr(config, f.name)!r} here, {getattr(stored, f.name)!r} in the run"
-        for f in dataclasses.fields(RunConfig)
-        if f.name not in _RUN_HANDLING
-        and getattr(config, f.name) != getattr(defaults, f.name)
-        and getattr(config, f.name) != getattr(stored, f.name)
-    ]
-    if conflicts:
-        raise ValueError(
-            "--resume continues a run as it was configured; these options differ from "
-            f"{run_dir / CONFIG_FILE}:\n  - " + "\n  - ".join(conflicts) + "\nDrop them, or start a new run."
-        )
-    if ensemble_members(stored):
-        raise ValueError(
-            "--resume of an ensemble is not supported (its members share one checkpoint folder): train it again."
-        )
-    last = _last_complete_checkpoint(run_dir / "checkpoints")
-    if last is None:
-        raise FileNotFoundError(
-            f"--resume: {run_dir} has no checkpoint to continue from (train with --save-steps N to write them)."
-        )
-    given = {  # how the run is written: the stored choices, unless given again here
-        name: getattr(config, name)
-        for name in _RUN_HANDLING
-        if name not in ("output_dir", "overwrite") and getattr(config, name) != getattr(defaults, name)
-    }
-    return dataclasses.replace(stored, **given, output_dir=str(run_dir)), last
-
-
-def _last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` whose saving finished (its trainer state is written last): a process
-    killed while saving leaves an incomplete one behind, which is skipped."""
-    if not folder.is_dir():
-        return None
-    steps = sorted(
-        (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
+    return _Fit(
+        trainer.model,
+        output.global_step,
+        output.training_loss,
+        memory_probe.peak_mib,
+        start_step=checkpoint_step(checkpoint) if checkpoint else 0,
+        runtime_s=output.metrics.get("train_runtime", 0.0),
     )
-    complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
-    return complete[-1] if complete else None
 
 
 def load_eval_tasks(config: RunConfig, train_task: Task, names: Sequence[str]) -> list[Task]:
     """The evaluation tasks ``names`` of a run; its training task (``config.task``) is reused, not loaded again."""
     return [train_task if name == config.task else load_task(name) for name in names]
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
-    return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
-def _truncate_log(path: Path, checkpoint: Path) -> None:
-    """Keep the log lines up to the checkpoint's step (a resumed run writes the later ones again)."""
-    if not path.is_file():
-        return
-    step = _checkpoint_step(checkpoint)
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def total_steps(config: RunConfig, n_train: int) -> int:

@@ -160,8 +160,8 @@ class RunConfig:
     save_total_limit: int = _opt(2, "Checkpoints kept (the oldest are deleted).")
     resume: bool = _opt(
         False,
-        "Continue the unfinished run in --output-dir from its last checkpoint, as it was configured (options you "
-        "give must agree with its config.yaml).",
+        "Continue the unfinished run in --output-dir from its last checkpoint (an ensemble: after its last "
+        "finished member), as it was configured (options you give must agree with its config.yaml).",
     )
     num_layers: int | None = _opt(None, "Keep only the first N transformer blocks (quick experiments, tests).")
     dtype: str = _opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.")

@@ -64,3 +64,36 @@ def test_bayesian_kl_uses_the_global_training_set(tiny_llama_dir, four_questions
     log = [json.loads(line) for line in (tmp_path / "melora" / "train_log.jsonl").read_text().splitlines()]
     entry = next(r for r in log if r.get("step") == 4 and "kl" in r)
     assert entry["kl_term"] == pytest.approx(entry["beta"] * entry["kl"] / 4, rel=1e-4)  # N = 4, not a shard's 2
+
+
+RANGES_SCRIPT = """
+import json, sys, torch
+from peft import get_peft_model
+from bayeslora.distributed import start, world
+from bayeslora.tuners import BLoraConfig
+
+start()
+rank = world()[0]
+torch.manual_seed(0)
+config = BLoraConfig(r=2, target_modules=["0"], quantize_base=True)
+model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config)
+layer = model.base_model.model[0]
+model.train()
+layer.phase = "open"
+layer(torch.full((1, 8), -3.0 if rank == 0 else 5.0))  # each process sees its own share of the data
+layer.calibrate_ranges("default")
+json.dump(layer.blora_x_range["default"].tolist(), open(sys.argv[1] + f"/rank{rank}.json", "w"))
+"""
+
+
+def test_activation_ranges_agree_over_processes(tmp_path):
+    """B-LoRA's base quantizer sets its activation range from what the warm-up saw: over every process's data."""
+    script = tmp_path / "ranges.py"
+    script.write_text(RANGES_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranges = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranges[0] == ranges[1] == [-3.0, 5.0]

@@ -153,3 +153,29 @@ def test_ensemble_without_a_finished_member_or_checkpoint_cannot_resume(tiny_lla
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(FileNotFoundError, match="no checkpoint to continue from"):
         bl.train(output_dir=str(run), resume=True, progress=False)
+
+
+def test_base_quantized_blora_resumed_in_its_warm_up_sets_the_same_activation_ranges(tiny_llama_dir, tmp_path):
+    """The inputs seen before the interruption count: the observed range is saved with the checkpoint."""
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    options = dict(
+        model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="blora", quantize_base=True,
+        rank=2, max_steps=8, batch_size=2, lr=1e-2, save_steps=2, save_total_limit=4, gate_warmup=0.5, gate_fix=0.25,
+        seed=3,
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    run = bl.train(**options, progress=False)
+    finished = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    seen = load_file(str(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert any("blora_x_seen" in key and torch.isfinite(value).all() for key, value in seen.items()), "not saved"
+    for name in ("adapter", "eval", "train_summary.json"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for step in (4, 6, 8):
+        shutil.rmtree(run / "checkpoints" / f"checkpoint-{step}", ignore_errors=True)
+    bl.train(output_dir=str(run), resume=True, save_total_limit=4, progress=False)
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    ranges = [key for key in finished if "blora_x_range" in key]
+    assert ranges
+    for key in finished:
+        torch.testing.assert_close(resumed[key], finished[key], atol=1e-5, rtol=1e-5)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
 from ...distributed import reduce_extremes
@@ -85,6 +86,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         "base_max_bits",
         "base_min_bits",
         "quantize_base",
+        "blora_x_seen",
         "gate_temperature",
     )
     core_mean_name = "blora_core"
@@ -102,7 +104,9 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.quantize_base: dict[str, bool] = {}
         self.gate_temperature: dict[str, float] = {}
         self.phase = "sample"
-        self._observed_x: dict[str, Tensor] = {}  # (2,) [min, max] of the inputs seen while the gates are open
+        # (2,) [min, max] of the inputs seen in training since the last range calibration, [inf, -inf] if none:
+        # state saved in checkpoints, so that a run resumed in the warm-up sets the range an uninterrupted one would
+        self.blora_x_seen = BufferDict({}, persistent=True)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -133,6 +137,8 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             )
             shape = (2, self.out_features, 1) if tensor == "W" else (2,)  # W0 per output channel
             getattr(self, f"blora_{tensor}_range")[adapter_name] = nn.Parameter(torch.zeros(shape))
+        if config.quantize_base:
+            self.blora_x_seen[adapter_name] = torch.tensor([math.inf, -math.inf])
         self.calibrate_ranges(adapter_name, config.range_init_width, activation_range=config.activation_range)
         self._finish_update(adapter_name, config.inference_mode)
 
@@ -160,27 +166,27 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         """Set the clipping range of every quantized weight tensor to its current [min, max] (per output
         channel for W0; widened to ``min_width`` if constant), and that of the activations to
         ±``activation_range`` if given, else to the [min, max] of the inputs seen in training since the last
-        calibration (the warm-up, agreed over processes), if any. Called at construction and when
+        calibration (the warm-up, over every process), if any. Called at construction and when
         quantization starts after the warm-up."""
         for name in self.quantized_tensors(adapter):
             bounds = getattr(self, f"blora_{name}_range")[adapter]
             if name == "x":
-                observed = self._observed_x.pop(adapter, None)
+                seen = self.blora_x_seen[adapter]
                 if activation_range is not None:
                     bounds.copy_(torch.tensor([-activation_range, activation_range]))
-                elif observed is not None:
-                    bounds.copy_(widened(*reduce_extremes(observed[0], observed[1]), min_width))
+                elif bool(torch.isfinite(seen).all()):
+                    bounds.copy_(widened(seen[0], seen[1], min_width))
+                seen.copy_(torch.tensor([math.inf, -math.inf]))
                 continue
             bounds.copy_(initial_bounds(self._tensor(name, adapter).detach(), min_width, per_row=name == "W"))
 
     @torch.no_grad()
     def _observe_input(self, x: Tensor, adapter: str) -> None:
-        """Widen the observed input range of ``adapter`` to include ``x``."""
-        seen = torch.stack([x.min(), x.max()]).to(self.blora_x_range[adapter].dtype)
-        if adapter in self._observed_x:
-            previous = self._observed_x[adapter]
-            seen = torch.stack([torch.minimum(previous[0], seen[0]), torch.maximum(previous[1], seen[1])])
-        self._observed_x[adapter] = seen
+        """Widen the observed input range of ``adapter`` to include ``x`` and the other processes' inputs of
+        this step (agreed at every step: DDP copies rank 0's buffers to the others before each forward)."""
+        seen = self.blora_x_seen[adapter]
+        low, high = reduce_extremes(x.min().to(seen.dtype), x.max().to(seen.dtype))
+        seen.copy_(torch.stack([torch.minimum(seen[0], low), torch.maximum(seen[1], high)]))
 
     # --- gates ---
     def _gates(self, logits: Tensor, adapter: str) -> Tensor:

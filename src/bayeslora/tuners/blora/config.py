@@ -64,8 +64,9 @@ class BLoraConfig(MeLoraCoreOptions):
         default=4,
         metadata={
             "help": "Smallest bit-width of W0 and of the input activations (quantize_base): the floor of their "
-            "quantizers. The frozen base cannot adapt to its quantization: on SmolLM2 gates sampled over a "
-            "2-bit floor raise the NLL from 1.51 to 2.16 before any training, over a 4-bit floor it stays 1.50."
+            "quantizers. The frozen base cannot adapt to its quantization: on SmolLM2 the gates sampled at their "
+            "initial logits over a 2-bit floor move the next-token distributions by KL 10 nats, over 4 bits by 0.7, "
+            "over 8 bits by 0.003 (benchmarks/base_quantizer.py)."
         },
     )
     activation_range: float = field(

@@ -9,7 +9,8 @@ methods. For each run the benchmark records:
   with the posterior mean (N = 0) and as a function of N (1, 2, 5, 10: from the saved per-sample
   probabilities, no extra passes);
 * after every epoch, the metrics of the current model (LoRA as is, Bayesian methods with their
-  posterior mean) and the mean posterior σ, to show calibration moving as the adapter over-fits;
+  posterior mean, an ensemble its members after the same epoch combined) and the mean posterior σ, to show
+  calibration moving as the adapter over-fits;
 * a temperature-scaled row per variant ("+ TS"): one temperature fitted on ``--ts-heldout`` held-out
   training questions the run never saw (``bayeslora calibrate``), applied to its evaluation.
 
@@ -81,15 +82,20 @@ EPOCHS_FILE = "benchmark_epochs.json"
 def _epoch_callback(config, n_samples: int, every: int = 1, keep: bool = False):
     """A TrainerCallback that evaluates the model at the end of every ``every``-th epoch (and the last) and
     records its posterior σ, in ``history`` and in the run's ``benchmark_epochs.json`` (with ``keep``, a
-    resumed run, the records already there are kept; an epoch evaluated again replaces its record)."""
+    resumed run, the records already there are kept; an epoch evaluated again replaces its record).
+
+    An ensemble's members train one after the other, each with this callback: each record then names its
+    member and keeps the member's probabilities, from which :func:`ensemble_epochs` makes the ensemble's."""
     from transformers import TrainerCallback
 
     import bayeslora as bl
+    from bayeslora.adapters import ensemble_members
     from bayeslora.evaluation import eval_examples, evaluate_model
     from bayeslora.io import read_json, write_json_atomic
     from bayeslora.objectives import bayesian_tuner, posterior_std_mean
 
     history_file = config.resolved_output_dir() / EPOCHS_FILE
+    members = ensemble_members(config)
 
     class EpochEval(TrainerCallback):
         def __init__(self) -> None:
@@ -102,16 +108,48 @@ def _epoch_callback(config, n_samples: int, every: int = 1, keep: bool = False):
             epoch = round(state.epoch)
             if epoch % every and state.global_step < state.max_steps:
                 return
-            metrics, _ = evaluate_model(model, self.scorer, self.examples, n_samples=n_samples, progress=False)
+            metrics, prediction = evaluate_model(model, self.scorer, self.examples, n_samples=n_samples, progress=False)
             model.train()
             record = {"epoch": epoch, "step": state.global_step, **_metrics_row(metrics)}
             if bayesian_tuner(model) is not None:
                 record["sigma_mean"] = posterior_std_mean(model)
-            self.history = sorted([*(r for r in self.history if r["epoch"] != epoch), record], key=lambda r: r["epoch"])
+            key = {"epoch": epoch}
+            if members:  # the member being trained checkpoints into checkpoints/<member>
+                key["member"] = Path(args.output_dir).name
+                assert key["member"] in members, f"{args.output_dir} is not an ensemble member's checkpoint folder"
+                record.update(member=key["member"], probs=prediction.probs.tolist(), labels=prediction.labels.tolist())
+
+            def same(r: dict[str, Any]) -> bool:
+                return all(r.get(k) == v for k, v in key.items())
+
+            self.history = sorted(
+                [*(r for r in self.history if not same(r)), record], key=lambda r: (r["epoch"], r.get("member", ""))
+            )
             write_json_atomic(history_file, self.history)
             print(f"   {config.task} {config.method} seed {config.seed}: {json.dumps(record)}", flush=True)
 
     return EpochEval()
+
+
+def ensemble_epochs(history: list[dict[str, Any]], size: int, combine: str) -> list[dict[str, Any]]:
+    """The ensemble's metrics after each epoch, from its members' records (:func:`_epoch_callback`): at an epoch
+    that all ``size`` members reached, their probabilities combined as the ensemble predicts (``combine``:
+    ``probs`` averages them, ``logits`` takes the softmax of the mean log-probabilities, which equals that of
+    the mean class scores). Records without a member (from before members were recorded) are left out."""
+    import torch
+
+    from bayeslora.metrics import classification_metrics
+
+    combined = []
+    for epoch in sorted({r["epoch"] for r in history if "member" in r}):
+        records = [r for r in history if r.get("member") is not None and r["epoch"] == epoch]
+        if len(records) < size:
+            continue
+        probs = torch.tensor([r["probs"] for r in records])  # (K, N, C)
+        probs = probs.mean(0) if combine == "probs" else probs.log().mean(0).softmax(-1)  # (N, C)
+        metrics = classification_metrics(probs, torch.tensor(records[0]["labels"]))
+        combined.append({"epoch": epoch, "step": records[0]["step"], "members": size, **_metrics_row(metrics)})
+    return combined
 
 
 def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +182,7 @@ def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant,
 def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Train + evaluate one configuration, or reuse its finished record; returns the record."""
     import bayeslora as bl
+    from bayeslora.adapters import ensemble_members
     from bayeslora.evaluation import load_predictions
     from bayeslora.io import read_json, write_json_atomic
     from bayeslora.metrics import classification_metrics
@@ -189,6 +228,8 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
             )
             bl.train(config, progress=False, callbacks=[epochs, *callbacks])
         history = read_json(run_dir / EPOCHS_FILE) if (run_dir / EPOCHS_FILE).is_file() else []
+        if members := ensemble_members(run_config := bl.make_config(**options)):
+            history = ensemble_epochs(history, len(members), run_config.ensemble_combine)
     final = read_json(eval_dir(run_dir, task) / "metrics.json")
     record: dict[str, Any] = {
         "task": task,
@@ -331,8 +372,8 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
             lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "After each epoch (LoRA as is, Bayesian methods with their posterior mean; σ = mean posterior std), "
-        "seed means:",
+        "After each epoch (LoRA as is, Bayesian methods with their posterior mean, an ensemble its members after "
+        "the same epoch combined; σ = mean posterior std), seed means:",
         "",
         "| task | variant | epoch | accuracy % | ECE % | NLL | σ |",
         "|---|---|---|---|---|---|---|",

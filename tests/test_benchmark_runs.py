@@ -59,3 +59,33 @@ def test_a_stopped_benchmark_run_continues_and_other_options_start_again(tiny_ll
 
     state, _, _ = prepare_run({**options, "lr": 5e-3}, run)  # other options: never continued
     assert state == "new" and not run.exists()
+
+
+def test_the_calibration_benchmark_records_every_ensemble_member_and_combines_them(tiny_llama_dir, tmp_path):
+    """Each member's end-of-epoch evaluation is its own record (a member's used to replace the one before's),
+    and the ensemble's curve combines them: at the last epoch it is the ensemble's final evaluation."""
+    from bayeslora.io import read_json
+    from calibration import EPOCHS_FILE, _epoch_callback, ensemble_epochs
+
+    task = write_word_task(tmp_path / "toy.jsonl", 12)
+    run = tmp_path / "ensemble"
+    config = bl.make_config(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="ensemble",
+                            ensemble_size=2, rank=2, epochs=2, batch_size=4, train_size=8, lr=1e-2, seed=3,
+                            output_dir=str(run))  # fmt: skip
+    bl.train(config, progress=False, callbacks=[_epoch_callback(config, n_samples=1)])
+
+    history = read_json(run / EPOCHS_FILE)
+    assert [(r["epoch"], r["member"]) for r in history] == [
+        (1, "member0"),
+        (1, "member1"),
+        (2, "member0"),
+        (2, "member1"),
+    ]
+    assert history[2]["probs"] != history[3]["probs"]  # two members, not one recorded twice
+    (final,) = [read_json(path) for path in (run / "eval").glob("*/metrics.json")]
+    combined = ensemble_epochs(history, 2, "probs")
+    assert [r["epoch"] for r in combined] == [1, 2]
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert combined[-1][key] == pytest.approx(final[key], abs=1e-6)
+    assert ensemble_epochs(history[:3], 2, "probs") == combined[:1]  # an epoch not every member reached: left out
+    assert combined[-1]["nll"] != ensemble_epochs(history, 2, "logits")[-1]["nll"]

@@ -9,12 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bayeslora.tasks import (
+    DATA_SEED,
     TASKS,
     ClassificationExample,
     MultipleChoiceExample,
     TaskFileError,
     UnknownTaskError,
     load_task,
+    seeded_heldout,
+    seeded_subset,
 )
 from bayeslora.tasks.files import load_jsonl_task, parse_line
 from bayeslora.tasks.hub import parse_hub_spec
@@ -227,3 +230,15 @@ def test_registry_lists_every_builtin():
         "mrpc",
         "rte",
     } <= set(TASKS)
+
+
+@pytest.mark.parametrize("used, size", [(8, 200), (8, 16), (8, 5), (23, 200)])
+def test_heldout_examples_are_never_training_examples(used, size):
+    """What a temperature or a Laplace prior is fitted on was not trained on, even when fewer examples are
+    left than asked for (the held-out set was then the tail of the unshuffled split, mostly trained on)."""
+    examples = list(range(24))
+    trained = seeded_subset(examples, used, DATA_SEED)
+    heldout = seeded_heldout(examples, used, size, DATA_SEED)
+    assert not set(trained) & set(heldout)
+    assert len(heldout) == min(size, len(examples) - used)
+    assert seeded_heldout(examples, used, 3, DATA_SEED) == heldout[:3]  # nested, as the subsets are

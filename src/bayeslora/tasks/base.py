@@ -140,6 +140,13 @@ class Task:
         return examples
 
 
+def _seeded_order(n: int, seed: int) -> list[int]:
+    """The seeded permutation of ``range(n)`` that subsets and held-out sets are cut from."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def seeded_subset(examples: Sequence, size: int | None, seed: int) -> list:
     """The first ``size`` examples of a seeded permutation (nested: a smaller size gives a prefix of a
     larger one with the same seed). ``None`` or a size >= len keeps everything, in the original order."""
@@ -147,9 +154,7 @@ def seeded_subset(examples: Sequence, size: int | None, seed: int) -> list:
         return list(examples)
     if size <= 0:
         raise ValueError(f"subset size must be positive, got {size}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[:size]]
+    return [examples[i] for i in _seeded_order(len(examples), seed)[:size]]
 
 
 #: Held-out training examples fitted on after training (a temperature, a Laplace prior), by default.
@@ -157,7 +162,7 @@ HELDOUT_EXAMPLES = 200
 
 
 def seeded_heldout(examples: Sequence, used: int | None, size: int, seed: int) -> list:
-    """The ``size`` examples that follow the first ``used`` of the seeded permutation of
+    """The (at most) ``size`` examples that follow the first ``used`` of the seeded permutation of
     :func:`seeded_subset`: examples a run trained on the first ``used`` never saw (e.g. to fit a
     temperature). An error if nothing is left."""
     if used is None or used >= len(examples):
@@ -167,7 +172,7 @@ def seeded_heldout(examples: Sequence, used: int | None, size: int, seed: int) -
         )
     if size <= 0:
         raise ValueError(f"the held-out size must be positive, got {size}")
-    return seeded_subset(examples, used + size, seed)[used:]
+    return [examples[i] for i in _seeded_order(len(examples), seed)[used : used + size]]
 
 
 def seeded_split(examples: Sequence, test_fraction: float, seed: int) -> tuple[list, list]:

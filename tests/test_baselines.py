@@ -125,6 +125,9 @@ def test_map_and_mcdropout_resolve_their_defaults(tiny_llama_dir, toy_task, tmp_
     assert metrics["n_samples"] == 3
     mean = bl.evaluate(run, samples=0, output_dir=tmp_path / "mean", progress=False)
     assert mean["n_samples"] == 0
+    with pytest.raises(ValueError, match=r"--dropout 0\.0 leaves nothing to sample"):  # refused before training
+        train_toy(tiny_llama_dir, toy_task, tmp_path / "mcd-0", method="mcdropout", dropout=0.0)
+    assert not (tmp_path / "mcd-0").exists()
 
 
 @pytest.mark.parametrize(("lr", "weight_decay", "dtype", "vanishes"), [

@@ -121,6 +121,7 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
         run = bl.train(method="laplace", output_dir=str(tmp_path / "glm"), **common)  # prior 'auto'
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["laplace_prior"] == "marglik"
+    assert "laplace_prior: marglik" in (run / "config.yaml").read_text()  # the rule 'auto' chose, recorded
     assert summary["laplace_prior_precision"] > 0 and summary["laplace_params"] > 0
     assert (run / "laplace.safetensors").is_file()
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
@@ -213,3 +214,17 @@ def test_auto_prior_is_heldout_only_when_enough_examples_are_left():
         assert resolve_prior("auto", 2251, None) == "marglik"
     with pytest.raises(ValueError, match="must be one of auto, marglik, heldout"):
         resolve_prior("evidence", 2251, 320)
+    for train_size in (None, 2251):  # nothing held out
+        with pytest.raises(ValueError, match="trains on all 2251: train with --train-size below 2251"):
+            resolve_prior("heldout", 2251, train_size)
+
+
+def test_a_heldout_prior_without_heldout_examples_is_refused_before_training(tiny_llama_dir, tmp_path):
+    import bayeslora as bl
+    from _toy_models import write_word_task
+
+    task = write_word_task(tmp_path / "toy.jsonl", 12)
+    with pytest.raises(ValueError, match=r"--laplace-prior heldout .* trains on all 12"):
+        bl.train(model=str(tiny_llama_dir), task=str(task), method="laplace", laplace_prior="heldout", rank=2,
+                 max_steps=2, output_dir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -144,6 +144,7 @@ def train(
         )
     config = get_method(config.method).resolve(config)
     task = load_task(config.task)
+    config = check_method_inputs(config, task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
     eval_names = config.eval_tasks if config.eval_tasks is not None else ([config.task] if task.heldout_eval else [])
     eval_tasks = load_eval_tasks(config, task, eval_names)
@@ -448,6 +449,24 @@ def prediction_options(config: RunConfig, n_samples: int, run_dir: Path | None =
             )
         }
     return {}
+
+
+def check_method_inputs(config: RunConfig, task: Task) -> RunConfig:
+    """``config`` checked against what its method needs, before anything is trained: MC dropout samples the
+    adapters' dropout, so it needs some; a Laplace posterior's prior rule is resolved against ``task``'s
+    training split (``auto`` becomes ``heldout`` or ``marglik``, see :func:`resolve_prior`), so that
+    ``config.yaml`` records the rule used and a held-out prior with no held-out examples is refused now."""
+    method = get_method(config.method)
+    if method.prediction == "dropout" and not config.dropout:
+        raise ValueError(
+            f"--method {config.method} averages predictions over the adapters' dropout masks, and --dropout "
+            f"{config.dropout} leaves nothing to sample: set --dropout above 0 (0.1 by default), or train "
+            f"--method lora for the deterministic adapter."
+        )
+    if method.prediction == "laplace":
+        prior = resolve_prior(config.laplace_prior, len(task.split("train")), config.train_size)
+        config = dataclasses.replace(config, laplace_prior=prior)
+    return config
 
 
 def fit_laplace(model: nn.Module, config: RunConfig, scorer: Scorer, task: Task, train_examples: list, run: Path):

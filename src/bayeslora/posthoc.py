@@ -12,6 +12,7 @@ import torch
 from .adapters import load_adapter
 from .api import (
     build_scorer,
+    check_method_inputs,
     evaluate_and_write,
     fit_laplace,
     load_base,
@@ -180,6 +181,7 @@ def laplace(
     )
     config = get_method("laplace").resolve(config)
     task = load_task(config.task)
+    config = check_method_inputs(config, task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
     eval_tasks = load_eval_tasks(config, task, config.eval_tasks or [])
     with new_run_dir(out, overwrite) as new:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..inference import iterate_batches, model_device, move_batch
 from ..io import atomic_path
 from ..scoring import Batch, Scorer
+from ..tasks import HELDOUT_EXAMPLES
 
 SUBSETS = ("all", "last")
 PRIORS = ("auto", "marglik", "heldout")
@@ -56,9 +57,15 @@ def resolve_prior(requested: str, split_size: int, train_size: int | None) -> st
     likelihood's λ can leave the linearised predictive close to uniform (README, Calibration benchmark)."""
     if requested not in PRIORS:
         raise ValueError(f"the Laplace prior must be one of {', '.join(PRIORS)}, got '{requested}'")
+    unused = split_size - train_size if train_size is not None else 0
+    if requested == "heldout" and unused <= 0:
+        raise ValueError(
+            f"--laplace-prior heldout chooses the prior precision on training examples the run did not train on, "
+            f"and it trains on all {split_size}: train with --train-size below {split_size} (leaving "
+            f"{HELDOUT_EXAMPLES} or more unused is best), or use --laplace-prior marglik."
+        )
     if requested != "auto":
         return requested
-    unused = split_size - train_size if train_size is not None else 0
     if unused >= MIN_HELDOUT:
         return "heldout"
     warnings.warn(

@@ -111,6 +111,7 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
     import json
 
     import bayeslora as bl
+    from bayeslora.report import run_report
 
     rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
     task = tmp_path / "toy.jsonl"
@@ -126,6 +127,8 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
     assert (run / "laplace.safetensors").is_file()
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     assert metrics["method"] == "laplace" and metrics["n_samples"] == 1  # the linearised predictive
+    assert metrics["laplace_fit_s"] == summary["laplace_fit_s"]  # reported next to the training time
+    assert "post-hoc fit s" in run_report([run]).splitlines()[4]
     mode = bl.evaluate(run, samples=0, output_dir=tmp_path / "mode", progress=False)  # the trained LoRA
     assert mode["nll"] != pytest.approx(metrics["nll"])
     run = bl.train(

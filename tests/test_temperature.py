@@ -103,7 +103,7 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"## {task}" in report and f"| {task} | lora |" in report and f"| {task} | lora+ts |" in report
-    assert "train s" in report and "eval s" in report
+    assert "train s" in report and "eval s" in report and "| task | method | seed |" in report
     assert len(list((tmp_path / "report").glob("reliability-*toy.png"))) == 1
     full = tmp_path / "full"
     assert main(["--quiet", "train", *common, "--max-steps", "2", "--output-dir", str(full)]) == 0

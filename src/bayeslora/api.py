@@ -417,7 +417,7 @@ def evaluate_and_write(
         record.update(structure_record(model))
     if summary:
         record["train_task"] = train_task.name
-        for key in ("steps", "trainable_params", "train_runtime_s", "step_time_s", "step_memory_mb", "peak_memory_mb"):
+        for key in SUMMARY_KEYS_IN_METRICS:
             if key in summary:
                 record[key] = summary[key]
     out_dir = out_dir or eval_dir(run_dir, eval_task.name)
@@ -427,6 +427,17 @@ def evaluate_and_write(
 
 
 ZERO_SHOT = "zero-shot"
+
+#: What an evaluation's ``metrics.json`` repeats from the run's training summary (for reports).
+SUMMARY_KEYS_IN_METRICS = (
+    "steps",
+    "trainable_params",
+    "train_runtime_s",
+    "laplace_fit_s",
+    "step_time_s",
+    "step_memory_mb",
+    "peak_memory_mb",
+)
 
 
 def prediction_options(config: RunConfig, n_samples: int, run_dir: Path | None = None) -> dict[str, Any]:

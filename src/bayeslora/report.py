@@ -23,10 +23,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 _PERCENT = {"accuracy", "ece"}
 
-#: The comparison table of ``bayeslora report``: the standard columns plus training and evaluation time.
+#: The comparison table of ``bayeslora report``: the standard columns plus the seed (runs of one method
+#: differ by it), training time, a post-hoc posterior's fitting time (Laplace) and evaluation time.
 REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    *COLUMNS[:10],
+    *COLUMNS[:2],
+    ("seed", "seed", "{}"),
+    *COLUMNS[2:10],
     ("train s", "train_runtime_s", "{:.0f}"),
+    ("post-hoc fit s", "laplace_fit_s", "{:.0f}"),
     ("eval s", "eval_time_s", "{:.0f}"),
     *COLUMNS[10:],
 )
@@ -83,9 +87,9 @@ def _bops_section(run: Path, report: dict[str, Any], sequence_length: int) -> li
 
 def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | Path | None = None) -> str:
     """Markdown: per evaluation task, one table of every method of ``runs`` that was evaluated on it (their
-    ``eval/*/metrics.json``, temperature-scaled rows included) with accuracy, ECE, NLL, Brier, trainable
-    parameters, training and evaluation time; then, for runs that learn their structure, their bit
-    operations per layer and in total for ``sequence_length`` tokens. With ``out``, also writes
+    ``eval/*/metrics.json``, temperature-scaled rows included) with its seed, accuracy, ECE, NLL, Brier,
+    trainable parameters, training, post-hoc fitting and evaluation time; then, for runs that learn their
+    structure, their bit operations per layer and in total for ``sequence_length`` tokens. With ``out``, also writes
     ``report.md``, ``report.json``, per task ``reliability-<task>.png`` (every method side by side) and
     ``accuracy-ece-<task>.png``, and a self-contained ``report.html`` with all of it."""
     from .evaluation import load_predictions
@@ -124,7 +128,7 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
             for record, directory in evaluations:
                 if record["task"] == task:
                     prediction = load_predictions(directory)
-                    title = f"{record['method']} (N={record.get('n_samples', 1)})"
+                    title = f"{record['method']}, seed {record.get('seed')} (N={record.get('n_samples', 1)})"
                     panels.append((title, prediction.probs, prediction.labels))
             save_reliability_grid(
                 out / f"reliability-{eval_dir(out, task).name}.png", panels, columns=min(4, len(panels))

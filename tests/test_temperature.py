@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,29 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert main(["--quiet", "train", *common, "--max-steps", "2", "--output-dir", str(full)]) == 0
     assert main(["--quiet", "calibrate", "--run", str(full)]) == 2  # trained on everything: nothing held out
     assert "--train-size" in capsys.readouterr().err
+
+
+def test_calibrate_fits_each_evaluation_with_its_own_number_of_samples(tiny_llama_dir, tmp_path):
+    """An evaluation of the posterior mean (``--samples 0``) is rescaled by the T of the posterior mean's
+    held-out predictions, not by the T of the sampled predictive (the method's default)."""
+    import bayeslora as bl
+    from bayeslora.evaluation import load_predictions
+    from bayeslora.tasks import DATA_SEED, seeded_heldout
+
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="melora", samples=3,
+                   rank=2, max_steps=6, batch_size=4, lr=1e-2, train_size=8, output_dir=str(tmp_path / "run"),
+                   progress=False)  # fmt: skip
+    (sampled,) = bl.calibrate(run, heldout=12, progress=False)
+    bl.evaluate(run, samples=0, overwrite=True, progress=False)  # eval/toy is now the posterior mean's
+    (mean,) = bl.calibrate(run, heldout=12, overwrite=True, progress=False)
+    assert mean["n_samples"] == 0 and sampled["n_samples"] == 3
+
+    heldout = tmp_path / "heldout.jsonl"  # the same held-out questions, evaluated as a task of their own
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in seeded_heldout(rows, 8, 12, DATA_SEED)))
+    bl.evaluate(run, task=str(heldout), samples=0, output_dir=tmp_path / "reference", progress=False)
+    reference = load_predictions(tmp_path / "reference" / "eval" / "heldout")
+    assert mean["temperature"] == pytest.approx(fit_temperature(reference.probs, reference.labels), rel=1e-4)
+    assert mean["temperature"] != pytest.approx(sampled["temperature"], rel=1e-4)

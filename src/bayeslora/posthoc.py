@@ -89,9 +89,9 @@ def calibrate(
 
     One temperature T is fitted on ``heldout`` training examples the run never trained on (those that follow
     its ``--train-size`` subset in the same seeded order), predicted the way the method predicts (posterior
-    samples, MC dropout, ensemble members). The saved predictions of every evaluation of the run (or of
-    ``task``) are rescaled as softmax(log p / T) and written to ``eval/<task>-ts/`` as method
-    ``<method>+ts``. Returns the new metrics records.
+    samples, MC dropout, ensemble members) with as many samples as the evaluation it rescales. The saved
+    predictions of every evaluation of the run (or of ``task``) are rescaled as softmax(log p / T) and
+    written to ``eval/<task>-ts/`` as method ``<method>+ts``. Returns the new metrics records.
     """
     from .evaluation import load_predictions
     from .metrics import classification_metrics
@@ -114,22 +114,31 @@ def calibrate(
     examples = seeded_heldout(train_task.split("train"), config.train_size, heldout, DATA_SEED)
     network, tokenizer = load_base(config, train_task, progress=progress)
     network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
-    n_samples = resolve_samples(config, None)
     scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
-    torch.manual_seed(config.seed)
-    _, fitted_on = evaluate_model(
-        network,
-        scorer,
-        examples,
-        n_samples=n_samples,
-        batch_size=config.eval_batch_size,
-        progress=progress,
-        **prediction_options(config, n_samples, run),
-    )
-    temperature = fit_temperature(fitted_on.probs, fitted_on.labels)
+    temperatures: dict[int, float] = {}
+
+    def temperature_for(recorded_samples: int) -> float:
+        """T fitted on the held-out examples predicted as the evaluation was (its number of samples: an
+        evaluation with ``--samples 0``, the posterior mean, gets a T of the posterior mean's)."""
+        if recorded_samples not in temperatures:
+            n_samples = resolve_samples(config, recorded_samples)
+            torch.manual_seed(config.seed)
+            _, fitted_on = evaluate_model(
+                network,
+                scorer,
+                examples,
+                n_samples=n_samples,
+                batch_size=config.eval_batch_size,
+                progress=progress,
+                **prediction_options(config, n_samples, run),
+            )
+            temperatures[recorded_samples] = fit_temperature(fitted_on.probs, fitted_on.labels)
+        return temperatures[recorded_samples]
+
     records = []
     for source, target in zip(sources, targets, strict=True):
         before = read_json(source / "metrics.json")
+        temperature = temperature_for(before["n_samples"])
         prediction = load_predictions(source)
         prediction.probs = scaled(prediction.probs, temperature).float()
         prediction.sample_probs = None  # the temperature applies to the averaged prediction only

@@ -45,6 +45,12 @@ def test_mc_dropout_samples_differ_and_collapse_to_lora_without_dropout(tiny_lla
     again, _ = predict_batch(model, scorer, batch, n_samples=3)  # dropout off: every sample is LoRA's
     torch.testing.assert_close(again, plain, atol=1e-6, rtol=0)
     assert all(not m.training for m in model.modules())  # evaluation mode restored
+    for module in model.modules():  # the sampling path itself, with masks that drop nothing
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    kept, samples = predict_batch(model, scorer, batch, n_samples=3, dropout=True)
+    torch.testing.assert_close(kept, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(samples, plain.expand(3, -1, -1), atol=1e-6, rtol=0)
 
 
 def test_mc_dropout_needs_dropout(tiny_llama):
@@ -103,6 +109,12 @@ def test_ensemble_trains_members_with_their_own_seeds_and_reloads(tiny_llama_dir
 
     first, second = (load_file(str(run / "adapter" / m / "adapter_model.safetensors")) for m in ("member0", "member1"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    for member, seed in ((first, 1), (second, 2)):  # member k is the LoRA of seed + k (init and data order)
+        lora = train_toy(tiny_llama_dir, toy_task, tmp_path / f"lora-{seed}", seed=seed)
+        expected = load_file(str(lora / "adapter" / "adapter_model.safetensors"))
+        assert member.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(member[key], expected[key], atol=1e-6, rtol=0)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert {entry.get("member") for entry in log} == {"member0", "member1"}
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())

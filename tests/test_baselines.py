@@ -121,6 +121,14 @@ def test_ensemble_trains_members_with_their_own_seeds_and_reloads(tiny_llama_dir
     assert metrics["n_samples"] == 2 and metrics["steps"] == 8
     again = bl.evaluate(run, output_dir=tmp_path / "again", progress=False)
     assert again["accuracy"] == metrics["accuracy"] and again["nll"] == pytest.approx(metrics["nll"], abs=1e-6)
+    from bayeslora.cli import main
+    from bayeslora.evaluation import load_predictions
+
+    assert main(["--quiet", "eval", "--run", str(run), "--ensemble-combine", "logits", "--output-dir",
+                 str(tmp_path / "logits")]) == 0  # fmt: skip
+    members = load_predictions(run / "eval" / "toy").sample_probs  # (K, N, C)
+    by_logits = load_predictions(tmp_path / "logits" / "eval" / "toy").probs
+    torch.testing.assert_close(by_logits, members.log().mean(0).softmax(-1), atol=1e-5, rtol=0)
 
 
 def test_map_and_mcdropout_resolve_their_defaults(tiny_llama_dir, toy_task, tmp_path):

@@ -63,6 +63,20 @@ def _print_run_metrics(run) -> None:
         print(format_table(rows))
 
 
+#: The run options `bayeslora eval` can change for an evaluation: how the model is scored and loaded, and
+#: how an ensemble's members are combined or a Laplace posterior predicts.
+EVAL_CONFIG_OPTIONS = (
+    "scoring",
+    "cloze_normalization",
+    "num_layers",
+    "max_length",
+    "dtype",
+    "eval_batch_size",
+    "force_base",
+    "ensemble_combine",
+    "laplace_predictive",
+)
+
 FORCE_BASE_HELP = "Load the adapter even onto a base model other than the one it was trained on (not advised)."
 
 
@@ -70,12 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate
     from .report import format_table
 
-    options = {
-        key: coerce_value(key, value)
-        for key, value in vars(args).items()
-        if key
-        in ("scoring", "num_layers", "max_length", "dtype", "cloze_normalization", "eval_batch_size", "force_base")
-    }
+    options = {key: coerce_value(key, value) for key, value in vars(args).items() if key in EVAL_CONFIG_OPTIONS}
     metrics = evaluate(
         args.run,
         model=args.model,
@@ -212,10 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="Fixed seeded subsample of this many examples.")
     evaluate.add_argument("--output-dir", help="Write eval/<task>/ here instead of into the run.")
     evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing eval/<task>/.")
-    _add_config_flags(
-        evaluate,
-        only=("scoring", "cloze_normalization", "num_layers", "max_length", "dtype", "eval_batch_size", "force_base"),
-    )
+    _add_config_flags(evaluate, only=EVAL_CONFIG_OPTIONS)
     evaluate.set_defaults(handler=_cmd_eval)
 
     demo = commands.add_parser("demo", help="Fine-tune the embedded default and print the calibration table.")

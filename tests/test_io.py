@@ -61,3 +61,20 @@ def test_run_dir_is_refused_then_replaced_safely(tmp_path):
     assert (run / "result").read_text() == "third"
     assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir()))
+
+
+@pytest.mark.parametrize("wrote, resumable, left", [(False, False, "nothing"), (True, False, "failed"),
+                                                    (True, True, "kept")])  # fmt: skip
+def test_a_failed_new_run_never_blocks_the_next_attempt(tmp_path, wrote, resumable, left):
+    """Empty: removed; with files: moved aside as <name>.failed-<time>; with a checkpoint: kept for --resume."""
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), new_run_dir(run, resumable=lambda path: resumable) as path:
+        if wrote:
+            (path / "train_log.jsonl").write_text("{}\n")
+        raise KeyboardInterrupt
+    failed = [p for p in tmp_path.iterdir() if p.name.startswith("run.failed-")]
+    assert run.exists() == (left == "kept")
+    assert len(failed) == (left == "failed")
+    if left != "kept":
+        with new_run_dir(run) as path:  # the next attempt
+            (path / "result").write_text("ok")

@@ -216,6 +216,9 @@ def test_posthoc_laplace_refuses_what_it_cannot_fit(tiny_llama_dir, tmp_path, ca
     lora = bl.train(method="lora", output_dir=str(tmp_path / "lora"), **common)
     with pytest.raises(ValueError, match="not rank"):
         bl.laplace(lora, rank=4, progress=False)
+    with pytest.raises(ValueError, match="is the LoRA run the posterior is fitted to"):
+        bl.laplace(lora, output_dir=tmp_path / "." / "lora", overwrite=True, progress=False)
+    assert (lora / "adapter").is_dir() and not list(tmp_path.glob("lora.failed-*"))
     assert main(["--quiet", "laplace", "--run", str(lora), "--output-dir", str(tmp_path / "la")]) == 0
     assert main(["--quiet", "laplace", "--run", str(lora), "--output-dir", str(tmp_path / "la")]) == 2
     assert "already exists" in capsys.readouterr().err

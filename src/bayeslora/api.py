@@ -43,6 +43,7 @@ from .resume import (
     load_trained_member,
     resume_point,
     save_trained_member,
+    steps_done,
     trained_member,
     truncate_log,
 )
@@ -154,7 +155,12 @@ def train(
     distributed.start()
     main = is_main_process()  # on several processes, only the main one writes (see bayeslora.distributed)
     creates = main and not resuming
-    with new_run_dir(run_dir, config.overwrite) if creates else contextlib.nullcontext(run_dir) as run:
+    adapters = ensemble_members(config) or [None]
+
+    def resumable(run: Path) -> bool:  # a failed new run with a checkpoint stays for --resume
+        return any(steps_done(run, member) for member in adapters)
+
+    with new_run_dir(run_dir, config.overwrite, resumable) if creates else contextlib.nullcontext(run_dir) as run:
         barrier()  # the run directory exists from here on, for every process
         transformers.set_seed(config.seed)
         model, tokenizer = load_base(config, task, progress=progress)
@@ -202,16 +208,16 @@ def train(
             laplace = fit_laplace(model, config, scorer, task, train_examples, run)
         device = next(model.parameters()).device
         runtime = sum(fit.runtime_s for fit in fits)  # of this process only
-        steps_done = sum(fit.global_step for fit in fits)
+        steps_total = sum(fit.global_step for fit in fits)
         steps_before = sum(fit.start_step for fit in fits)  # done before an interruption
-        steps_run = steps_done - steps_before  # the steps of that runtime
+        steps_run = steps_total - steps_before  # the steps of that runtime
         summary = {
             "task": config.task,
             "method": config.method,
             "model": config.model,
             "task_source": task.source,
             "train_examples": len(train_examples),
-            "steps": steps_done,
+            "steps": steps_total,
             **({"ensemble_members": len(members)} if members else {}),
             "train_loss": sum(fit.training_loss for fit in fits) / len(fits),
             "train_runtime_s": round(runtime, 2),

@@ -185,6 +185,11 @@ def laplace(
     if unknown:
         raise ValueError(f"laplace takes the options {', '.join(LAPLACE_OPTIONS)}; not {', '.join(unknown)}")
     out = Path(output_dir) if output_dir is not None else source.with_name(f"{source.name}-laplace")
+    if out.resolve() == source.resolve():
+        raise ValueError(
+            f"--output-dir {out} is the LoRA run the posterior is fitted to; the Laplace run is a new directory "
+            f"(by default {source.name}-laplace next to it)."
+        )
     config = make_config(
         **{**stored, "samples": None, **options, "method": "laplace", "output_dir": str(out), "force_base": force_base}
     )

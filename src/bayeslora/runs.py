@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,12 +46,18 @@ def eval_dir(run_dir: str | Path, task: str) -> Path:
 
 
 @contextmanager
-def new_run_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def new_run_dir(
+    path: str | Path, overwrite: bool = False, resumable: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """Create run directory ``path`` for the duration of a run.
 
     An existing directory is an error unless ``overwrite``; then it is moved aside and deleted only when
     the new run succeeds. If the new run fails, the old directory is put back and the failed attempt is
     kept next to it as ``<name>.failed-<time>``, so no earlier result is ever lost.
+
+    A run in a new directory that fails (an error, Ctrl-C) does not block the next attempt at ``path``: if
+    ``resumable(path)`` says it left something to continue from (a checkpoint), it stays for ``--resume``;
+    otherwise what it wrote is moved aside to ``<name>.failed-<time>`` (an empty directory is removed).
     """
     path = Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -68,11 +74,18 @@ def new_run_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
+        failed = path.with_name(f"{path.name}.failed-{stamp}")
         if backup is not None:
-            failed = path.with_name(f"{path.name}.failed-{stamp}")
             os.replace(path, failed)
             os.replace(backup, path)
             print(f"The run failed; {path} is restored, the failed attempt is in {failed}.", file=sys.stderr)
+        elif resumable is not None and resumable(path):
+            print(f"The run stopped; continue it with --resume --output-dir {path}.", file=sys.stderr)
+        elif not any(path.iterdir()):
+            path.rmdir()
+        else:
+            os.replace(path, failed)
+            print(f"The run failed; what it wrote is kept in {failed}.", file=sys.stderr)
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

@@ -113,9 +113,13 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert "--train-size" in capsys.readouterr().err
 
 
-def test_calibrate_fits_each_evaluation_with_its_own_number_of_samples(tiny_llama_dir, tmp_path):
-    """An evaluation of the posterior mean (``--samples 0``) is rescaled by the T of the posterior mean's
-    held-out predictions, not by the T of the sampled predictive (the method's default)."""
+@pytest.mark.parametrize(
+    ("method", "options", "changed"),
+    [("melora", {"samples": 3}, {"samples": 0}), ("ensemble", {"ensemble_size": 2}, {"ensemble_combine": "logits"})],
+)
+def test_calibrate_fits_each_evaluation_as_it_was_predicted(tiny_llama_dir, tmp_path, method, options, changed):
+    """An evaluation re-run another way (the posterior mean, ``--samples 0``; an ensemble's logits averaged)
+    is rescaled by the T of held-out predictions made that way, not by the T of the run's default predictive."""
     import bayeslora as bl
     from bayeslora.evaluation import load_predictions
     from bayeslora.tasks import DATA_SEED, seeded_heldout
@@ -123,17 +127,17 @@ def test_calibrate_fits_each_evaluation_with_its_own_number_of_samples(tiny_llam
     rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
     task = tmp_path / "toy.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="melora", samples=3,
-                   rank=2, max_steps=6, batch_size=4, lr=1e-2, train_size=8, output_dir=str(tmp_path / "run"),
-                   progress=False)  # fmt: skip
-    (sampled,) = bl.calibrate(run, heldout=12, progress=False)
-    bl.evaluate(run, samples=0, overwrite=True, progress=False)  # eval/toy is now the posterior mean's
-    (mean,) = bl.calibrate(run, heldout=12, overwrite=True, progress=False)
-    assert mean["n_samples"] == 0 and sampled["n_samples"] == 3
+    run = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method=method, rank=2,
+                   max_steps=6, batch_size=4, lr=1e-2, train_size=8, output_dir=str(tmp_path / "run"),
+                   progress=False, **options)  # fmt: skip
+    (default,) = bl.calibrate(run, heldout=12, progress=False)
+    evaluation = bl.evaluate(run, overwrite=True, progress=False, **changed)  # eval/toy, predicted the other way
+    assert all(evaluation[key] == value for key, value in changed.items() if key != "samples")  # recorded
+    (rescaled,) = bl.calibrate(run, heldout=12, overwrite=True, progress=False)
 
     heldout = tmp_path / "heldout.jsonl"  # the same held-out questions, evaluated as a task of their own
     heldout.write_text("".join(json.dumps(r) + "\n" for r in seeded_heldout(rows, 8, 12, DATA_SEED)))
-    bl.evaluate(run, task=str(heldout), samples=0, output_dir=tmp_path / "reference", progress=False)
+    bl.evaluate(run, task=str(heldout), output_dir=tmp_path / "reference", progress=False, **changed)
     reference = load_predictions(tmp_path / "reference" / "eval" / "heldout")
-    assert mean["temperature"] == pytest.approx(fit_temperature(reference.probs, reference.labels), rel=1e-4)
-    assert mean["temperature"] != pytest.approx(sampled["temperature"], rel=1e-4)
+    assert rescaled["temperature"] == pytest.approx(fit_temperature(reference.probs, reference.labels), rel=1e-4)
+    assert rescaled["temperature"] != pytest.approx(default["temperature"], rel=1e-4)

@@ -413,6 +413,7 @@ def evaluate_and_write(
         "model": config.model,
         "scoring": scorer.name,
         **({"cloze_normalization": config.cloze_normalization} if scorer.name == "cloze" else {}),
+        **predictive_record(config),
         **metrics,
         "limit": limit,
         "seed": config.seed,
@@ -466,6 +467,19 @@ def prediction_options(config: RunConfig, n_samples: int, run_dir: Path | None =
             )
         }
     return {}
+
+
+#: The options that decide how a trained run predicts, by the method's kind of prediction
+#: (``bayeslora eval`` can change them; an evaluation records the ones it used).
+PREDICTIVE_OPTIONS = {"ensemble": ("ensemble_combine",), "laplace": ("laplace_predictive",)}
+
+
+def predictive_record(config: RunConfig) -> dict[str, Any]:
+    """How ``config``'s method predicts beyond its number of samples, as an evaluation records it: an
+    ensemble's ``ensemble_combine``, a Laplace posterior's ``laplace_predictive``; {} for other methods."""
+    if config.method == ZERO_SHOT:
+        return {}
+    return {key: getattr(config, key) for key in PREDICTIVE_OPTIONS.get(get_method(config.method).prediction, ())}
 
 
 def check_method_inputs(config: RunConfig, task: Task) -> RunConfig:

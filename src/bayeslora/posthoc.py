@@ -3,6 +3,8 @@ Laplace posterior over its LoRA weights."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from .api import (
     load_base,
     load_eval_tasks,
     prediction_options,
+    predictive_record,
     resolve_samples,
     write_config,
 )
@@ -115,13 +118,17 @@ def calibrate(
     network, tokenizer = load_base(config, train_task, progress=progress)
     network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
     scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
-    temperatures: dict[int, float] = {}
+    temperatures: dict[str, float] = {}
 
-    def temperature_for(recorded_samples: int) -> float:
-        """T fitted on the held-out examples predicted as the evaluation was (its number of samples: an
-        evaluation with ``--samples 0``, the posterior mean, gets a T of the posterior mean's)."""
-        if recorded_samples not in temperatures:
-            n_samples = resolve_samples(config, recorded_samples)
+    def temperature_for(evaluation: dict[str, Any]) -> float:
+        """T fitted on the held-out examples predicted as ``evaluation`` was: with its number of samples (an
+        evaluation of the posterior mean, ``--samples 0``, gets the posterior mean's T) and its predictive
+        options (an ensemble's combination rule, a Laplace predictive) where it records them."""
+        predictive = {key: evaluation.get(key, value) for key, value in predictive_record(config).items()}
+        key = json.dumps([evaluation["n_samples"], predictive], sort_keys=True)
+        if key not in temperatures:
+            as_evaluated = dataclasses.replace(config, **predictive)
+            n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])
             torch.manual_seed(config.seed)
             _, fitted_on = evaluate_model(
                 network,
@@ -130,15 +137,15 @@ def calibrate(
                 n_samples=n_samples,
                 batch_size=config.eval_batch_size,
                 progress=progress,
-                **prediction_options(config, n_samples, run),
+                **prediction_options(as_evaluated, n_samples, run),
             )
-            temperatures[recorded_samples] = fit_temperature(fitted_on.probs, fitted_on.labels)
-        return temperatures[recorded_samples]
+            temperatures[key] = fit_temperature(fitted_on.probs, fitted_on.labels)
+        return temperatures[key]
 
     records = []
     for source, target in zip(sources, targets, strict=True):
         before = read_json(source / "metrics.json")
-        temperature = temperature_for(before["n_samples"])
+        temperature = temperature_for(before)
         prediction = load_predictions(source)
         prediction.probs = scaled(prediction.probs, temperature).float()
         prediction.sample_probs = None  # the temperature applies to the averaged prediction only

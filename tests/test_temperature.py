@@ -111,6 +111,12 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert main(["--quiet", "train", *common, "--max-steps", "2", "--output-dir", str(full)]) == 0
     assert main(["--quiet", "calibrate", "--run", str(full)]) == 2  # trained on everything: nothing held out
     assert "--train-size" in capsys.readouterr().err
+    (tmp_path / "not-a-run").mkdir()
+    assert main(["report", str(tmp_path / "not-a-run")]) == 2
+    assert "not a bayeslora run directory" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(["report", str(run), "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "keep me"
 
 
 @pytest.mark.parametrize(

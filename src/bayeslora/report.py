@@ -95,18 +95,25 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
     from .evaluation import load_predictions
     from .io import read_json, write_json_atomic, write_text_atomic
     from .plots import save_reliability_grid
-    from .runs import BOPS_FILE, EVAL_DIR, eval_dir
+    from .runs import BOPS_FILE, CONFIG_FILE, EVAL_DIR, eval_dir
 
     if sequence_length <= 0:
         raise ValueError(f"--sequence-length must be positive, got {sequence_length}")
     evaluations: list[tuple[dict[str, Any], Path]] = []
     sections: list[str] = []
     bops: dict[str, Any] = {}
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a file; the report is a directory: choose another --out")
     for run in map(Path, runs):
         if not run.is_dir():
-            raise FileNotFoundError(f"{run} is not a run directory")
+            raise FileNotFoundError(f"{run} does not exist (report takes run directories)")
         found = [(read_json(path), path.parent) for path in sorted((run / EVAL_DIR).glob("*/metrics.json"))]
         if not found and not (run / BOPS_FILE).is_file():
+            if not (run / CONFIG_FILE).is_file():
+                raise FileNotFoundError(
+                    f"{run} is not a bayeslora run directory (neither {CONFIG_FILE} nor eval/<task>/metrics.json): "
+                    f"report takes the directories that `bayeslora train` and `bayeslora eval` write"
+                )
             raise ValueError(f"{run} holds no evaluation (eval/<task>/metrics.json); run `bayeslora eval --run {run}`")
         evaluations += found
         if (run / BOPS_FILE).is_file():

@@ -170,3 +170,17 @@ def test_the_weight_decay_warning_matches_what_adamw_does(lr, weight_decay, dtyp
         warnings.simplefilter("always")
         warn_if_weight_decay_vanishes(lr, weight_decay, dtype)
     assert bool([w for w in caught if "changes nothing" in str(w.message)]) == vanishes
+
+
+def test_options_a_method_does_not_use_are_named_in_a_warning(tiny_llama_dir, toy_task, tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match="--ensemble-size is for --method ensemble; --samples is for the methods"):
+        run = train_toy(tiny_llama_dir, toy_task, tmp_path / "lora", ensemble_size=5, samples=4)
+    with pytest.warns(UserWarning, match="--method lora ignores .* --laplace-predictive is for --method laplace"):
+        bl.evaluate(run, laplace_predictive="nn", output_dir=tmp_path / "eval", progress=False)
+    with warnings.catch_warnings(record=True) as caught:  # used: no such warning
+        warnings.simplefilter("always")
+        train_toy(tiny_llama_dir, toy_task, tmp_path / "mcd", method="mcdropout", samples=4)
+        train_toy(tiny_llama_dir, toy_task, tmp_path / "ens", method="ensemble", ensemble_size=2, samples=4)
+    assert not [w for w in caught if "does not use" in str(w.message)]

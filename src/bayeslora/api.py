@@ -14,7 +14,8 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,10 @@ def train(
             f"Run directory {run_dir} already exists. Choose another --output-dir, pass --overwrite to replace it "
             f"(the old run is kept until the new one finishes), or --resume to continue an unfinished run."
         )
+    defaults = RunConfig()
+    warn_unused_options(
+        config, [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(defaults, f.name)]
+    )
     config = get_method(config.method).resolve(config)
     task = load_task(config.task)
     config = check_method_inputs(config, task)
@@ -473,6 +478,31 @@ def prediction_options(config: RunConfig, n_samples: int, run_dir: Path | None =
 #: (``bayeslora eval`` can change them; an evaluation records the ones it used).
 PREDICTIVE_OPTIONS = {"ensemble": ("ensemble_combine",), "laplace": ("laplace_predictive",)}
 
+#: Options that only the methods of one kind of prediction use.
+PREDICTION_ONLY_OPTIONS = {
+    "ensemble": ("ensemble_size", "ensemble_combine"),
+    "laplace": ("laplace_subset", "laplace_prior", "laplace_predictive"),
+}
+
+
+def warn_unused_options(config: RunConfig, given: Iterable[str]) -> None:
+    """Warn about the options in ``given`` (set by the user) that ``config``'s method does not use: an
+    ensemble's or a Laplace posterior's options on another method, ``--samples`` on a deterministic one."""
+    prediction = None if config.method == ZERO_SHOT else get_method(config.method).prediction
+    unused = {
+        option: f"--method {kind}"
+        for kind, options in PREDICTION_ONLY_OPTIONS.items()
+        if kind != prediction
+        for option in options
+        if option in given
+    }
+    deterministic = prediction is None or not get_method(config.method).is_stochastic(config)
+    if "samples" in given and deterministic and prediction != "ensemble":
+        unused["samples"] = "the methods that average posterior samples"
+    if unused:
+        ignored = "; ".join(f"--{option.replace('_', '-')} is for {who}" for option, who in unused.items())
+        warnings.warn(f"--method {config.method} ignores what it does not use: {ignored}.", stacklevel=3)
+
 
 def predictive_record(config: RunConfig) -> dict[str, Any]:
     """How ``config``'s method predicts beyond its number of samples, as an evaluation records it: an
@@ -569,6 +599,7 @@ def evaluate(
     if run is not None:
         stored = read_run_config(run)
         config = make_config(**{**stored, **options})
+        warn_unused_options(config, [*options, *(["samples"] if samples is not None else [])])
         train_task = load_task(config.task)
         eval_task = train_task if task in (None, config.task) else load_task(task)
         _check_eval_task(train_task, eval_task)

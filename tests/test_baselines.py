@@ -177,6 +177,8 @@ def test_options_a_method_does_not_use_are_named_in_a_warning(tiny_llama_dir, to
 
     with pytest.warns(UserWarning, match="--ensemble-size is for --method ensemble; --samples is for the methods"):
         run = train_toy(tiny_llama_dir, toy_task, tmp_path / "lora", ensemble_size=5, samples=4)
+    with pytest.warns(UserWarning, match="--train-size 100 is more than the 8 training examples"):
+        train_toy(tiny_llama_dir, toy_task, tmp_path / "all", train_size=100)
     with pytest.warns(UserWarning, match="--method lora ignores .* --laplace-predictive is for --method laplace"):
         bl.evaluate(run, laplace_predictive="nn", output_dir=tmp_path / "eval", progress=False)
     with warnings.catch_warnings(record=True) as caught:  # used: no such warning

@@ -152,6 +152,12 @@ def train(
     task = load_task(config.task)
     config = check_method_inputs(config, task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
+    if config.train_size is not None and config.train_size > len(train_examples):
+        warnings.warn(
+            f"--train-size {config.train_size} is more than the {len(train_examples)} training examples of "
+            f"'{config.task}': training on all of them.",
+            stacklevel=2,
+        )
     eval_names = config.eval_tasks if config.eval_tasks is not None else ([config.task] if task.heldout_eval else [])
     eval_tasks = load_eval_tasks(config, task, eval_names)
     for eval_task in eval_tasks:
@@ -596,6 +602,8 @@ def evaluate(
     """
     if (run is None) == (model is None):
         raise ValueError("evaluate needs exactly one of a run directory or a base model")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be positive (a number of evaluation examples), got {limit}")
     if run is not None:
         stored = read_run_config(run)
         config = make_config(**{**stored, **options})

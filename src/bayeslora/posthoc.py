@@ -100,6 +100,8 @@ def calibrate(
     from .metrics import classification_metrics
     from .temperature import fit_temperature, scaled
 
+    if heldout <= 0:
+        raise ValueError(f"--heldout must be positive (training examples to fit the temperature on), got {heldout}")
     run = Path(run)
     config = make_config(**read_run_config(run))
     train_task = load_task(config.task)

@@ -111,6 +111,8 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert main(["--quiet", "train", *common, "--max-steps", "2", "--output-dir", str(full)]) == 0
     assert main(["--quiet", "calibrate", "--run", str(full)]) == 2  # trained on everything: nothing held out
     assert "--train-size" in capsys.readouterr().err
+    assert main(["--quiet", "calibrate", "--run", str(run), "--task", "toy-ts", "--overwrite"]) == 2
+    assert "already temperature-scaled; calibrate its source: --task toy" in capsys.readouterr().err
     assert main(["--quiet", "calibrate", "--run", str(run), "--heldout", "0", "--overwrite"]) == 2
     assert "--heldout must be positive" in capsys.readouterr().err
     assert main(["--quiet", "eval", "--run", str(run), "--limit", "0", "--output-dir", str(tmp_path / "e")]) == 2

@@ -106,6 +106,10 @@ def calibrate(
     config = make_config(**read_run_config(run))
     train_task = load_task(config.task)
     sources = [eval_dir(run, task)] if task else sorted(p.parent for p in (run / "eval").glob("*/metrics.json"))
+    if task and sources[0].name.endswith("-ts"):
+        raise ValueError(
+            f"{sources[0]} is already temperature-scaled; calibrate its source: --task {sources[0].name[:-3]}"
+        )
     sources = [d for d in sources if not d.name.endswith("-ts")]
     if not sources or not all((d / "metrics.json").is_file() for d in sources):
         raise FileNotFoundError(

@@ -188,6 +188,9 @@ def test_local_jsonl_task_trains_and_needs_an_eval_task(tmp_path):
     assert not (out / "eval").exists()  # a file is not held out from itself: no automatic evaluation
     assert run_cli("--quiet", "eval", "--run", str(out), "--task", str(data)) == 0
     assert json.loads((out / "eval" / "qa" / "metrics.json").read_text())["n_examples"] == 6
+    with pytest.warns(UserWarning, match="includes the training file .* measures fit, not generalisation"):
+        assert run_cli("--quiet", "train", "--task", str(data), "--eval-tasks", str(data), "--max-steps", "1",
+                       "--batch-size", "2", *SMALL, "--output-dir", str(tmp_path / "fit")) == 0  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,13 @@ def train(
     eval_tasks = load_eval_tasks(config, task, eval_names)
     for eval_task in eval_tasks:
         _check_eval_task(task, eval_task)
+        if not task.heldout_eval and eval_task.name == task.name:
+            warnings.warn(
+                f"--eval-tasks includes the training file '{task.name}' itself: its evaluation holds the "
+                f"{len(train_examples)} examples trained on, so it measures fit, not generalisation. Evaluate on a "
+                f"separate file (or a registered task with its own validation split) for held-out numbers.",
+                stacklevel=2,
+            )
 
     distributed.start()
     main = is_main_process()  # on several processes, only the main one writes (see bayeslora.distributed)

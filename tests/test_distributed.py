@@ -59,6 +59,23 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama_dir, four
     assert json.loads((tmp_path / "ddp" / "eval" / "four" / "metrics.json").read_text())["n_examples"] == 4
 
 
+def test_an_ensemble_on_two_processes_equals_one(tiny_llama_dir, four_questions, tmp_path):
+    """Each member is its own Trainer run over the processes, in one model with the members' adapters."""
+    size = ["--ensemble-size", "2"]
+    launch_two([*train_args(tiny_llama_dir, four_questions, tmp_path / "ddp", "ensemble", batch_size=2), *size])
+    assert (
+        main([*train_args(tiny_llama_dir, four_questions, tmp_path / "single", "ensemble", batch_size=4), *size]) == 0
+    )
+    for member in ("member0", "member1"):
+        ddp, single = (
+            load_file(str(tmp_path / run / "adapter" / member / "adapter_model.safetensors"))
+            for run in ("ddp", "single")
+        )
+        assert ddp.keys() == single.keys()
+        for key in ddp:
+            torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=1e-4)
+
+
 def test_bayesian_kl_uses_the_global_training_set(tiny_llama_dir, four_questions, tmp_path):
     launch_two(train_args(tiny_llama_dir, four_questions, tmp_path / "melora", "melora", batch_size=2))
     log = [json.loads(line) for line in (tmp_path / "melora" / "train_log.jsonl").read_text().splitlines()]

@@ -173,16 +173,15 @@ def train(
     distributed.start()
     main = is_main_process()  # on several processes, only the main one writes (see bayeslora.distributed)
     creates = main and not resuming
-    adapters = ensemble_members(config) or [None]
+    members = ensemble_members(config)
 
     def resumable(run: Path) -> bool:  # a failed new run with a checkpoint stays for --resume
-        return any(steps_done(run, member) for member in adapters)
+        return any(steps_done(run, member) for member in members or [None])
 
     with new_run_dir(run_dir, config.overwrite, resumable) if creates else contextlib.nullcontext(run_dir) as run:
         barrier()  # the run directory exists from here on, for every process
         transformers.set_seed(config.seed)
         model, tokenizer = load_base(config, task, progress=progress)
-        members = ensemble_members(config)
         steps = total_steps(config, len(train_examples))
         model, targets = attach_adapter(model, config, task, steps, adapter_name=members[0] if members else "default")
         resolved = dataclasses.replace(

@@ -4,7 +4,6 @@ Laplace posterior over its LoRA weights."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -124,14 +123,14 @@ def calibrate(
     network, tokenizer = load_base(config, train_task, progress=progress)
     network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
     scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
-    temperatures: dict[str, float] = {}
+    temperatures: dict[tuple, float] = {}
 
     def temperature_for(evaluation: dict[str, Any]) -> float:
         """T fitted on the held-out examples predicted as ``evaluation`` was: with its number of samples (an
         evaluation of the posterior mean, ``--samples 0``, gets the posterior mean's T) and its predictive
         options (an ensemble's combination rule, a Laplace predictive) where it records them."""
         predictive = {key: evaluation.get(key, value) for key, value in predictive_record(config).items()}
-        key = json.dumps([evaluation["n_samples"], predictive], sort_keys=True)
+        key = (evaluation["n_samples"], *sorted(predictive.items()))
         if key not in temperatures:
             as_evaluated = dataclasses.replace(config, **predictive)
             n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])

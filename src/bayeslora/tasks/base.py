@@ -177,8 +177,7 @@ def seeded_heldout(examples: Sequence, used: int | None, size: int, seed: int) -
 
 def seeded_split(examples: Sequence, test_fraction: float, seed: int) -> tuple[list, list]:
     """Split ``examples`` deterministically into (train, test) with a seeded permutation."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    order = _seeded_order(len(examples), seed)
     n_test = round(len(examples) * test_fraction)
     test = sorted(order[:n_test])
     train = sorted(order[n_test:])

@@ -186,3 +186,45 @@ def test_options_a_method_does_not_use_are_named_in_a_warning(tiny_llama_dir, to
         train_toy(tiny_llama_dir, toy_task, tmp_path / "mcd", method="mcdropout", samples=4)
         train_toy(tiny_llama_dir, toy_task, tmp_path / "ens", method="ensemble", ensemble_size=2, samples=4)
     assert not [w for w in caught if "does not use" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("options", "ignored"),
+    [
+        (
+            {"method": "lora", "sigma_init": 0.2, "core": "diag", "gate_lambda": 0.1},
+            ["sigma-init", "core", "gate-lambda"],
+        ),
+        ({"method": "blob", "core": "diag", "prior_std": 0.3}, ["core"]),
+        ({"method": "melora", "kl_lr": 0.1, "kl_weight": 0.5}, ["kl-lr"]),
+        ({"method": "melora", "kl_schedule": "blob", "kl_lr": 0.1, "kl_weight": 0.5}, ["kl-weight"]),
+        ({"method": "blora", "sigma_init": 0.2, "gate_lr": 0.1}, ["sigma-init"]),
+        ({"method": "blora", "bayesian_core": True, "sigma_init": 0.2, "core": "diag"}, []),
+        ({"method": "ensemble", "laplace_prior": "marglik", "max_bits": 8}, ["laplace-prior", "max-bits"]),
+        ({"method": "laplace", "laplace_prior": "marglik", "ensemble_combine": "logits"}, ["ensemble-combine"]),
+    ],
+)
+def test_each_method_specific_option_warns_on_the_methods_that_ignore_it(options, ignored):
+    import warnings
+
+    from bayeslora.api import given_options, warn_unused_options
+
+    config = bl.RunConfig(**options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unused_options(config, given_options(config))
+    named = " ".join(str(w.message) for w in caught)
+    for option in ignored:
+        assert f"--{option} is for" in named
+    assert named.count(" is for ") == len(ignored)
+
+
+def test_a_resolved_config_does_not_count_the_method_defaults_as_given():
+    """A run's config.yaml holds the defaults its method filled in (B-LoRA fills Me-LoRA's core defaults even
+    without --bayesian-core): resuming or re-running it must not warn that the user set them."""
+    config = bl.RunConfig(method="blora", gate_lr=0.1)
+    resolved = bl.get_method("blora").resolve(config)
+    assert resolved.sigma_init is not None
+    from bayeslora.api import given_options
+
+    assert given_options(resolved) == given_options(config) == ["method", "gate_lr"]

@@ -34,7 +34,7 @@ from .distributed import PerRankSeed, barrier, is_main_process
 from .evaluation import eval_examples, evaluate_model, write_evaluation
 from .gating import GatePenalty, GateSchedule, blora_tuner, gate_parameters, warn_if_gates_cannot_close
 from .io import read_json, write_json_atomic, write_text_atomic
-from .methods import get_method
+from .methods import get_method, option_users
 from .models import load_model
 from .objectives import bayesian_objective, variance_parameters
 from .resume import (
@@ -144,10 +144,7 @@ def train(
             f"Run directory {run_dir} already exists. Choose another --output-dir, pass --overwrite to replace it "
             f"(the old run is kept until the new one finishes), or --resume to continue an unfinished run."
         )
-    defaults = RunConfig()
-    warn_unused_options(
-        config, [f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(defaults, f.name)]
-    )
+    warn_unused_options(config, given_options(config))
     config = get_method(config.method).resolve(config)
     task = load_task(config.task)
     config = check_method_inputs(config, task)
@@ -490,26 +487,28 @@ def prediction_options(config: RunConfig, n_samples: int, run_dir: Path | None =
 #: (``bayeslora eval`` can change them; an evaluation records the ones it used).
 PREDICTIVE_OPTIONS = {"ensemble": ("ensemble_combine",), "laplace": ("laplace_predictive",)}
 
-#: Options that only the methods of one kind of prediction use.
-PREDICTION_ONLY_OPTIONS = {
-    "ensemble": ("ensemble_size", "ensemble_combine"),
-    "laplace": ("laplace_subset", "laplace_prior", "laplace_predictive"),
-}
+
+def given_options(config: RunConfig) -> list[str]:
+    """The options of ``config`` that someone chose: those that differ from both the library's default and
+    the default ``config``'s method fills in (a resumed run's ``config.yaml`` holds the latter)."""
+    defaults = RunConfig()
+    method_defaults = get_method(config.method).resolve(defaults)
+    return [
+        f.name
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) not in (getattr(defaults, f.name), getattr(method_defaults, f.name))
+    ]
 
 
 def warn_unused_options(config: RunConfig, given: Iterable[str]) -> None:
-    """Warn about the options in ``given`` (set by the user) that ``config``'s method does not use: an
-    ensemble's or a Laplace posterior's options on another method, ``--samples`` on a deterministic one."""
-    prediction = None if config.method == ZERO_SHOT else get_method(config.method).prediction
-    unused = {
-        option: f"--method {kind}"
-        for kind, options in PREDICTION_ONLY_OPTIONS.items()
-        if kind != prediction
-        for option in options
-        if option in given
-    }
-    deterministic = prediction is None or not get_method(config.method).is_stochastic(config)
-    if "samples" in given and deterministic and prediction != "ensemble":
+    """Warn about the options in ``given`` (set by the user) that ``config``'s method does not use: another
+    method's options (an ensemble's or a Laplace posterior's, Me-LoRA's core, a posterior's, B-LoRA's gates;
+    see :data:`~bayeslora.methods.OPTION_GROUPS`), ``--samples`` on a deterministic method."""
+    method = None if config.method == ZERO_SHOT else get_method(config.method)
+    used = method.used_options(config) if method is not None else set()
+    unused = {option: who for option in given if option not in used and (who := option_users(option)) is not None}
+    deterministic = method is None or not method.is_stochastic(config)
+    if "samples" in given and deterministic and (method is None or method.prediction != "ensemble"):
         unused["samples"] = "the methods that average posterior samples"
     if unused:
         ignored = "; ".join(f"--{option.replace('_', '-')} is for {who}" for option, who in unused.items())

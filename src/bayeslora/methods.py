@@ -35,6 +35,8 @@ class Method:
             or the one deterministic prediction), ``dropout`` (MC dropout: the adapter's dropout kept on) or
             ``ensemble`` (one adapter per member, ``--ensemble-size`` of them, trained with seeds seed + k) or
             ``laplace`` (a K-FAC Laplace posterior fitted over the LoRA weights after training).
+        option_groups: the groups of method-specific options (:data:`OPTION_GROUPS`) it uses; a function of
+            the run configuration for methods where an option decides it.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Method:
     default_samples: int = 1
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
     prediction: str = "sample"
+    option_groups: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] = ()
 
     def resolve(self, config: RunConfig) -> RunConfig:
         """``config`` with this method's defaults filled into the options left unset (``None``), so that a
@@ -55,6 +58,14 @@ class Method:
         """Whether a run of this method with ``config`` predicts by averaging posterior samples."""
         return self.stochastic(config) if callable(self.stochastic) else self.stochastic
 
+    def used_options(self, config: RunConfig) -> set[str]:
+        """The method-specific options (of :data:`OPTION_GROUPS`) a run of this method with ``config`` uses;
+        of a posterior's KL schedule options, those of ``config.kl_schedule``."""
+        groups = self.option_groups(config) if callable(self.option_groups) else self.option_groups
+        if "posterior" in groups:
+            groups = (*groups, f"{config.kl_schedule} schedule")
+        return {option for group in groups for option in OPTION_GROUPS[group][0]}
+
     def samples(self, requested: int | None, config: RunConfig) -> int:
         """Posterior samples to average: the request, or the method's default; deterministic methods use 1
         (their prediction is the same every time); an ensemble, its number of members."""
@@ -63,6 +74,47 @@ class Method:
         if not self.is_stochastic(config):
             return 1
         return self.default_samples if requested is None else requested
+
+
+#: The method-specific options of :class:`~bayeslora.config.RunConfig`, by group: ``(options, who uses them)``.
+#: Every other option (rank, learning rate, ...) applies to every method.
+OPTION_GROUPS: dict[str, tuple[tuple[str, ...], str]] = {
+    "core": (
+        ("core", "core_init", "prior_mean", "sigma_param"),
+        "Me-LoRA's Gaussian core (melora, blora --bayesian-core)",
+    ),
+    "posterior": (
+        ("prior_std", "sigma_init", "sigma_lr", "kl_schedule"),
+        "the variational adapters (melora, blob, blora --bayesian-core)",
+    ),
+    "elbo schedule": (("kl_weight", "kl_warmup"), "the variational adapters with --kl-schedule elbo"),
+    "blob schedule": (("kl_lr", "blob_gamma"), "the variational adapters with --kl-schedule blob"),
+    "gates": (
+        (
+            "max_bits",
+            "rank_gate_init",
+            "bit_gate_init",
+            "gate_temperature",
+            "gate_lambda",
+            "gate_cost",
+            "gate_lr",
+            "gate_warmup",
+            "gate_fix",
+            "quantize_base",
+            "base_max_bits",
+            "base_min_bits",
+            "bayesian_core",
+        ),
+        "--method blora",
+    ),
+    "ensemble": (("ensemble_size", "ensemble_combine"), "--method ensemble"),
+    "laplace": (("laplace_subset", "laplace_prior", "laplace_predictive"), "--method laplace"),
+}
+
+
+def option_users(option: str) -> str | None:
+    """Who uses the method-specific ``option`` (from :data:`OPTION_GROUPS`); None for an option of every method."""
+    return next((who for options, who in OPTION_GROUPS.values() if option in options), None)
 
 
 METHODS: dict[str, Method] = {}
@@ -204,6 +256,7 @@ register_method(
         "deep ensemble of --ensemble-size LoRA adapters (seeds seed, seed+1, ...) in one model",
         _lora_config,
         prediction="ensemble",
+        option_groups=("ensemble",),
     )
 )
 register_method(
@@ -214,6 +267,7 @@ register_method(
         stochastic=True,
         default_samples=10,
         prediction="laplace",
+        option_groups=("laplace",),
     )
 )
 register_method(
@@ -227,6 +281,7 @@ register_method(
         # variance can reach its ELBO optimum within a fine-tuning run (benchmarks/calibration.py: with the
         # main learning rate σ barely moves and Me-LoRA calibrates no better than LoRA).
         option_defaults=MELORA_DEFAULTS,
+        option_groups=("core", "posterior"),
     )
 )
 register_method(
@@ -237,6 +292,7 @@ register_method(
         stochastic=True,
         default_samples=10,
         option_defaults={"sigma_init": 0.05, "prior_std": 0.2},  # the BLoB paper's ε and prior std
+        option_groups=("posterior",),
     )
 )
 register_method(
@@ -248,6 +304,7 @@ register_method(
         stochastic=lambda config: config.bayesian_core,
         default_samples=10,
         option_defaults=MELORA_DEFAULTS,
+        option_groups=lambda config: ("gates", "core", "posterior") if config.bayesian_core else ("gates",),
     )
 )
 register_method(

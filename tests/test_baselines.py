@@ -228,3 +228,16 @@ def test_a_resolved_config_does_not_count_the_method_defaults_as_given():
     from bayeslora.api import given_options
 
     assert given_options(resolved) == given_options(config) == ["method", "gate_lr"]
+
+
+def test_every_option_documented_as_one_methods_belongs_to_an_option_group():
+    """An option whose help names the method that uses it ("melora: ...", "blora: ...") must be in an option
+    group, or a method that ignores it would not say so."""
+    import dataclasses
+
+    from bayeslora.methods import option_users
+
+    prefixes = ("melora:", "blora:", "elbo:", "blob schedule:", "ensemble:", "laplace:")
+    specific = [f.name for f in dataclasses.fields(bl.RunConfig) if f.metadata["help"].startswith(prefixes)]
+    assert len(specific) >= 25
+    assert [name for name in specific if option_users(name) is None] == []

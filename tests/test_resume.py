@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import bayeslora as bl
 from _toy_models import write_word_task
+from bayeslora.report import run_report
 
 SLOW_RUN = r"""
 import sys, time
@@ -55,6 +56,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(options, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "adapter").exists()
+    before_s = json.loads((killed / "checkpoints" / "checkpoint-4" / "bayeslora_runtime.json").read_text())["runtime_s"]
+    assert before_s > 0
 
     bl.train(output_dir=str(killed), resume=True, progress=False)
     reference = bl.train(**options, output_dir=str(tmp_path / "reference"), progress=False)
@@ -70,6 +73,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(options, tmp_path):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-5)
     summary = json.loads((killed / "train_summary.json").read_text())
     assert summary["steps"] == 8 and summary["resumed_from_step"] == 4  # step time over the 4 steps run here
+    # the training time counts both sessions: the killed one's up to its checkpoint, and this one's
+    assert summary["train_runtime_s"] == pytest.approx(before_s + 4 * summary["step_time_s"], abs=0.02)
+    assert "train_runtime_unmeasured_steps" not in summary
     log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))  # each step logged once
 
@@ -127,6 +133,11 @@ def test_ensemble_resumes_after_its_trained_members(tiny_llama_dir, tmp_path, me
     shutil.rmtree(run / "checkpoints" / "member1" / ("trained" if member1_checkpoint else ""))
     if member1_checkpoint:
         shutil.rmtree(run / "checkpoints" / "member1" / "checkpoint-4")
+    record = run / "checkpoints" / "member0" / "trained" / "fit.json"
+    member0_s = json.loads(record.read_text())["runtime_s"]
+    assert member0_s > 0
+    if not member1_checkpoint:  # as a bayeslora that kept no training time would have recorded member 0
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "runtime_s"}))
 
     bl.train(output_dir=str(run), resume=True, progress=False)
     for member in members:
@@ -138,6 +149,13 @@ def test_ensemble_resumes_after_its_trained_members(tiny_llama_dir, tmp_path, me
         assert metrics[key] == pytest.approx(expected[key], abs=1e-5)
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 12 and summary["resumed_from_step"] == (6 if member1_checkpoint else 4)
+    if member1_checkpoint:  # member 0's time and member 1's up to its checkpoint count
+        assert summary["train_runtime_s"] > member0_s + 6 * summary["step_time_s"] - 0.02
+        assert "train_runtime_unmeasured_steps" not in summary
+    else:  # member 0's time is unknown: the total is a lower bound, and says so
+        assert summary["train_runtime_unmeasured_steps"] == 4
+        assert summary["train_runtime_s"] == pytest.approx(8 * summary["step_time_s"], abs=0.02)
+        assert run_report([run]).count("≥") == 1
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     logged = [(entry["member"], entry["step"]) for entry in log if "loss" in entry]
     assert logged == [(m, step) for m in members for step in range(1, 5)]  # member 0 was not trained again

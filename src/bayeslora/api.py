@@ -38,7 +38,9 @@ from .methods import get_method, option_users
 from .models import load_model
 from .objectives import bayesian_objective, variance_parameters
 from .resume import (
+    RuntimeLedger,
     checkpoint_folder,
+    checkpoint_runtime,
     checkpoint_step,
     last_complete_checkpoint,
     load_trained_member,
@@ -225,6 +227,7 @@ def train(
         steps_total = sum(fit.global_step for fit in fits)
         steps_before = sum(fit.start_step for fit in fits)  # done before an interruption
         steps_run = steps_total - steps_before  # the steps of that runtime
+        unmeasured = sum(fit.start_step for fit in fits if fit.before_s is None)  # by a session that kept no time
         summary = {
             "task": config.task,
             "method": config.method,
@@ -234,7 +237,8 @@ def train(
             "steps": steps_total,
             **({"ensemble_members": len(members)} if members else {}),
             "train_loss": sum(fit.training_loss for fit in fits) / len(fits),
-            "train_runtime_s": round(runtime, 2),
+            "train_runtime_s": round(sum(fit.total_runtime_s for fit in fits), 2),
+            **({"train_runtime_unmeasured_steps": unmeasured} if unmeasured else {}),
             **({"resumed_from_step": steps_before} if resuming else {}),
             "step_time_s": round(runtime / max(1, steps_run), 3),
             "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
@@ -256,8 +260,9 @@ def train(
 @dataclasses.dataclass
 class _Fit:
     """What training one adapter left: the model as the Trainer left it (None for an ensemble member loaded
-    from its record), its steps (``start_step`` of them done before an interruption, the others in
-    ``runtime_s`` seconds by this process), mean training loss and one step's memory."""
+    from its record), its steps (``start_step`` of them done before an interruption in ``before_s`` seconds,
+    None if that time was not recorded; the others in ``runtime_s`` seconds by this process), mean training
+    loss and one step's memory."""
 
     model: nn.Module | None
     global_step: int
@@ -265,6 +270,12 @@ class _Fit:
     step_memory_mib: float | None
     start_step: int = 0
     runtime_s: float = 0.0
+    before_s: float | None = 0.0
+
+    @property
+    def total_runtime_s(self) -> float:
+        """The training time of all the sessions that trained this adapter, as far as it was recorded."""
+        return (self.before_s or 0.0) + self.runtime_s
 
     def record(self) -> dict[str, Any]:
         """What a trained ensemble member's record keeps (see :func:`bayeslora.resume.save_trained_member`)."""
@@ -272,13 +283,19 @@ class _Fit:
             "global_step": self.global_step,
             "training_loss": self.training_loss,
             "step_memory_mib": self.step_memory_mib,
+            "runtime_s": None if self.before_s is None else self.total_runtime_s,
         }
 
     @classmethod
     def recorded(cls, record: dict[str, Any]) -> _Fit:
         """The fit of a member trained before an interruption: all its steps done before, none run here."""
         return cls(
-            None, record["global_step"], record["training_loss"], record["step_memory_mib"], record["global_step"]
+            None,
+            record["global_step"],
+            record["training_loss"],
+            record["step_memory_mib"],
+            start_step=record["global_step"],
+            before_s=record.get("runtime_s"),  # None in the records of older bayeslora versions
         )
 
 
@@ -299,6 +316,7 @@ def _fit(
     ensemble ``member``."""
     extra_loss, objective_callbacks, special_lrs = training_extras(model, config, len(train_examples))
     memory_probe = StepMemoryProbe()
+    before_s = checkpoint_runtime(checkpoint) if checkpoint else 0.0
     trainer = BayesLoraTrainer(
         model=model,
         args=training_arguments(config, checkpoint_folder(run, member), progress=progress),
@@ -311,6 +329,8 @@ def _fit(
             *objective_callbacks,
             *callbacks,
             memory_probe,
+            # a checkpoint whose earlier time is unknown passes the gap on: it records no time either
+            *([RuntimeLedger(before_s)] if before_s is not None else []),
             PerRankSeed(),
             JsonlLogger(run / TRAIN_LOG, {"member": member} if member else None),
         ],
@@ -326,6 +346,7 @@ def _fit(
         memory_probe.peak_mib,
         start_step=checkpoint_step(checkpoint) if checkpoint else 0,
         runtime_s=output.metrics.get("train_runtime", 0.0),
+        before_s=before_s,
     )
 
 
@@ -454,6 +475,7 @@ SUMMARY_KEYS_IN_METRICS = (
     "steps",
     "trainable_params",
     "train_runtime_s",
+    "train_runtime_unmeasured_steps",
     "laplace_fit_s",
     "step_time_s",
     "step_memory_mb",

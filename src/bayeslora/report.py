@@ -43,6 +43,8 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return "–"
     if key in _PERCENT:
         value = 100 * value
+    if key == "train_runtime_s" and row.get("train_runtime_unmeasured_steps"):
+        return "≥" + fmt.format(value)  # resumed from a checkpoint that kept no record of its time
     return fmt.format(value)
 
 

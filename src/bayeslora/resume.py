@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import TrainerCallback
 
 from .adapters import ensemble_members
 from .config import RunConfig, make_config
@@ -29,6 +31,8 @@ CHECKPOINTS = "checkpoints"
 TRAINED = "trained"
 _FIT_RECORD = "fit.json"
 _WEIGHTS = "adapter_model.safetensors"
+#: The training time up to a checkpoint, written into it (all sessions of the run, not only the one saving).
+RUNTIME_FILE = "bayeslora_runtime.json"
 
 #: Options that say where and how a run is written, not what it computes (free to differ on --resume).
 RUN_HANDLING = (
@@ -99,6 +103,34 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
     return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def checkpoint_runtime(checkpoint: Path) -> float | None:
+    """The seconds of training that ``checkpoint`` holds, over every session that led to it; None for a
+    checkpoint saved without a record of it (by a bayeslora before the record was kept)."""
+    path = checkpoint / RUNTIME_FILE
+    return float(read_json(path)["runtime_s"]) if path.is_file() else None
+
+
+class RuntimeLedger(TrainerCallback):
+    """Writes the training time so far into every checkpoint the Trainer saves: ``before_s`` (the time
+    recorded in the checkpoint this session resumed from) plus this session's since training began, so that
+    a resumed run reports the time of all its sessions (the time lost after a session's last checkpoint is
+    not counted: it produced nothing the run kept)."""
+
+    def __init__(self, before_s: float = 0.0) -> None:
+        self.before_s = before_s
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            runtime = self.before_s + time.perf_counter() - self.started
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                write_text_atomic(checkpoint / RUNTIME_FILE, json.dumps({"runtime_s": round(runtime, 2)}) + "\n")
 
 
 def steps_done(run: Path, member: str | None) -> float:

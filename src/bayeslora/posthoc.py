@@ -42,6 +42,8 @@ from .tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout, seede
 
 #: The methods whose adapter a post-hoc Laplace posterior can be fitted to (a single plain LoRA adapter).
 LAPLACE_SOURCES = ("lora", "map")
+#: The suffix of a temperature-scaled evaluation's folder: ``eval/<task>-ts/``.
+TS_SUFFIX = "-ts"
 
 
 def export(
@@ -105,17 +107,16 @@ def calibrate(
     config = make_config(**read_run_config(run))
     train_task = load_task(config.task)
     sources = [eval_dir(run, task)] if task else sorted(p.parent for p in (run / "eval").glob("*/metrics.json"))
-    if task and sources[0].name.endswith("-ts"):
-        raise ValueError(
-            f"{sources[0]} is already temperature-scaled; calibrate its source: --task {sources[0].name[:-3]}"
-        )
-    sources = [d for d in sources if not d.name.endswith("-ts")]
+    if task and sources[0].name.endswith(TS_SUFFIX):
+        source = sources[0].name.removesuffix(TS_SUFFIX)
+        raise ValueError(f"{sources[0]} is already temperature-scaled; calibrate its source: --task {source}")
+    sources = [d for d in sources if not d.name.endswith(TS_SUFFIX)]
     if not sources or not all((d / "metrics.json").is_file() for d in sources):
         raise FileNotFoundError(
             f"{run} has no evaluation{' on ' + task if task else ''} to calibrate; run "
             f"`bayeslora eval --run {run}` first"
         )
-    targets = [d.with_name(d.name + "-ts") for d in sources]
+    targets = [d.with_name(d.name + TS_SUFFIX) for d in sources]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise RunExistsError(f"{', '.join(existing)} already exist(s). Pass --overwrite to replace.")

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `dtype="auto"` on a CPU measures which of fp32 and bf16 is faster there; the tests pin fp32 so that their numbers
+# do not depend on the machine (tests/test_precision.py checks the measurement and every method in half precision)
+os.environ.setdefault("BAYESLORA_CPU_DTYPE", "float32")
 
 import pytest
 import torch

@@ -43,7 +43,7 @@ def test_packaged_smollm2_cut_to_two_layers():
     model, tokenizer = load_model("smollm2-135m", num_layers=2)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.hidden_size == 576 and len(model.model.layers) == 2
-    assert next(model.parameters()).dtype == torch.float32  # fp32 on CPU
+    assert next(model.parameters()).dtype == default_dtype(torch.device("cpu"))  # "auto"
     assert tokenizer.pad_token == "<|im_end|>"
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the original
 
@@ -53,5 +53,6 @@ def test_unknown_model_is_a_clear_error():
         load_model("no-such-org/no-such-model-xyz")
 
 
-def test_default_dtype_is_fp32_on_cpu():
-    assert default_dtype(torch.device("cpu")) == torch.float32
+def test_auto_dtype_on_cpu_follows_the_override_the_tests_set():
+    assert default_dtype(torch.device("cpu")) == torch.float32  # BAYESLORA_CPU_DTYPE, set in conftest.py
+    assert default_dtype(torch.device("meta")) == torch.float32

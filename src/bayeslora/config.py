@@ -164,7 +164,11 @@ class RunConfig:
         "finished member), as it was configured (options you give must agree with its config.yaml).",
     )
     num_layers: int | None = _opt(None, "Keep only the first N transformer blocks (quick experiments, tests).")
-    dtype: str = _opt("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.")
+    dtype: str = _opt(
+        "auto",
+        "Dtype of the frozen base: auto (bf16 on GPU; on CPU the faster of fp32 and bf16, measured once per machine), "
+        "float32, bfloat16 or float16. Adapters, the loss and metrics are fp32 whatever it is.",
+    )
     load_in_4bit: bool = _opt(False, "Load the frozen base in 4 bits (bitsandbytes NF4, QLoRA style; runs on CPU too).")
     load_in_8bit: bool = _opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8()).")
     report_to: list[str] = _opt(["none"], "Trainer logging integrations (tensorboard, wandb, ...), or none.")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import assets
+from .precision import contiguous_linear_inputs
 
 Head = Literal["causal-lm", "classification"]
 
@@ -64,9 +65,15 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are ~11x slower on the CPUs we measured), bf16 on GPUs that support it."""
+    """The frozen base's dtype for ``dtype="auto"``: bf16 on GPUs that support it (else fp16); on a CPU, whichever
+    of fp32 and bf16 a short measurement finds faster on this CPU (see :mod:`bayeslora.precision`); fp32 on
+    other devices."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        from .precision import cpu_base_dtype
+
+        return cpu_base_dtype()
     return torch.float32
 
 
@@ -117,7 +124,8 @@ def load_model(
         head: ``causal-lm`` for multiple-choice scoring, ``classification`` for a new classifier head.
         num_labels: number of classes of the classification head.
         num_layers: keep only the first ``num_layers`` transformer blocks (quick experiments, tests).
-        dtype: ``auto`` (fp32 on CPU, bf16 on GPU) or a dtype.
+        dtype: ``auto`` (bf16 on GPU; on CPU the faster of fp32 and bf16, measured, see :func:`default_dtype`)
+            or a dtype.
         device: where to put the model; default :func:`default_device`.
         progress: show transformers' weight-loading progress bar.
         quantization: ``4bit`` (NF4) or ``8bit`` (LLM.int8()) through bitsandbytes, computing in ``dtype``;
@@ -155,6 +163,7 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if num_layers is not None:
         truncate_layers(model, num_layers)
+    contiguous_linear_inputs(model)  # no strided input reaches a linear layer (BERT's pooler slices one)
     if quantization is None:
         model.to(device)  # a bitsandbytes model is placed when loaded and cannot be moved
     model.eval()

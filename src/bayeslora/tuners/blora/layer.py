@@ -228,7 +228,8 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             return x
         if self.training and self.phase == "open":  # the warm-up shows the activations' range
             self._observe_input(x, adapter)
-        return self.quantize("x", x, adapter)
+        # quantized in the range's fp32, then back to the base's dtype (a bf16 base keeps ~8 significant bits)
+        return self.quantize("x", x, adapter).to(x.dtype)
 
     def base_output(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Q_W(W0)·x when an active adapter quantizes the base path (x is already Q_x(x))."""
@@ -236,7 +237,8 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        return F.linear(x, self.quantize("W", base.weight, adapter), base.bias)  # (m, n) weight
+        weight = self.quantize("W", base.weight, adapter).to(x.dtype)  # (m, n), quantized in fp32
+        return F.linear(x, weight, base.bias)
 
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         A = self.quantize("A", self.blora_A[adapter], adapter)  # (r, n)

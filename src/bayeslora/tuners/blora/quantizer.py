@@ -67,6 +67,9 @@ def clip_to_range(x: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (a zero weight becomes ±s_b/2). Anchoring lo to a multiple of s_2 would put 0 on every grid but shift
     the range by up to s_2/2, clipping a 32-bit tensor at the 2-bit scale; the quantizers instead start
     after the warm-up, from ranges set on weights that have moved away from their zero initialisation."""
+    # computed in the range's precision at least: a bf16 or fp16 input (a half-precision base's W0 or activations)
+    # has too few significant bits for a fine grid, and fp16 overflows on (x − lo)/s at 16 bits (65,535 levels)
+    x = x.to(torch.promote_types(x.dtype, bounds.dtype))
     lo = bounds[0]
     hi = torch.maximum(bounds[1], lo + MIN_RANGE * (1 + lo.detach().abs()))
     return torch.minimum(torch.maximum(x, lo), hi), lo, hi

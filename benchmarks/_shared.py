@@ -79,8 +79,8 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
     The callbacks save a checkpoint at the end of every epoch, after the other callbacks' end-of-epoch work
     (the per-epoch evaluations), so a stopped benchmark loses at most the epoch it was in."""
     import bayeslora as bl
-    from bayeslora.resume import resume_point
     from bayeslora.runs import TRAIN_SUMMARY, RunExistsError, eval_dir
+    from bayeslora.runs.checkpoints import resume_point
 
     options = json.loads(json.dumps({**options, "output_dir": str(run_dir)}))
     recorded = read_json(run_dir / OPTIONS_FILE) if (run_dir / OPTIONS_FILE).is_file() else None

@@ -33,9 +33,9 @@ def _prepared(questions: int, base_min_bits: int):
     """``(model, scorer, evaluation examples)``: an untrained base-quantized B-LoRA on SmolLM2 whose activation
     ranges were set from a warm-up pass over other questions, as training sets them."""
     import bayeslora as bl
-    from bayeslora.adapters import attach_adapter
-    from bayeslora.api import build_scorer, load_base
     from bayeslora.evaluation import eval_examples
+    from bayeslora.pipeline.common import build_scorer, load_base
+    from bayeslora.runs.adapters import attach_adapter
 
     config = bl.make_config(model=MODEL, task=TASK, method="blora", quantize_base=True, base_min_bits=base_min_bits)
     task = bl.load_task(TASK)
@@ -55,7 +55,7 @@ def _prepared(questions: int, base_min_bits: int):
 def _answer_log_probs(model, scorer, examples: list, seed: int = 0) -> list[torch.Tensor]:
     """Next-token log-probabilities (K, V) at every answer-text position of every choice, batch by batch, as
     the cloze scorer computes them (one draw of every sampled gate per batch, seeded)."""
-    from bayeslora.sampling import rows_of_examples
+    from bayeslora.tuners.sampling import rows_of_examples
 
     torch.manual_seed(seed)
     found = []

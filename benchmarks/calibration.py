@@ -89,13 +89,13 @@ def _epoch_callback(config, n_samples: int, every: int = 1, keep: bool = False):
     from transformers import TrainerCallback
 
     import bayeslora as bl
-    from bayeslora.adapters import ensemble_members
     from bayeslora.evaluation import eval_examples, evaluate_model
     from bayeslora.io import read_json, write_json_atomic
-    from bayeslora.objectives import bayesian_tuner, posterior_std_mean
+    from bayeslora.methods import get_method
+    from bayeslora.methods.variational import bayesian_tuner, posterior_std_mean
 
     history_file = config.resolved_output_dir() / EPOCHS_FILE
-    members = ensemble_members(config)
+    members = get_method(config.method).members(config)
 
     class EpochEval(TrainerCallback):
         def __init__(self) -> None:
@@ -138,7 +138,7 @@ def ensemble_epochs(history: list[dict[str, Any]], size: int, combine: str) -> l
     the mean class scores). Records without a member (from before members were recorded) are left out."""
     import torch
 
-    from bayeslora.metrics import classification_metrics
+    from bayeslora.evaluation.metrics import classification_metrics
 
     combined = []
     for epoch in sorted({r["epoch"] for r in history if "member" in r}):
@@ -170,7 +170,7 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
 def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant, seed: int) -> Path | None:
     """For Laplace-LoRA, the finished LoRA run of the same task and seed if there is one: the posterior is then
     fitted to it post hoc (``bayeslora laplace``), which gives what training ``--method laplace`` would."""
-    from bayeslora.config import LAPLACE_OPTIONS
+    from bayeslora.methods.laplace import LAPLACE_OPTIONS
 
     if variant.method != "laplace" or set(variant.options) - set(LAPLACE_OPTIONS):
         return None
@@ -182,10 +182,10 @@ def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant,
 def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Train + evaluate one configuration, or reuse its finished record; returns the record."""
     import bayeslora as bl
-    from bayeslora.adapters import ensemble_members
     from bayeslora.evaluation import load_predictions
+    from bayeslora.evaluation.metrics import classification_metrics
     from bayeslora.io import read_json, write_json_atomic
-    from bayeslora.metrics import classification_metrics
+    from bayeslora.methods import get_method
     from bayeslora.runs import eval_dir
 
     run_dir = run_directory(settings["root"], task, variant, seed)
@@ -228,7 +228,8 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
             )
             bl.train(config, progress=False, callbacks=[epochs, *callbacks])
         history = read_json(run_dir / EPOCHS_FILE) if (run_dir / EPOCHS_FILE).is_file() else []
-        if members := ensemble_members(run_config := bl.make_config(**options)):
+        run_config = bl.make_config(**options)
+        if members := get_method(run_config.method).members(run_config):
             history = ensemble_epochs(history, len(members), run_config.ensemble_combine)
     final = read_json(eval_dir(run_dir, task) / "metrics.json")
     record: dict[str, Any] = {

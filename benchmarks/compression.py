@@ -16,7 +16,7 @@ SmolLM2-135M on ARC-Easy (cloze scoring). Variants by default:
 * ``blora-base``: B-LoRA that also quantizes the frozen weights and input activations.
 
 For each run: accuracy, ECE, NLL; bit operations per token of the adapter path and in total against the
-16-bit LoRA of the same rank on a 16-bit base (convention in :mod:`bayeslora.bops`); mean learned rank and
+16-bit LoRA of the same rank on a 16-bit base (convention in :mod:`bayeslora.reporting.bops`); mean learned rank and
 bits; and for B-LoRA runs the size of the packed export against the 16-bit LoRA adapter file.
 
     python benchmarks/compression.py                                  # the recorded configuration

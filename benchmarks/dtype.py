@@ -41,7 +41,7 @@ EVAL_SAMPLES = {"lora": 1, "melora": 10}
 def lm_head_input(layout: str):
     """Within the block the scorers hand the LM head a ``layout`` input: ``contiguous`` (bayeslora's index tensor)
     or ``strided`` (a count, as bayeslora did before, which transformers turns into a strided slice)."""
-    from bayeslora import scoring
+    from bayeslora.evaluation import scoring
 
     original = scoring.kept_positions
     if layout == "strided":
@@ -123,11 +123,11 @@ def timings(rounds: int) -> list[dict[str, Any]]:
 def quality(limit: int, steps: int) -> list[dict[str, Any]]:
     """LoRA and Me-LoRA trained with the demo's recipe in each base dtype, and the bf16 − fp32 differences."""
     import bayeslora as bl
-    from bayeslora.demo import DEMO_RECIPE, DEMO_SAMPLES
     from bayeslora.evaluation import load_predictions
+    from bayeslora.evaluation.significance import calibrated_ece_floor, compare
     from bayeslora.io import read_json
+    from bayeslora.pipeline.demo import DEMO_RECIPE, DEMO_SAMPLES
     from bayeslora.runs import eval_dir
-    from bayeslora.significance import calibrated_ece_floor, compare
 
     rows = []
     for method in METHODS:

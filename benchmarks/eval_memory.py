@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CHILD = r"""
 import json, resource, sys, time
 import bayeslora as bl
-from bayeslora.api import load_base
+from bayeslora.pipeline.common import load_base
 from bayeslora.config import make_config
 from bayeslora.tasks import load_task
 

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from bayeslora.adapters import load_adapter
-from bayeslora.api import build_scorer, load_base
-from bayeslora.baselines.laplace import KronLaplace
 from bayeslora.config import make_config
-from bayeslora.inference import iterate_batches
+from bayeslora.evaluation.predictive import iterate_batches
 from bayeslora.io import write_json_atomic, write_text_atomic
+from bayeslora.methods.laplace.kfac import KronLaplace
+from bayeslora.pipeline.common import build_scorer, load_base
 from bayeslora.runs import read_run_config
+from bayeslora.runs.adapters import load_adapter
 from bayeslora.tasks import DATA_SEED, load_task, seeded_subset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "laplace_curvature"

@@ -10,7 +10,7 @@ import torch
 from peft import AdaLoraConfig, get_peft_model
 
 import bayeslora as bl
-from bayeslora.baselines.adalora import AdaLoraOrthogonality
+from bayeslora.methods.adalora import AdaLoraOrthogonality
 
 
 def test_adalora_prunes_ranks_to_its_budget(tiny_llama_dir, tmp_path):
@@ -55,8 +55,8 @@ def test_a_layer_pruned_to_rank_zero_saves_quietly_and_loads_back(tiny_llama_dir
 
     from peft import PeftModel
 
-    from bayeslora.adapters import save_adapter
     from bayeslora.models import load_model
+    from bayeslora.runs.adapters import save_adapter
 
     base, _ = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
     model = get_peft_model(base, AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=["q_proj"]))
@@ -83,8 +83,9 @@ def test_a_layer_pruned_to_rank_zero_saves_quietly_and_loads_back(tiny_llama_dir
 
 
 def test_bit_operations_are_counted_against_the_lora_of_the_target_rank(tiny_llama_dir):
-    from bayeslora.bops import bops_report, reference_adapter_bops
     from bayeslora.models import load_model
+    from bayeslora.reporting.bops import bops_report
+    from bayeslora.tuners.costs import reference_adapter_bops
 
     base, _ = load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
     model = get_peft_model(base, AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["q_proj"]))

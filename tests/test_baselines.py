@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 import bayeslora as bl
 from _toy_models import write_word_task
-from bayeslora.inference import adapter_dropout, predict_batch
-from bayeslora.scoring import ClozeScorer
+from bayeslora.evaluation.predictive import adapter_dropout, predict_batch
+from bayeslora.evaluation.scoring import ClozeScorer
 from bayeslora.tasks import MultipleChoiceExample
 
 QUESTIONS = [
@@ -158,7 +158,7 @@ def test_map_and_mcdropout_resolve_their_defaults(tiny_llama_dir, toy_task, tmp_
 def test_the_weight_decay_warning_matches_what_adamw_does(lr, weight_decay, dtype, vanishes):
     import warnings
 
-    from bayeslora.training import warn_if_weight_decay_vanishes
+    from bayeslora.training.trainer import warn_if_weight_decay_vanishes
 
     weight = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
     before = weight.detach().clone()
@@ -207,7 +207,7 @@ def test_options_a_method_does_not_use_are_named_in_a_warning(tiny_llama_dir, to
 def test_each_method_specific_option_warns_on_the_methods_that_ignore_it(options, ignored):
     import warnings
 
-    from bayeslora.api import given_options, warn_unused_options
+    from bayeslora.pipeline.common import given_options, warn_unused_options
 
     config = bl.RunConfig(**options)
     with warnings.catch_warnings(record=True) as caught:
@@ -225,7 +225,7 @@ def test_a_resolved_config_does_not_count_the_method_defaults_as_given():
     config = bl.RunConfig(method="blora", gate_lr=0.1)
     resolved = bl.get_method("blora").resolve(config)
     assert resolved.sigma_init is not None
-    from bayeslora.api import given_options
+    from bayeslora.pipeline.common import given_options
 
     assert given_options(resolved) == given_options(config) == ["method", "gate_lr"]
 
@@ -235,7 +235,7 @@ def test_every_option_documented_as_one_methods_belongs_to_an_option_group():
     group, or a method that ignores it would not say so."""
     import dataclasses
 
-    from bayeslora.methods import option_users
+    from bayeslora.config import option_users
 
     prefixes = ("melora:", "blora:", "elbo:", "blob schedule:", "ensemble:", "laplace:")
     specific = [f.name for f in dataclasses.fields(bl.RunConfig) if f.metadata["help"].startswith(prefixes)]

@@ -10,7 +10,7 @@ import torch
 import bayeslora as bl
 from bayeslora.cli import main
 from bayeslora.evaluation import load_predictions
-from bayeslora.objectives import ElboObjective, variance_parameters
+from bayeslora.methods.variational import ElboObjective, variance_parameters
 
 
 @pytest.fixture()

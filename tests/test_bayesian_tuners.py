@@ -16,12 +16,12 @@ from torch.distributions import Normal, kl_divergence
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bayeslora  # noqa: F401  (registers the tuners)
-from bayeslora.inference import predict_batch
-from bayeslora.objectives import blob_cycle_length, blob_pi, model_kl
-from bayeslora.sampling import posterior_mean, rows_of_examples
-from bayeslora.scoring import ClozeScorer
+from bayeslora.evaluation.predictive import predict_batch
+from bayeslora.evaluation.scoring import ClozeScorer
+from bayeslora.methods.variational import blob_cycle_length, blob_pi, model_kl
 from bayeslora.tasks import MultipleChoiceExample
 from bayeslora.tuners import BlobConfig, BlobLayer, MeLoraConfig, MeLoraLayer
+from bayeslora.tuners.sampling import posterior_mean, rows_of_examples
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -242,7 +242,7 @@ def test_peft_round_trip_in_a_fresh_process(tmp_path, config):
     script = textwrap.dedent(f"""
         import json, torch
         import bayeslora  # registers the methods
-        from bayeslora.sampling import posterior_mean
+        from bayeslora.tuners.sampling import posterior_mean
         from peft import PeftModel
         from transformers import LlamaForCausalLM
         ref = torch.load({str(tmp_path / "expected.pt")!r})

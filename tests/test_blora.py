@@ -17,9 +17,8 @@ from torch import nn
 
 import bayeslora  # noqa: F401  (registers the methods)
 from _toy_models import TwoLayers
-from bayeslora.bops import adapter_bops, bops_report
-from bayeslora.gating import GateSchedule, expected_cost, expected_rank_squared, gate_parameters
-from bayeslora.sampling import rows_of_examples
+from bayeslora.methods.blora import GateSchedule, expected_cost, expected_rank_squared, gate_parameters
+from bayeslora.reporting.bops import bops_report
 from bayeslora.tuners import BLoraConfig, BLoraLayer
 from bayeslora.tuners.blora.gates import (
     deterministic_gates,
@@ -35,6 +34,8 @@ from bayeslora.tuners.blora.quantizer import (
     quantize_fixed,
     quantize_residual,
 )
+from bayeslora.tuners.costs import adapter_bops
+from bayeslora.tuners.sampling import rows_of_examples
 
 
 def blora(config: BLoraConfig, seed: int = 0):
@@ -500,8 +501,8 @@ def trained_looking(kind: str):
 
 @pytest.mark.parametrize("kind", ["blora", "blora-core", "melora", "blob"])
 def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, kind):
-    from bayeslora.exporters import export_lora
-    from bayeslora.sampling import posterior_mean
+    from bayeslora.runs.export import export_lora
+    from bayeslora.tuners.sampling import posterior_mean
 
     model = trained_looking(kind)
     x = torch.randn(2, 3, 16)
@@ -532,7 +533,7 @@ def test_lora_export_loads_without_bayeslora_and_matches(tmp_path, kind):
 
 
 def test_packed_export_round_trip_and_size(tmp_path):
-    from bayeslora.exporters import (
+    from bayeslora.runs.export import (
         export_lora,
         export_packed,
         load_packed,
@@ -561,7 +562,7 @@ def test_packed_export_round_trip_and_size(tmp_path):
 
 
 def test_packed_32_bit_tensors_are_clipped_like_the_model(tmp_path):
-    from bayeslora.exporters import export_packed, load_packed, lora_factors
+    from bayeslora.runs.export import export_packed, load_packed, lora_factors
 
     model = blora(BLoraConfig(r=4, target_modules=["q"], max_bits=32, bit_gate_init=10, rank_gate_init=10))
     randomise(model)
@@ -578,7 +579,7 @@ def test_packed_32_bit_tensors_are_clipped_like_the_model(tmp_path):
 
 
 def test_lora_export_adapts_exactly_the_adapted_layers_and_refuses_base_quantization(tmp_path):
-    from bayeslora.exporters import export_lora
+    from bayeslora.runs.export import export_lora
 
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(TwoLayers(), TwoLayers()), BLoraConfig(r=4, target_modules=["0.q"]))
@@ -593,7 +594,7 @@ def test_lora_export_adapts_exactly_the_adapted_layers_and_refuses_base_quantiza
 
 
 def test_packed_loader_rejects_corrupt_files(tmp_path):
-    from bayeslora.exporters import export_packed, load_packed
+    from bayeslora.runs.export import export_packed, load_packed
 
     export_packed(trained_looking_blora(), tmp_path / "packed")
     weights = tmp_path / "packed" / "packed_adapter.safetensors"
@@ -603,7 +604,7 @@ def test_packed_loader_rejects_corrupt_files(tmp_path):
 
 
 def test_saved_bayeslora_adapter_says_how_to_load_it(tmp_path):
-    from bayeslora.adapters import save_adapter
+    from bayeslora.runs.adapters import save_adapter
 
     save_adapter(blora(BLoraConfig(r=2, target_modules=["q"])), tmp_path / "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()
@@ -611,7 +612,7 @@ def test_saved_bayeslora_adapter_says_how_to_load_it(tmp_path):
 
 
 def test_a_run_too_short_for_the_gates_to_close_is_warned_about():
-    from bayeslora.gating import warn_if_gates_cannot_close
+    from bayeslora.methods.blora import warn_if_gates_cannot_close
     from bayeslora.tuners.blora.gates import OFF_THRESHOLD, deterministic_gates, gate_logit_for
 
     off_logit = gate_logit_for(1 - OFF_THRESHOLD)  # the distance the warning measures ends where a gate is off
@@ -627,8 +628,8 @@ def test_a_run_too_short_for_the_gates_to_close_is_warned_about():
 
 
 def test_training_a_short_blora_run_warns_that_gates_cannot_close():
-    from bayeslora.api import training_extras
     from bayeslora.config import make_config
+    from bayeslora.pipeline.train import training_extras
 
     model = blora(BLoraConfig(r=4, target_modules=["q"]))
     config = make_config(method="blora", task="sst2", max_steps=20)

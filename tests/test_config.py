@@ -108,7 +108,8 @@ def test_shipped_accelerate_configs_load_and_say_how_to_launch():
 
 
 def test_method_defaults_fill_only_the_options_left_unset():
-    from bayeslora.methods import MELORA_SIGMA_LR, get_method
+    from bayeslora.methods import get_method
+    from bayeslora.methods.melora import MELORA_SIGMA_LR
 
     melora = get_method("melora").resolve(make_config(method="melora"))
     assert (melora.sigma_lr, melora.prior_std, melora.sigma_init) == (MELORA_SIGMA_LR, 1.0, 0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bayeslora import demo
+from bayeslora.pipeline import demo
 
 
 def test_demo_trains_every_method_and_prints_one_table(tmp_path, monkeypatch, capsys):

@@ -86,7 +86,7 @@ def test_bayesian_kl_uses_the_global_training_set(tiny_llama_dir, four_questions
 RANGES_SCRIPT = """
 import json, sys, torch
 from peft import get_peft_model
-from bayeslora.distributed import start, world
+from bayeslora.training.distributed import start, world
 from bayeslora.tuners import BLoraConfig
 
 start()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from bayeslora.baselines.laplace import KronLaplace, lora_linears
-from bayeslora.scoring import ClozeScorer
+from bayeslora.evaluation.scoring import ClozeScorer
+from bayeslora.methods.laplace.kfac import KronLaplace, lora_linears
 from bayeslora.tasks import MultipleChoiceExample
 
 
@@ -133,7 +133,7 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
     import json
 
     import bayeslora as bl
-    from bayeslora.report import run_report
+    from bayeslora.reporting.report import run_report
 
     rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
     task = tmp_path / "toy.jsonl"
@@ -228,7 +228,7 @@ def test_posthoc_laplace_refuses_what_it_cannot_fit(tiny_llama_dir, tmp_path, ca
 def test_auto_prior_is_heldout_only_when_enough_examples_are_left():
     import warnings
 
-    from bayeslora.baselines.laplace import MIN_HELDOUT, resolve_prior
+    from bayeslora.methods.laplace.kfac import MIN_HELDOUT, resolve_prior
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

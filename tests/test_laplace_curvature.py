@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 
 import bayeslora as bl
 from _toy_models import write_word_task
-from bayeslora.baselines.laplace import KronLaplace
-from bayeslora.scoring import ClozeScorer
+from bayeslora.evaluation.scoring import ClozeScorer
+from bayeslora.methods.laplace.kfac import KronLaplace
 from bayeslora.tasks import MultipleChoiceExample
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from bayeslora.metrics import (
+from bayeslora.evaluation.metrics import (
     accuracy,
     brier_score,
     classification_metrics,

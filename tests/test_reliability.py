@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import bayeslora as bl
 from _toy_models import write_word_task
-from bayeslora.adapters import AdapterFileError
 from bayeslora.config import RunConfig
-from bayeslora.fingerprint import FINGERPRINT_FILE, AdapterMismatchError
 from bayeslora.io import read_yaml, write_yaml_atomic
+from bayeslora.runs.adapters import AdapterFileError
+from bayeslora.runs.fingerprint import FINGERPRINT_FILE, AdapterMismatchError
 from bayeslora.training import NonFiniteLossError
 from bayeslora.tuners.base import gaussian_kl, positive
 from bayeslora.tuners.blora.gates import deterministic_gates, nested_expected_cost, prob_nonzero, sample_gates

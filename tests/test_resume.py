@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import bayeslora as bl
 from _toy_models import write_word_task
-from bayeslora.report import run_report
+from bayeslora.reporting.report import run_report
 
 SLOW_RUN = r"""
 import sys, time

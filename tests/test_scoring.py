@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bayeslora.sampling import current_row_examples
-from bayeslora.scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
+from bayeslora.evaluation.scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from bayeslora.tasks import ClassificationExample, MultipleChoiceExample, Task
+from bayeslora.tuners.sampling import current_row_examples
 
 QUESTIONS = [
     MultipleChoiceExample.from_question("Which gas do plants absorb?", ["oxygen", "carbon dioxide", "helium"], 1),

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from bayeslora.metrics import accuracy
-from bayeslora.significance import calibrated_ece_floor, compare, paired_bootstrap
+from bayeslora.evaluation.metrics import accuracy
+from bayeslora.evaluation.significance import calibrated_ece_floor, compare, paired_bootstrap
 
 
 def _two_models(n: int = 400, seed: int = 0):

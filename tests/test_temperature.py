@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayeslora.metrics import classification_metrics
-from bayeslora.temperature import fit_temperature, scaled
+from bayeslora.evaluation.metrics import classification_metrics
+from bayeslora.evaluation.temperature import fit_temperature, scaled
 
 
 def nll(probs, labels):

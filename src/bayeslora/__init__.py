@@ -12,21 +12,20 @@ The Python API mirrors the command line::
 """
 
 from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEFT)
-from .adapters import AdapterFileError, attach_adapter, load_adapter
-from .api import build_scorer, evaluate, train
-from .bops import bops_report
 from .config import RunConfig, make_config
-from .exporters import export_lora, export_packed, load_packed
-from .fingerprint import AdapterMismatchError
-from .inference import Prediction, predict, predict_batch
+from .evaluation.metrics import classification_metrics
+from .evaluation.predictive import Prediction, predict, predict_batch
+from .evaluation.scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
 from .methods import METHODS, get_method
-from .metrics import classification_metrics
 from .models import MODEL_ALIASES, load_model, load_tokenizer
-from .posthoc import calibrate, export, laplace
-from .sampling import posterior_mean
-from .scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
+from .pipeline import build_scorer, calibrate, evaluate, export, laplace, train
+from .reporting.bops import bops_report
+from .runs.adapters import AdapterFileError, attach_adapter, load_adapter
+from .runs.export import export_lora, export_packed, load_packed
+from .runs.fingerprint import AdapterMismatchError
 from .tasks import TASKS, load_task
 from .tuners import BlobConfig, BLoraConfig, MeLoraConfig
+from .tuners.sampling import posterior_mean
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from .assets import AssetNotInstalledError
-from .config import LAPLACE_OPTIONS, RunConfig, coerce_value, field_type, make_config
+from .config import RunConfig, coerce_value, field_type, make_config
+from .methods.laplace import LAPLACE_OPTIONS
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -44,7 +45,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .api import train
+    from .pipeline import train
 
     config = _config_from_args(args)
     run = train(config, progress=not args.quiet)
@@ -55,7 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _print_run_metrics(run) -> None:
     from .io import read_json
-    from .report import format_table
+    from .reporting.tables import format_table
     from .runs import EVAL_DIR
 
     rows = [read_json(p) for p in sorted((run / EVAL_DIR).glob("*/metrics.json"))]
@@ -81,8 +82,8 @@ FORCE_BASE_HELP = "Load the adapter even onto a base model other than the one it
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .api import evaluate
-    from .report import format_table
+    from .pipeline import evaluate
+    from .reporting.tables import format_table
 
     options = {key: coerce_value(key, value) for key, value in vars(args).items() if key in EVAL_CONFIG_OPTIONS}
     metrics = evaluate(
@@ -101,14 +102,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .pipeline.demo import run_demo
 
     run_demo(args.output_dir, progress=not args.quiet)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .posthoc import export
+    from .pipeline import export
 
     written = export(args.run, args.to, args.out, force_base=args.force_base, progress=not args.quiet)
     print(
@@ -120,8 +121,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .posthoc import calibrate
-    from .report import format_table
+    from .pipeline import calibrate
+    from .reporting.tables import format_table
 
     records = calibrate(
         args.run,
@@ -140,7 +141,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_laplace(args: argparse.Namespace) -> int:
-    from .posthoc import laplace
+    from .pipeline import laplace
 
     options = {key: coerce_value(key, value) for key, value in vars(args).items() if key in LAPLACE_OPTIONS}
     run = laplace(
@@ -157,7 +158,7 @@ def _cmd_laplace(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import run_report
+    from .reporting.report import run_report
 
     text = run_report(args.runs, sequence_length=args.sequence_length, out=args.out)
     print(text)
@@ -192,7 +193,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
-    for method in METHODS.values():
+    for method in (m for m in METHODS.values() if m.trains):
         print(f"{method.name:12s} {method.description}")
     return 0
 

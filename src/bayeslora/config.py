@@ -16,9 +16,10 @@ from typing import Any
 from .io import read_yaml
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with help text (and optional CLI choices)."""
-    metadata = {"help": help, **extra}
+def _opt(default: Any, help: str, group: str | None = None, **extra: Any) -> Any:
+    """A dataclass field with help text (and optional CLI choices); ``group`` names the method-specific option
+    group it belongs to (:data:`OPTION_GROUP_USERS`), None for an option of every method."""
+    metadata = {"help": help, **({"group": group} if group else {}), **extra}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -53,71 +54,102 @@ class RunConfig:
     )
     # --- Bayesian adapters (melora, blob; blora with --bayesian-core) ---
     prior_std: float | None = _opt(
-        None, "Prior standard deviation (default: melora 1.0 on each core entry, blob 0.2 on each entry of A)."
+        None,
+        "Prior standard deviation (default: melora 1.0 on each core entry, blob 0.2 on each entry of A).",
+        group="posterior",
     )
     sigma_init: float | None = _opt(
         None,
         "Initial posterior std (default: melora 0.1 on each core entry, relative to the core's unit-norm rows; "
         "blob ε = 0.05, σ = G² with G ~ U(ε/√2, ε)).",
+        group="posterior",
     )
     core: str = _opt(
-        "full", "melora: core covariance, full (r² entries) or diag (r entries, ScalaBL).", choices=("full", "diag")
+        "full",
+        "melora: core covariance, full (r² entries) or diag (r entries, ScalaBL).",
+        choices=("full", "diag"),
+        group="core",
     )
-    core_init: str = _opt("identity", "melora: initial core mean M_S.", choices=("identity", "orthogonal"))
+    core_init: str = _opt(
+        "identity", "melora: initial core mean M_S.", choices=("identity", "orthogonal"), group="core"
+    )
     prior_mean: str = _opt(
         "identity",
         "melora: prior mean of the core (identity pins the B·S·A scale freedom).",
         choices=("identity", "zero"),
+        group="core",
     )
-    sigma_param: str = _opt("softplus", "melora: σ = softplus(ρ) or exp(ρ).", choices=("softplus", "exp"))
+    sigma_param: str = _opt("softplus", "melora: σ = softplus(ρ) or exp(ρ).", choices=("softplus", "exp"), group="core")
     kl_schedule: str = _opt(
         "elbo",
         "elbo: loss = mean NLL + β·KL/N_train with β annealed 0→kl_weight over --kl-warmup; blob: the BLoB "
         "paper's recipe (KL stepped by its own SGD with π_i re-weighting).",
         choices=("elbo", "blob"),
+        group="posterior",
     )
-    kl_weight: float = _opt(1.0, "elbo: final β, the weight of KL/N_train (1 = the ELBO).")
-    kl_warmup: float = _opt(0.1, "elbo: fraction of the steps over which β grows linearly from 0.")
+    kl_weight: float = _opt(1.0, "elbo: final β, the weight of KL/N_train (1 = the ELBO).", group="elbo schedule")
+    kl_warmup: float = _opt(
+        0.1, "elbo: fraction of the steps over which β grows linearly from 0.", group="elbo schedule"
+    )
     sigma_lr: float | None = _opt(
-        None, "Learning rate of the variance parameters (default: melora 0.05, blob --lr); larger lets σ move."
+        None,
+        "Learning rate of the variance parameters (default: melora 0.05, blob --lr); larger lets σ move.",
+        group="posterior",
     )
-    kl_lr: float = _opt(0.01, "blob schedule: learning rate of the separate SGD step on π_i·KL.")
-    blob_gamma: float = _opt(8.0, "blob schedule: γ in the cycle length M = 100·N^(π/γ) / batch size.")
+    kl_lr: float = _opt(0.01, "blob schedule: learning rate of the separate SGD step on π_i·KL.", group="blob schedule")
+    blob_gamma: float = _opt(
+        8.0, "blob schedule: γ in the cycle length M = 100·N^(π/γ) / batch size.", group="blob schedule"
+    )
     # --- B-LoRA (blora) ---
-    max_bits: int = _opt(16, "blora: largest bit-width of A, B and e (2, 4, 8, 16 or 32; 2 is the floor).")
-    rank_gate_init: float = _opt(3.0, "blora: initial logit of every rank gate (3: P(on) ≈ 0.99).")
-    bit_gate_init: float = _opt(3.0, "blora: initial logit of every bit-width gate (3: P(on) ≈ 0.99).")
-    gate_temperature: float = _opt(2 / 3, "blora: temperature β of the hard-concrete gates.")
+    max_bits: int = _opt(
+        16, "blora: largest bit-width of A, B and e (2, 4, 8, 16 or 32; 2 is the floor).", group="gates"
+    )
+    rank_gate_init: float = _opt(3.0, "blora: initial logit of every rank gate (3: P(on) ≈ 0.99).", group="gates")
+    bit_gate_init: float = _opt(3.0, "blora: initial logit of every bit-width gate (3: P(on) ≈ 0.99).", group="gates")
+    gate_temperature: float = _opt(2 / 3, "blora: temperature β of the hard-concrete gates.", group="gates")
     gate_lambda: float = _opt(
-        0.05, "blora: weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss."
+        0.05, "blora: weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss.", group="gates"
     )
     gate_cost: str = _opt(
         "bops",
         "blora: what a gate costs: bops (its expected bit operations) or gates (1 per gate).",
         choices=("bops", "gates"),
+        group="gates",
     )
-    gate_lr: float = _opt(0.05, "blora: learning rate of the gate logits (they need larger steps than weights).")
-    gate_warmup: float = _opt(0.1, "blora: fraction of the steps with gates open and nothing quantized.")
-    gate_fix: float = _opt(0.1, "blora: final fraction of the steps with the gates fixed at their chosen values.")
-    quantize_base: bool = _opt(False, "blora: also quantize the frozen weights and input activations (gated).")
-    base_max_bits: int = _opt(16, "blora: largest bit-width of the frozen weights and activations.")
+    gate_lr: float = _opt(
+        0.05, "blora: learning rate of the gate logits (they need larger steps than weights).", group="gates"
+    )
+    gate_warmup: float = _opt(0.1, "blora: fraction of the steps with gates open and nothing quantized.", group="gates")
+    gate_fix: float = _opt(
+        0.1, "blora: final fraction of the steps with the gates fixed at their chosen values.", group="gates"
+    )
+    quantize_base: bool = _opt(
+        False, "blora: also quantize the frozen weights and input activations (gated).", group="gates"
+    )
+    base_max_bits: int = _opt(16, "blora: largest bit-width of the frozen weights and activations.", group="gates")
     base_min_bits: int = _opt(
-        4, "blora: smallest bit-width of the frozen weights and activations (the floor of their quantizers)."
+        4,
+        "blora: smallest bit-width of the frozen weights and activations (the floor of their quantizers).",
+        group="gates",
     )
     bayesian_core: bool = _opt(
-        False, "blora: put Me-LoRA's Gaussian r×r core between B and A (calibrated and compressed)."
+        False, "blora: put Me-LoRA's Gaussian r×r core between B and A (calibrated and compressed).", group="gates"
     )
     # --- baselines ---
-    ensemble_size: int = _opt(3, "ensemble: number of LoRA members (trained with seeds seed, seed + 1, ...).")
+    ensemble_size: int = _opt(
+        3, "ensemble: number of LoRA members (trained with seeds seed, seed + 1, ...).", group="ensemble"
+    )
     ensemble_combine: str = _opt(
         "probs",
         "ensemble: average the members' probabilities, or their class scores (logits, as the BLoB code does).",
         choices=("probs", "logits"),
+        group="ensemble",
     )
     laplace_subset: str = _opt(
         "all",
         "laplace: the LoRA weights under the posterior: all of them, or the last adapted module's (last-layer).",
         choices=("all", "last"),
+        group="laplace",
     )
     laplace_prior: str = _opt(
         "auto",
@@ -125,11 +157,13 @@ class RunConfig:
         "below the training split's size) or by the Laplace marginal likelihood (marglik); auto: heldout when at "
         "least 50 training examples are left unused, else marglik with a warning.",
         choices=("auto", "marglik", "heldout"),
+        group="laplace",
     )
     laplace_predictive: str = _opt(
         "glm",
         "laplace: the linearised predictive (glm; exact Gaussian over class scores) or N sampled networks (nn).",
         choices=("glm", "nn"),
+        group="laplace",
     )
     # --- training ---
     max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
@@ -356,5 +390,31 @@ def make_config(recipe: str | Path | None = None, **overrides: Any) -> RunConfig
     return config
 
 
-#: The options of a post-hoc Laplace fit (``bayeslora laplace``); the others are those of the LoRA run.
-LAPLACE_OPTIONS = ("laplace_subset", "laplace_prior", "laplace_predictive", "samples", "eval_batch_size")
+#: Who uses each group of method-specific options (the ``group`` of a :class:`RunConfig` field); a method declares
+#: the groups it uses (:meth:`bayeslora.methods.Method.groups`). Every other option applies to every method.
+OPTION_GROUP_USERS: dict[str, str] = {
+    "core": "Me-LoRA's Gaussian core (melora, blora --bayesian-core)",
+    "posterior": "the variational adapters (melora, blob, blora --bayesian-core)",
+    "elbo schedule": "the variational adapters with --kl-schedule elbo",
+    "blob schedule": "the variational adapters with --kl-schedule blob",
+    "gates": "--method blora",
+    "ensemble": "--method ensemble",
+    "laplace": "--method laplace",
+}
+
+
+def _option_groups() -> dict[str, tuple[tuple[str, ...], str]]:
+    fields = dataclasses.fields(RunConfig)
+    return {
+        group: (tuple(f.name for f in fields if f.metadata.get("group") == group), users)
+        for group, users in OPTION_GROUP_USERS.items()
+    }
+
+
+#: The method-specific options of :class:`RunConfig`, by group: ``(options, who uses them)``.
+OPTION_GROUPS: dict[str, tuple[tuple[str, ...], str]] = _option_groups()
+
+
+def option_users(option: str) -> str | None:
+    """Who uses the method-specific ``option`` (from :data:`OPTION_GROUPS`); None for an option of every method."""
+    return next((who for options, who in OPTION_GROUPS.values() if option in options), None)

@@ -1,6 +1,6 @@
 """bayeslora's PEFT tuners, registered with PEFT on import."""
 
-from .._peft_compat import register
+from ._peft_compat import register
 from .base import BayesianLowRankLayer, BayesianLowRankModel
 from .blob import BlobConfig, BlobLayer, BlobModel
 from .blora import BLoraConfig, BLoraLayer, BLoraModel

@@ -88,7 +88,7 @@ class LowRankBayesConfig(PeftConfig):
     method_name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        from .._peft_compat import ensure_peft_type
+        from ._peft_compat import ensure_peft_type
 
         super().__post_init__()
         self.peft_type = ensure_peft_type(self.method_name)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...sampling import current_row_copies, use_posterior_mean
 from ..base import BayesianLowRankLayer, gaussian_kl, positive
+from ..sampling import current_row_copies, use_posterior_mean
 from .config import BlobConfig
 
 

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
-from ...distributed import reduce_extremes
 from ..base import BayesianLowRankLayer
 from ..melora.layer import SampledCoreMixin
 from .config import BLoraConfig
@@ -185,7 +184,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         """Widen the observed input range of ``adapter`` to include ``x`` and the other processes' inputs of
         this step (agreed at every step: DDP copies rank 0's buffers to the others before each forward)."""
         seen = self.blora_x_seen[adapter]
-        low, high = reduce_extremes(x.min().to(seen.dtype), x.max().to(seen.dtype))
+        low, high = _reduce_extremes(x.min().to(seen.dtype), x.max().to(seen.dtype))
         seen.copy_(torch.stack([torch.minimum(seen[0], low), torch.maximum(seen[1], high)]))
 
     # --- gates ---
@@ -333,6 +332,16 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         if self.bayesian_core[adapter]:
             return super().posterior_std(adapter)
         return self.blora_A[adapter].new_zeros(0)
+
+
+def _reduce_extremes(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """``(min over processes of low, max over processes of high)``, elementwise (``low``/``high`` as they are on a
+    single process), so that the input ranges observed on each process's share of the data agree."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        low, high = low.clone(), high.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return low, high
 
 
 @contextlib.contextmanager

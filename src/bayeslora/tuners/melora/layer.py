@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...sampling import current_row_examples, use_posterior_mean
 from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, positive
+from ..sampling import current_row_examples, use_posterior_mean
 from .config import MeLoraConfig, MeLoraCoreOptions
 
 

@@ -1,1 +1,0 @@
-"""Baselines that need more than a PEFT config: their Trainer hooks and loss terms."""

@@ -1,0 +1,93 @@
+"""Evaluation: predictive probabilities on a task's evaluation split, metrics, and the files they go to.
+
+``eval/<task>/`` of a run holds ``metrics.json`` (accuracy, ECE, NLL, Brier and what produced them),
+``reliability.png`` and ``predictions.safetensors`` (sample-averaged probabilities and labels, and for
+N > 1 posterior samples each sample's probabilities; for reports and post-hoc calibration).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..io import atomic_path, write_json_atomic
+from ..tasks import DATA_SEED, Task, seeded_subset
+from .metrics import classification_metrics
+from .predictive import Prediction, predict
+from .reliability import save_reliability_diagram
+from .scoring import Scorer
+
+METRICS_FILE = "metrics.json"
+RELIABILITY_FILE = "reliability.png"
+PREDICTIONS_FILE = "predictions.safetensors"
+
+
+def eval_examples(task: Task, limit: int | None = None) -> list:
+    """The evaluation examples of ``task``, or a fixed seeded subsample of ``limit`` of them."""
+    return seeded_subset(task.split("eval"), limit, DATA_SEED)
+
+
+def evaluate_model(
+    model: nn.Module,
+    scorer: Scorer,
+    examples: list,
+    *,
+    n_samples: int = 1,
+    batch_size: int = 16,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[dict[str, Any], Prediction]:
+    """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier, n_examples, n_samples, eval_time_s.
+    With several samples (or ensemble members) the prediction keeps each one's probabilities. ``options``:
+    MC dropout or ensemble members, see :func:`bayeslora.inference.predict`."""
+    start = time.perf_counter()
+    prediction = predict(
+        model,
+        scorer,
+        examples,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        keep_samples=n_samples > 1 or bool(options.get("members")) or options.get("sampler") is not None,
+        progress=progress,
+        **options,
+    )
+    elapsed = time.perf_counter() - start
+    if prediction.sample_probs is not None:
+        n_samples = prediction.sample_probs.shape[0]  # ensemble members, or a custom predictive's draws
+        if n_samples == 1:  # a single predictive (Laplace's linearised one): nothing beyond probs to keep
+            prediction.sample_probs = None
+    metrics: dict[str, Any] = classification_metrics(prediction.probs, prediction.labels)
+    metrics.update(n_examples=len(examples), n_samples=n_samples, eval_time_s=round(elapsed, 2))
+    return metrics, prediction
+
+
+def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], prediction: Prediction, title: str) -> None:
+    """Write metrics.json, reliability.png and predictions.safetensors into ``out_dir`` (each atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
+        tensors = {"probs": prediction.probs.contiguous(), "labels": prediction.labels.contiguous()}
+        if prediction.sample_probs is not None:
+            tensors["sample_probs"] = prediction.sample_probs.contiguous()  # (n_samples, N, C)
+        save_file(
+            tensors,
+            str(tmp),
+            metadata={"task": str(metrics.get("task")), "method": str(metrics.get("method"))},
+        )
+    save_reliability_diagram(out_dir / RELIABILITY_FILE, prediction.probs, prediction.labels, title)
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
+
+
+def load_predictions(eval_dir: str | Path) -> Prediction:
+    """The saved probabilities, labels and (when kept) per-sample probabilities of an evaluation directory."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(eval_dir) / PREDICTIONS_FILE))
+    return Prediction(
+        probs=tensors["probs"], labels=tensors["labels"].to(torch.long), sample_probs=tensors.get("sample_probs")
+    )

@@ -1,0 +1,274 @@
+"""``blora``: B-LoRA, LoRA whose rank and bit-width per matrix are learned by Bayesian gates (Meo et al., 2024; the
+tuner: :mod:`bayeslora.tuners.blora`). In the transformers Trainer: the gates' penalty (a loss term) and their
+schedule (a callback).
+
+* Penalty: ``λ · E[cost] / cost of the reference``, the prior that favours switching gates off, with
+  nested probabilities (a gate counts only together with every gate below it):
+  - ``bops`` (default): the expected bit operations of the adapter path (and of the base path when it is
+    quantized), relative to the 16-bit LoRA of the same rank (see :mod:`bayeslora.bops`); gates that cost
+    more bit operations cost more.
+  - ``gates``: the expected number of open gates, relative to the number of gates (c_b = 1 per gate).
+  λ = 1 thus weighs "the whole reference cost" like one nat of the mean NLL.
+* Schedule: ``open`` for the first ``warmup`` fraction of the steps (gates on, nothing quantized, no
+  penalty); at its end the quantizers' ranges are set from the weights as they are then, and gates are
+  sampled; in the last ``fix`` fraction the gates are fixed at their evaluation values (no penalty) while
+  the weights adapt to the chosen structure.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from ..training.losses import LossTerms
+from ..training.trainer import total_steps
+from ..tuners.blora import BLoraLayer, BLoraModel
+from ..tuners.blora.gates import OFF_THRESHOLD, gate_logit_for
+from ..tuners.costs import DEFAULT_BITS, adapter_bops, base_bops, reference_adapter_bops
+from .base import Method, TrainingExtras, register_method, shared_options
+from .melora import MELORA_DEFAULTS, core_options
+from .variational import variational_extras
+
+GATE_COSTS = ("bops", "gates")
+
+
+def blora_tuner(model: nn.Module) -> BLoraModel | None:
+    """The B-LoRA tuner inside a PEFT model, or None."""
+    return next((m for m in model.modules() if isinstance(m, BLoraModel)), None)
+
+
+def _active(model: nn.Module) -> list[tuple[BLoraLayer, str]]:
+    return [
+        (layer, adapter)
+        for layer in model.modules()
+        if isinstance(layer, BLoraLayer)
+        for adapter in layer.active_adapters
+        if layer._has(adapter)
+    ]
+
+
+def expected_rank_squared(layer: BLoraLayer, adapter: str) -> Tensor:
+    """E[r'²] = 1 + Σ_k (2k + 1)·P_k, P_k = Π_{j≤k} P(z_j ≠ 0): with nested gates M_j·M_k = M_max(j,k)."""
+    from ..tuners.blora.gates import nested, prob_nonzero
+
+    logits = layer.blora_rank[adapter]
+    kept = nested(prob_nonzero(logits, layer.gate_temperature[adapter]))  # (r - 1,)
+    k = torch.arange(1, kept.shape[0] + 1, device=kept.device, dtype=kept.dtype)
+    return 1 + ((2 * k + 1) * kept).sum()
+
+
+def expected_bops(layer: BLoraLayer, adapter: str) -> tuple[Tensor, float]:
+    """``(E[BOPs], reference BOPs)`` per token of one layer: the adapter path, plus the base path when this
+    adapter quantizes it (otherwise the base is a constant and left out of both)."""
+    n, m = layer.in_features, layer.out_features
+    quantize_base = layer.quantize_base[adapter]
+    x_bits = layer.expected_bits("x", adapter) if quantize_base else DEFAULT_BITS
+    core = layer.bayesian_core[adapter]
+    cost = adapter_bops(
+        n,
+        m,
+        layer.expected_rank(adapter),
+        layer.expected_bits("A", adapter),
+        layer.expected_bits("B", adapter),
+        middle_bits=None if core else layer.expected_bits("e", adapter),
+        core=core,
+        rank_squared=expected_rank_squared(layer, adapter) if core else None,
+        activation_bits=x_bits,
+    )
+    reference = reference_adapter_bops(n, m, layer.r[adapter])
+    if quantize_base:
+        cost = cost + base_bops(n, m, layer.expected_bits("W", adapter), x_bits)
+        reference += base_bops(n, m)
+    return cost, reference
+
+
+def expected_cost(model: nn.Module, cost: str = "bops") -> Tensor:
+    """E[cost] / reference cost over every active B-LoRA adapter of ``model`` (differentiable in the gate
+    logits; 1 when every gate is surely on and nothing is quantized below the reference)."""
+    if cost not in GATE_COSTS:
+        raise ValueError(f"unknown gate cost '{cost}': {', '.join(GATE_COSTS)}")
+    pairs = _active(model)
+    if not pairs:
+        raise ValueError("the model has no B-LoRA layers")
+    if cost == "gates":
+        terms = [layer.expected_open_gates(adapter) for layer, adapter in pairs]
+        return sum(t for t, _ in terms) / sum(count for _, count in terms)
+    terms = [expected_bops(layer, adapter) for layer, adapter in pairs]
+    return sum(t for t, _ in terms) / sum(ref for _, ref in terms)
+
+
+@torch.no_grad()
+def structure_summary(model: nn.Module) -> dict[str, float]:
+    """Mean learned rank and bits of the evaluation-time structure, and the expected-BOPs ratio."""
+    pairs = _active(model)
+    ranks = [layer.learned_rank(adapter) for layer, adapter in pairs]
+    bits: dict[str, list[int]] = {}
+    for layer, adapter in pairs:
+        for name, value in layer.learned_bits(adapter).items():
+            bits.setdefault(name, []).append(value)
+    summary = {"rank": sum(ranks) / len(ranks)}
+    summary.update({f"bits_{name}": sum(values) / len(values) for name, values in bits.items()})
+    return summary
+
+
+class GatePenalty:
+    """The extra loss ``λ·E[cost]/reference`` (an :data:`~bayeslora.training.ExtraLoss`). In the open and
+    fixed phases it is only logged: the gates are not in play then."""
+
+    def __init__(self, weight: float, cost: str = "bops") -> None:
+        if weight < 0:
+            raise ValueError(f"the gate penalty weight must be >= 0, got {weight}")
+        if cost not in GATE_COSTS:
+            raise ValueError(f"unknown gate cost '{cost}': {', '.join(GATE_COSTS)}")
+        self.weight = weight
+        self.cost = cost
+
+    def __call__(self, model: nn.Module, trainer) -> LossTerms:
+        ratio = expected_cost(model, self.cost)
+        tuner = blora_tuner(model)
+        phase = tuner.bayesian_layers()[0].phase if tuner is not None else "sample"
+        logs = {f"expected_{self.cost}_ratio": float(ratio.detach()), **structure_summary(model)}
+        if phase != "sample":
+            return LossTerms(logs=logs)
+        return LossTerms(terms={"gate_cost": self.weight * ratio}, logs=logs)
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable gate logits (rank and bit-width gates) of every B-LoRA layer."""
+    found: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, BLoraLayer):
+            for name in module.gate_parameter_names:
+                found += [p for p in getattr(module, name).parameters() if p.requires_grad]
+    return found
+
+
+class GateSchedule(TrainerCallback):
+    """Open gates for the first ``warmup`` fraction of the optimizer steps, sampled gates after, fixed gates
+    for the last ``fix`` fraction; the quantizers' ranges are set from the weights when quantization starts."""
+
+    def __init__(self, warmup: float = 0.1, fix: float = 0.0, range_width: float = 0.1) -> None:
+        if not (warmup >= 0 and fix >= 0 and warmup + fix < 1):
+            raise ValueError(f"gate warm-up ({warmup}) and fixed phase ({fix}) must be >= 0 and leave steps between")
+        self.warmup = warmup
+        self.fix = fix
+        self.range_width = range_width
+
+    def warmup_steps(self, max_steps: int) -> int:
+        """How many optimizer steps the open phase lasts."""
+        return math.ceil(self.warmup * max_steps)
+
+    def phase_at(self, step: int, max_steps: int) -> str:
+        """The phase of optimizer step ``step`` (0-based) of ``max_steps``."""
+        if step < self.warmup_steps(max_steps):
+            return "open"
+        if self.fix > 0 and step >= max_steps - math.ceil(self.fix * max_steps):
+            return "fixed"
+        return "sample"
+
+    def _enter(self, model: nn.Module, phase: str, calibrate: bool = False) -> None:
+        """Put the model's B-LoRA layers in ``phase``. If this leaves the open phase and ``calibrate`` is set,
+        first set every quantizer's range from the weights as they are (quantization starts here)."""
+        tuner = blora_tuner(model)
+        if tuner is None:
+            return
+        layers = tuner.bayesian_layers()
+        if calibrate and layers and layers[0].phase == "open" and phase != "open":
+            for layer in layers:
+                for adapter in layer.active_adapters:
+                    if layer._has(adapter):
+                        layer.calibrate_ranges(adapter, self.range_width)
+        tuner.set_gate_phase(phase)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        # the Trainer calls this before it restores a checkpoint's step: the step hook sets the right phase
+        self._enter(model, self.phase_at(state.global_step, state.max_steps))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
+        # quantization starts at exactly the warm-up boundary; a run resumed later keeps its checkpoint's ranges
+        starts = state.global_step == self.warmup_steps(state.max_steps)
+        self._enter(model, self.phase_at(state.global_step, state.max_steps), calibrate=starts)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
+        # what is saved and evaluated: deterministic gates, quantized (ranges set now if never set)
+        self._enter(model, "sample", calibrate=True)
+
+
+def warn_if_gates_cannot_close(
+    schedule: GateSchedule, total_steps: int, gate_lr: float, initial_logit: float, temperature: float
+) -> str | None:
+    """Warn (and return the message) when a run is too short for any gate to switch off.
+
+    Gate logits train only in the sampled phase of ``schedule``, ``n`` of the ``total_steps``. Adam moves a
+    parameter by about its learning rate per step, so a logit travels at most ≈ ``gate_lr · n``; a gate is off
+    at evaluation once its logit is below ``gate_logit_for(1 − 0.34)`` (P(z = 0) ≥ 0.34). The warning fires
+    when that travel is less than twice the distance: the penalty would have to outweigh the data on nearly
+    every step for a gate to get there.
+    """
+    steps = sum(schedule.phase_at(step, total_steps) == "sample" for step in range(total_steps))
+    distance = initial_logit - gate_logit_for(1 - OFF_THRESHOLD, temperature)
+    travel = gate_lr * steps
+    if travel >= 2 * distance:
+        return None
+    message = (
+        f"B-LoRA: the gates train for {steps} optimizer steps at --gate-lr {gate_lr:g}; a gate logit moves "
+        f"about the learning rate per step, at most ~{travel:.1f} in all, and switching a gate off from its "
+        f"initial logit {initial_logit:g} takes {distance:.1f}. The gates will probably all stay on (no "
+        f"compression): train for more steps (--epochs, --max-steps) or raise --gate-lr."
+    )
+    warnings.warn(message, UserWarning, stacklevel=2)
+    return message
+
+
+class BLora(Method):
+    """ΔW = s·Q(B)·diag(m ⊙ Q(e))·Q(A), or with ``--bayesian-core`` Me-LoRA's Gaussian core in the middle (then it
+    is also a variational adapter: KL term, posterior samples at evaluation)."""
+
+    name = "blora"
+    description = "B-LoRA: rank and bit-width of every matrix learned by hard-concrete gates (Bayesian Bits quantizer)"
+    option_defaults = MELORA_DEFAULTS
+    default_samples = 10
+    learns_structure = True
+
+    def groups(self, config) -> tuple[str, ...]:
+        return ("gates", "core", "posterior") if config.bayesian_core else ("gates",)
+
+    def is_stochastic(self, config) -> bool:
+        return config.bayesian_core  # a Bayesian core's predictions average samples
+
+    def peft_config(self, config, targets: list[str], task_type: str, total_steps: int):
+        from ..tuners import BLoraConfig
+
+        return BLoraConfig(
+            **shared_options(config, targets, task_type),
+            bayesian_core=config.bayesian_core,
+            max_bits=config.max_bits,
+            rank_gate_init=config.rank_gate_init,
+            bit_gate_init=config.bit_gate_init,
+            gate_temperature=config.gate_temperature,
+            quantize_base=config.quantize_base,
+            base_max_bits=config.base_max_bits,
+            base_min_bits=config.base_min_bits,
+            **core_options(config),
+        )
+
+    def training_extras(self, model: nn.Module, config, n_train: int) -> TrainingExtras:
+        """The gates' penalty, schedule and learning rate (after warning when they cannot close in the run's steps),
+        and a Bayesian core's KL."""
+        schedule = GateSchedule(config.gate_warmup, config.gate_fix)
+        initial_logit = min(config.rank_gate_init, config.bit_gate_init)
+        steps = total_steps(config, n_train)
+        warn_if_gates_cannot_close(schedule, steps, config.gate_lr, initial_logit, config.gate_temperature)
+        extras = variational_extras(model, config, n_train) if config.bayesian_core else TrainingExtras()
+        return extras + TrainingExtras(
+            losses=[GatePenalty(config.gate_lambda, config.gate_cost)],
+            callbacks=[schedule],
+            special_lrs=[(gate_parameters(model), config.gate_lr)],
+        )
+
+
+METHOD = register_method(BLora())

@@ -1,0 +1,12 @@
+"""The pipeline: what ``bayeslora train``, ``eval``, ``calibrate``, ``laplace``, ``export`` and ``demo`` do, end to end,
+from a run's options to its directory. Each step asks the run's method (:mod:`bayeslora.methods`) for whatever is
+method-specific."""
+
+from .calibrate import calibrate
+from .common import build_scorer
+from .evaluate import evaluate
+from .export import export
+from .laplace import laplace
+from .train import train
+
+__all__ = ["build_scorer", "calibrate", "evaluate", "export", "laplace", "train"]

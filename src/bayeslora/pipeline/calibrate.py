@@ -1,0 +1,111 @@
+"""``bayeslora calibrate``: temperature scaling of a finished run, fitted on held-out training examples."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import make_config
+from ..evaluation import evaluate_model, write_evaluation
+from ..io import read_json
+from ..methods import get_method
+from ..runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
+from ..runs.adapters import load_adapter
+from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout
+from .common import build_scorer, load_base
+from .evaluate import resolve_samples
+
+#: The suffix of a temperature-scaled evaluation's folder: ``eval/<task>-ts/``.
+TS_SUFFIX = "-ts"
+
+
+def calibrate(
+    run: str | Path,
+    *,
+    task: str | None = None,
+    heldout: int = HELDOUT_EXAMPLES,
+    overwrite: bool = False,
+    force_base: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Temperature scaling of a trained run (post hoc, any method).
+
+    One temperature T is fitted on ``heldout`` training examples the run never trained on (those that follow
+    its ``--train-size`` subset in the same seeded order), predicted the way the method predicts (posterior
+    samples, MC dropout, ensemble members) with as many samples as the evaluation it rescales. The saved
+    predictions of every evaluation of the run (or of ``task``) are rescaled as softmax(log p / T) and
+    written to ``eval/<task>-ts/`` as method ``<method>+ts``. Returns the new metrics records.
+    """
+    from ..evaluation import load_predictions
+    from ..evaluation.metrics import classification_metrics
+    from ..evaluation.temperature import fit_temperature, scaled
+
+    if heldout <= 0:
+        raise ValueError(f"--heldout must be positive (training examples to fit the temperature on), got {heldout}")
+    run = Path(run)
+    config = make_config(**read_run_config(run))
+    method = get_method(config.method)
+    train_task = load_task(config.task)
+    sources = [eval_dir(run, task)] if task else sorted(p.parent for p in (run / "eval").glob("*/metrics.json"))
+    if task and sources[0].name.endswith(TS_SUFFIX):
+        source = sources[0].name.removesuffix(TS_SUFFIX)
+        raise ValueError(f"{sources[0]} is already temperature-scaled; calibrate its source: --task {source}")
+    sources = [d for d in sources if not d.name.endswith(TS_SUFFIX)]
+    if not sources or not all((d / "metrics.json").is_file() for d in sources):
+        raise FileNotFoundError(
+            f"{run} has no evaluation{' on ' + task if task else ''} to calibrate; run "
+            f"`bayeslora eval --run {run}` first"
+        )
+    targets = [d.with_name(d.name + TS_SUFFIX) for d in sources]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise RunExistsError(f"{', '.join(existing)} already exist(s). Pass --overwrite to replace.")
+    examples = seeded_heldout(train_task.split("train"), config.train_size, heldout, DATA_SEED)
+    network, tokenizer = load_base(config, train_task, progress=progress)
+    network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
+    scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
+    temperatures: dict[tuple, float] = {}
+
+    def temperature_for(evaluation: dict[str, Any]) -> float:
+        """T fitted on the held-out examples predicted as ``evaluation`` was: with its number of samples (an
+        evaluation of the posterior mean, ``--samples 0``, gets the posterior mean's T) and its predictive
+        options (an ensemble's combination rule, a Laplace predictive) where it records them."""
+        predictive = {key: evaluation.get(key, value) for key, value in method.predictive_record(config).items()}
+        key = (evaluation["n_samples"], *sorted(predictive.items()))
+        if key not in temperatures:
+            as_evaluated = dataclasses.replace(config, **predictive)
+            n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])
+            torch.manual_seed(config.seed)
+            _, fitted_on = evaluate_model(
+                network,
+                scorer,
+                examples,
+                n_samples=n_samples,
+                batch_size=config.eval_batch_size,
+                progress=progress,
+                **method.predictive(as_evaluated, n_samples, run),
+            )
+            temperatures[key] = fit_temperature(fitted_on.probs, fitted_on.labels)
+        return temperatures[key]
+
+    records = []
+    for source, target in zip(sources, targets, strict=True):
+        before = read_json(source / "metrics.json")
+        temperature = temperature_for(before)
+        prediction = load_predictions(source)
+        prediction.probs = scaled(prediction.probs, temperature).float()
+        prediction.sample_probs = None  # the temperature applies to the averaged prediction only
+        record = {
+            **before,
+            "method": f"{before['method']}+ts",
+            **classification_metrics(prediction.probs, prediction.labels),
+            "temperature": temperature,
+            "temperature_examples": len(examples),
+            "calibrated_from": str(source),
+        }
+        write_evaluation(target, record, prediction, f"{record['method']} on {before['task']} (T = {temperature:.2f})")
+        records.append(record)
+    return records

@@ -1,0 +1,177 @@
+"""``bayeslora eval``: evaluate a trained run (or a base model zero-shot) and write ``eval/<task>/``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import RunConfig, make_config
+from ..evaluation import eval_examples, evaluate_model, write_evaluation
+from ..io import read_json
+from ..methods import get_method
+from ..reporting.structure import structure_record
+from ..runs import ADAPTER_DIR, TRAIN_SUMMARY, RunExistsError, eval_dir, read_run_config
+from ..runs.adapters import load_adapter
+from ..tasks import Task, load_task
+from .common import build_scorer, check_eval_task, load_base, warn_unused_options
+
+#: The pseudo-method of a base model evaluated without an adapter.
+ZERO_SHOT = "zero-shot"
+
+#: What an evaluation's ``metrics.json`` repeats from the run's training summary (for reports).
+SUMMARY_KEYS_IN_METRICS = (
+    "steps",
+    "trainable_params",
+    "train_runtime_s",
+    "train_runtime_unmeasured_steps",
+    "laplace_fit_s",
+    "step_time_s",
+    "step_memory_mb",
+    "peak_memory_mb",
+)
+
+
+def resolve_samples(config: RunConfig, samples: int | None) -> int:
+    """Posterior samples for an evaluation: the request (else the run's ``--samples``, else the method's default);
+    1 for deterministic methods and zero-shot."""
+    return get_method(config.method).samples(samples if samples is not None else config.samples, config)
+
+
+def evaluate_and_write(
+    model: nn.Module,
+    tokenizer,
+    config: RunConfig,
+    train_task: Task,
+    eval_task: Task,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    *,
+    samples: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    out_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``eval_task`` and write ``eval/<task>/`` of ``run_dir`` (or ``out_dir``)."""
+    method = get_method(config.method)
+    n_samples = resolve_samples(config, samples)
+    num_classes = train_task.num_classes if eval_task.kind == "classification" else None
+    scorer = build_scorer(eval_task, tokenizer, config, num_classes=num_classes)
+    limit = limit if limit is not None else config.limit
+    examples = eval_examples(eval_task, limit)
+    torch.manual_seed(config.seed)  # sampled predictions are reproducible for a given seed
+    metrics, prediction = evaluate_model(
+        model,
+        scorer,
+        examples,
+        n_samples=n_samples,
+        batch_size=batch_size or config.eval_batch_size,
+        progress=progress,
+        **method.predictive(config, n_samples, run_dir),
+    )
+    record: dict[str, Any] = {
+        "task": eval_task.name,
+        "method": config.method,
+        "model": config.model,
+        "scoring": scorer.name,
+        **({"cloze_normalization": config.cloze_normalization} if scorer.name == "cloze" else {}),
+        **method.predictive_record(config),
+        **metrics,
+        "limit": limit,
+        "seed": config.seed,
+        "run": str(run_dir),
+        "task_source": eval_task.source,
+    }
+    if method.trains:
+        record.update(structure_record(model))
+    if summary:
+        record["train_task"] = train_task.name
+        for key in SUMMARY_KEYS_IN_METRICS:
+            if key in summary:
+                record[key] = summary[key]
+    out_dir = out_dir or eval_dir(run_dir, eval_task.name)
+    title = f"{config.method} on {eval_task.name} ({scorer.name}, N={n_samples})"
+    write_evaluation(out_dir, record, prediction, title)
+    return record
+
+
+def evaluate(
+    run: str | Path | None = None,
+    *,
+    model: str | None = None,
+    task: str | None = None,
+    samples: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate a trained run (``run``) or a base model zero-shot (``model``); returns the metrics.
+
+    Args:
+        run: a run directory written by :func:`bayeslora.train`.
+        model: instead of a run, a base model evaluated without adapter (method ``zero-shot``).
+        task: evaluation task (default: the run's training task).
+        samples: posterior samples (default: the method's; 0 = posterior mean for Bayesian methods).
+        limit: evaluate on a fixed seeded subsample of this many examples.
+        output_dir: the directory whose ``eval/<task>/`` receives the results (default: the run directory;
+            for zero-shot ``runs/<model>-zero-shot``).
+        overwrite: replace an existing ``eval/<task>/`` (refused otherwise).
+        options: further RunConfig options, e.g. ``scoring``, ``num_layers``, ``max_length``.
+    """
+    if (run is None) == (model is None):
+        raise ValueError("evaluate needs exactly one of a run directory or a base model")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be positive (a number of evaluation examples), got {limit}")
+    if run is not None:
+        stored = read_run_config(run)
+        config = make_config(**{**stored, **options})
+        warn_unused_options(config, [*options, *(["samples"] if samples is not None else [])])
+        train_task = load_task(config.task)
+        eval_task = train_task if task in (None, config.task) else load_task(task)
+        check_eval_task(train_task, eval_task)
+        base_dir = Path(output_dir) if output_dir else Path(run)
+    else:
+        if task is None:
+            raise ValueError("zero-shot evaluation needs a task")
+        config = dataclasses.replace(make_config(model=model, task=task, **options), method=ZERO_SHOT)
+        eval_task = train_task = load_task(task)
+        if eval_task.kind == "classification":
+            raise ValueError(
+                f"'{task}' is a classification task: a base model has no trained classification head to "
+                f"evaluate zero-shot. Train a run first."
+            )
+        base_dir = Path(output_dir) if output_dir else Path("runs") / f"{Path(model).name}-zero-shot"
+    out_dir = eval_dir(base_dir, eval_task.name)
+    if out_dir.exists() and not overwrite:
+        raise RunExistsError(
+            f"{out_dir} already holds an evaluation. Pass --overwrite to replace it, or --output-dir to write "
+            f"elsewhere."
+        )
+    network, tokenizer = load_base(config, train_task, progress=progress)
+    summary = None
+    if run is not None:
+        network = load_adapter(network, Path(run) / ADAPTER_DIR, force=config.force_base)
+        summary_path = Path(run) / TRAIN_SUMMARY
+        summary = read_json(summary_path) if summary_path.is_file() else None
+    network.eval()
+    return evaluate_and_write(
+        network,
+        tokenizer,
+        config,
+        train_task,
+        eval_task,
+        Path(run) if run is not None else base_dir,  # where the run's own files are (a Laplace posterior)
+        summary,
+        samples=samples,
+        limit=limit,
+        batch_size=batch_size,
+        out_dir=out_dir,
+        progress=progress,
+    )

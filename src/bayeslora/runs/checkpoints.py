@@ -1,0 +1,194 @@
+"""Continuing an interrupted run (``--resume``): which configuration, and how far each adapter got.
+
+A single-adapter run continues from its newest complete ``checkpoints/checkpoint-<step>``. An ensemble trains
+its members one after the other: each checkpoints into ``checkpoints/<member>/`` and, when its training ends,
+leaves ``checkpoints/<member>/trained/`` (its adapter weights and the numbers of its fit). A resumed ensemble
+loads its trained members, continues the first unfinished one from its newest checkpoint (or from its start
+if it saved none) and trains the others, so an interruption costs at most the member it stopped in, or with
+``--save-steps`` the steps since that member's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback
+
+from ..config import RunConfig, make_config
+from ..io import read_json, read_yaml, write_dir_atomic, write_text_atomic
+from ..methods import get_method
+from .layout import ADAPTER_DIR, CONFIG_FILE, RunExistsError, has_adapter
+
+CHECKPOINTS = "checkpoints"
+#: A finished ensemble member's record folder, inside its checkpoint folder.
+TRAINED = "trained"
+_FIT_RECORD = "fit.json"
+_WEIGHTS = "adapter_model.safetensors"
+#: The training time up to a checkpoint, written into it (all sessions of the run, not only the one saving).
+RUNTIME_FILE = "bayeslora_runtime.json"
+
+#: Options that say where and how a run is written, not what it computes (free to differ on --resume).
+RUN_HANDLING = (
+    "resume",
+    "overwrite",
+    "output_dir",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "logging_steps",
+    "force_base",
+)
+
+
+def resume_point(config: RunConfig, run_dir: Path) -> RunConfig:
+    """The run's stored configuration for ``--resume``, with the run-handling options given again in
+    ``config``. Other options of ``config`` that differ from the defaults must agree with the stored ones (a
+    resumed run computes what the original would have). Refused for a finished run and for a run with nothing
+    to continue from: no complete checkpoint and, for an ensemble, no trained member."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue ({CONFIG_FILE} is missing).")
+    if has_adapter(run_dir / ADAPTER_DIR):
+        raise RunExistsError(f"--resume: {run_dir} is a finished run (it has its adapter); nothing to continue.")
+    stored = make_config(**read_yaml(run_dir / CONFIG_FILE))
+    defaults = RunConfig()
+    conflicts = [
+        f"--{f.name.replace('_', '-')}: {getattr(config, f.name)!r} here, {getattr(stored, f.name)!r} in the run"
+        for f in dataclasses.fields(RunConfig)
+        if f.name not in RUN_HANDLING
+        and getattr(config, f.name) != getattr(defaults, f.name)
+        and getattr(config, f.name) != getattr(stored, f.name)
+    ]
+    if conflicts:
+        raise ValueError(
+            "--resume continues a run as it was configured; these options differ from "
+            f"{run_dir / CONFIG_FILE}:\n  - " + "\n  - ".join(conflicts) + "\nDrop them, or start a new run."
+        )
+    if not any(steps_done(run_dir, member) for member in get_method(stored.method).members(stored) or [None]):
+        raise FileNotFoundError(
+            f"--resume: {run_dir} has no checkpoint to continue from (train with --save-steps N to write them; "
+            f"an ensemble also continues after its last finished member)."
+        )
+    given = {  # how the run is written: the stored choices, unless given again here
+        name: getattr(config, name)
+        for name in RUN_HANDLING
+        if name not in ("output_dir", "overwrite") and getattr(config, name) != getattr(defaults, name)
+    }
+    return dataclasses.replace(stored, **given, output_dir=str(run_dir))
+
+
+def checkpoint_folder(run: Path, member: str | None) -> Path:
+    """Where the Trainer checkpoints the run's adapter, or ensemble ``member``."""
+    return run / CHECKPOINTS / member if member else run / CHECKPOINTS
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` whose saving finished (its trainer state is written last): a process
+    killed while saving leaves an incomplete one behind, which is skipped."""
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
+    )
+    complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
+    return complete[-1] if complete else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a ``checkpoint-<step>`` folder was saved at."""
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def checkpoint_runtime(checkpoint: Path) -> float | None:
+    """The seconds of training that ``checkpoint`` holds, over every session that led to it; None for a
+    checkpoint saved without a record of it (by a bayeslora before the record was kept)."""
+    path = checkpoint / RUNTIME_FILE
+    return float(read_json(path)["runtime_s"]) if path.is_file() else None
+
+
+class RuntimeLedger(TrainerCallback):
+    """Writes the training time so far into every checkpoint the Trainer saves: ``before_s`` (the time
+    recorded in the checkpoint this session resumed from) plus this session's since training began, so that
+    a resumed run reports the time of all its sessions (the time lost after a session's last checkpoint is
+    not counted: it produced nothing the run kept)."""
+
+    def __init__(self, before_s: float = 0.0) -> None:
+        self.before_s = before_s
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            runtime = self.before_s + time.perf_counter() - self.started
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():
+                write_text_atomic(checkpoint / RUNTIME_FILE, json.dumps({"runtime_s": round(runtime, 2)}) + "\n")
+
+
+def steps_done(run: Path, member: str | None) -> float:
+    """How far the adapter (or ensemble ``member``) of an interrupted run got: ``inf`` for a trained member,
+    else the step of its newest complete checkpoint, else 0."""
+    if member is not None and trained_member(run, member) is not None:
+        return math.inf
+    checkpoint = last_complete_checkpoint(checkpoint_folder(run, member))
+    return checkpoint_step(checkpoint) if checkpoint else 0
+
+
+def truncate_log(path: Path, run: Path) -> None:
+    """Keep the log lines of the steps that survive the interruption (a resumed run writes the later ones
+    again): those up to each adapter's :func:`steps_done`."""
+    if not path.is_file():
+        return
+    done: dict[str | None, float] = {}
+    kept = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        member = entry.get("member")
+        if member not in done:
+            done[member] = steps_done(run, member)
+        if entry.get("step", 0) <= done[member]:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def trained_member(run: Path, member: str) -> Path | None:
+    """The record folder of ensemble ``member`` if its training finished, else None."""
+    folder = checkpoint_folder(run, member) / TRAINED
+    return folder if (folder / _FIT_RECORD).is_file() and (folder / _WEIGHTS).is_file() else None
+
+
+def save_trained_member(model: nn.Module, member: str, run: Path, fit: dict[str, Any]) -> None:
+    """Record the finished ``member``: its adapter weights and ``fit`` (global_step, training_loss,
+    step_memory_mib), written atomically."""
+    from peft.utils import get_peft_model_state_dict
+
+    weights = get_peft_model_state_dict(model, adapter_name=member, save_embedding_layers=False)
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / _WEIGHTS))
+        (tmp / _FIT_RECORD).write_text(json.dumps(fit, indent=2) + "\n")
+
+    write_dir_atomic(checkpoint_folder(run, member) / TRAINED, write)
+
+
+def load_trained_member(model: nn.Module, member: str, run: Path) -> dict[str, Any]:
+    """Put the recorded weights of the trained ``member`` into its adapter (which must exist); returns its fit."""
+    from peft.utils import set_peft_model_state_dict
+
+    folder = trained_member(run, member)
+    if folder is None:
+        raise FileNotFoundError(f"{checkpoint_folder(run, member) / TRAINED} holds no trained member {member}")
+    weights = load_file(str(folder / _WEIGHTS), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, weights, adapter_name=member)
+    stray = [key for key in getattr(result, "unexpected_keys", []) if member in key]
+    if stray:
+        raise ValueError(f"{folder}: weights that fit no layer of the model: {stray[:3]}")
+    return read_json(folder / _FIT_RECORD)

@@ -9,7 +9,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import bayeslora as bl
-from _toy_models import write_word_task
 from bayeslora.evaluation.predictive import adapter_dropout, predict_batch
 from bayeslora.evaluation.scoring import ClozeScorer
 from bayeslora.tasks import MultipleChoiceExample
@@ -230,14 +229,25 @@ def test_a_resolved_config_does_not_count_the_method_defaults_as_given():
     assert given_options(resolved) == given_options(config) == ["method", "gate_lr"]
 
 
-def test_every_option_documented_as_one_methods_belongs_to_an_option_group():
-    """An option whose help names the method that uses it ("melora: ...", "blora: ...") must be in an option
-    group, or a method that ignores it would not say so."""
+def test_every_option_is_declared_once_in_a_section_or_a_group_that_a_method_uses():
+    """Each option belongs to exactly one section (every method's) or method group; every group is used by a
+    registered method, for some setting of its options; a group's options are exactly the fields declaring it."""
     import dataclasses
 
-    from bayeslora.config import option_users
+    from bayeslora.config import OPTION_GROUP_USERS, OPTION_GROUPS, SECTIONS
 
-    prefixes = ("melora:", "blora:", "elbo:", "blob schedule:", "ensemble:", "laplace:")
-    specific = [f.name for f in dataclasses.fields(bl.RunConfig) if f.metadata["help"].startswith(prefixes)]
-    assert len(specific) >= 25
-    assert [name for name in specific if option_users(name) is None] == []
+    fields = dataclasses.fields(bl.RunConfig)
+    for f in fields:
+        assert ("section" in f.metadata) != ("group" in f.metadata), f.name
+        assert f.metadata.get("section", "what to train") in SECTIONS
+        assert f.metadata.get("group", "core") in OPTION_GROUP_USERS
+    used = {
+        group
+        for method in bl.METHODS.values()
+        for setting in (bl.RunConfig(), bl.RunConfig(bayesian_core=True), bl.RunConfig(kl_schedule="blob"))
+        for group in method.groups(setting)
+    } | {"elbo schedule", "blob schedule"}  # the KL schedule's groups follow the "posterior" group
+    assert used == set(OPTION_GROUP_USERS)
+    for group, (options, _) in OPTION_GROUPS.items():
+        assert set(options) == {f.name for f in fields if f.metadata.get("group") == group}
+    assert sum(len(options) for options, _ in OPTION_GROUPS.values()) == 30

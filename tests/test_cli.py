@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+import bayeslora as bl
 from bayeslora.cli import main
 
 SMALL = ["--num-layers", "2", "--quiet"]
@@ -281,15 +282,19 @@ def test_blora_train_export_and_report_end_to_end(tmp_path, capsys):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["gate_lambda"] > 0 and config["gate_cost"] == "bops"
 
-    assert run_cli("--quiet", "export", "--run", str(run), "--to", "lora", "--out", str(tmp_path / "lora")) == 0
+    assert run_cli("--quiet", "export", "--run", str(run), "--to", "lora", "--output-dir", str(tmp_path / "lora")) == 0
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--out", str(tmp_path / "packed")) == 0
+    assert (
+        run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--output-dir", str(tmp_path / "packed")) == 0
+    )
     printed = capsys.readouterr().out
     assert "the 16-bit LoRA of the same rank" in printed
-    assert run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--out", str(tmp_path / "packed")) == 2
+    assert (
+        run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--output-dir", str(tmp_path / "packed")) == 2
+    )
     assert "already exists" in capsys.readouterr().err
 
-    assert run_cli("report", str(run), "--sequence-length", "128", "--out", str(tmp_path / "report")) == 0
+    assert run_cli("report", str(run), "--sequence-length", "128", "--output-dir", str(tmp_path / "report")) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| arc-easy | blora |" in report and "Bit operations" in report and "for 128 tokens" in report
 
@@ -301,3 +306,39 @@ def test_export_of_a_lora_run_is_its_adapter(trained_run, tmp_path):
     exported = load_file(str(tmp_path / "x" / "adapter_model.safetensors"))
     original = load_file(str(trained_run / "adapter" / "adapter_model.safetensors"))
     assert exported.keys() == original.keys() and all(exported[k].equal(original[k]) for k in original)
+
+
+def test_version_and_quiet_or_debug_before_or_after_the_command(capsys):
+    from bayeslora.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("bayeslora 0.")
+    for argv in (["--quiet", "methods"], ["methods", "--quiet"]):
+        args = build_parser().parse_args(argv)
+        assert args.quiet is True and args.debug is False
+    assert build_parser().parse_args(["methods"]).quiet is False
+    assert build_parser().parse_args(["tasks", "--debug"]).debug is True
+
+
+def test_train_help_groups_every_option_by_method_with_its_default(capsys):
+    import dataclasses
+
+    from bayeslora.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for title in (
+        "what to train options",
+        "adapter options",
+        "core options: for Me-LoRA's Gaussian core",
+        "gates options: for --method blora",
+        "laplace options: for --method laplace",
+        "system options",
+    ):
+        assert title in text
+    assert "--rank RANK LoRA rank r. (default: 8)" in text
+    assert "--max-bits {2,4,8,16,32} Largest bit-width of A, B and e (2 is the floor). (default: 16)" in text
+    for f in dataclasses.fields(bl.RunConfig):
+        assert "--" + f.name.replace("_", "-") in text

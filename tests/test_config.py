@@ -55,7 +55,7 @@ def test_coercion_errors(name, value, message):
         ({"scoring": "logits"}, "--scoring must be one of cloze, letter"),
         ({"samples": -1}, "--samples"),
         ({"target_modules": []}, "--target-modules is empty"),
-        ({"limit": 0}, "--limit must be positive"),
+        ({"limit": 0}, "--limit must be a positive integer"),
     ],
 )
 def test_validation_names_the_option(overrides, message):

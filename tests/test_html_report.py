@@ -46,7 +46,9 @@ def report_dir(tmp_path_factory, tiny_llama_dir):
     for method in ("lora", "blora"):
         assert main(["--quiet", "train", *common, "--method", method, "--output-dir", str(root / method)]) == 0
     assert main(["--quiet", "calibrate", "--run", str(root / "lora"), "--heldout", "8"]) == 0
-    assert main(["--quiet", "report", str(root / "lora"), str(root / "blora"), "--out", str(root / "report")]) == 0
+    assert (
+        main(["--quiet", "report", str(root / "lora"), str(root / "blora"), "--output-dir", str(root / "report")]) == 0
+    )
     return root / "report"
 
 

@@ -102,7 +102,7 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
     assert (run / "eval" / "toy-ts" / "reliability.png").is_file()
     assert main(["--quiet", "calibrate", "--run", str(run)]) == 2  # exists: refused without --overwrite
     assert "already exist" in capsys.readouterr().err
-    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert main(["report", str(run), "--output-dir", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"## {task}" in report and f"| {task} | lora |" in report and f"| {task} | lora+ts |" in report
     assert "train s" in report and "eval s" in report and "| task | method | seed |" in report

@@ -14,28 +14,48 @@ import sys
 from collections.abc import Sequence
 
 from .assets import AssetNotInstalledError
-from .config import RunConfig, coerce_value, field_type, make_config
+from .config import OPTION_GROUP_USERS, SECTIONS, RunConfig, coerce_value, field_type, flag, make_config
 from .methods.laplace import LAPLACE_OPTIONS
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    """What ``--help`` says of an option's default: the value, or that the method chooses it."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if default is None:
+        return "" if "default" in f.metadata.get("help", "") else " (default: not set)"
+    if isinstance(default, bool):
+        return f" (default: {'on' if default else 'off'})"
+    if isinstance(default, list):
+        return f" (default: {' '.join(map(str, default))})"
+    return f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """One flag per RunConfig field (or the fields in ``only``), defaulting to "not given"."""
-    for f in dataclasses.fields(RunConfig):
-        if only is not None and f.name not in only:
-            continue
-        flag = "--" + f.name.replace("_", "-")
+    """One flag per RunConfig field (or the fields in ``only``), defaulting to "not given" so that a recipe can
+    sit between the defaults and the flags; grouped in ``--help`` by section and by the methods that use them, each
+    with its default and choices."""
+    titles = {section: f"{section} options" for section in SECTIONS}
+    titles.update({group: f"{group} options: for {users}" for group, users in OPTION_GROUP_USERS.items()})
+    fields = [f for f in dataclasses.fields(RunConfig) if only is None or f.name in only]
+    present = {f.metadata.get("section") or f.metadata["group"] for f in fields}
+    groups = {key: parser.add_argument_group(title) for key, title in titles.items() if key in present}
+    for f in fields:
+        key = f.metadata.get("section") or f.metadata["group"]
         scalar, is_list, _ = field_type(f)
-        kwargs: dict = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        help_text = f.metadata.get("help", "")
+        kwargs: dict = {"default": argparse.SUPPRESS}
         if scalar is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.name.upper()
+            kwargs["type"] = str  # coerced (and checked) by config.coerce_value, as recipe values are
             if is_list:
                 kwargs["nargs"] = "+"
             if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-                kwargs["help"] += f" Choices: {', '.join(f.metadata['choices'])}."
-        parser.add_argument(flag, **kwargs)
+                kwargs["choices"] = [str(choice) for choice in f.metadata["choices"]]
+                kwargs["metavar"] = "{" + ",".join(kwargs["choices"]) + "}"
+        kwargs["help"] = help_text + _default_text(f)
+        groups[key].add_argument(flag(f.name), **kwargs)
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -111,7 +131,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .pipeline import export
 
-    written = export(args.run, args.to, args.out, force_base=args.force_base, progress=not args.quiet)
+    written = export(args.run, args.to, args.output_dir, force_base=args.force_base, progress=not args.quiet)
     print(
         f"Exported {args.run} as {written['format']} to {written['out']}: {written['bytes']:,} bytes of tensors "
         f"({written['ratio']:.2f}x the {written['reference_16bit_lora_bytes']:,} bytes of the 16-bit LoRA of the "
@@ -160,7 +180,7 @@ def _cmd_laplace(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .reporting.report import run_report
 
-    text = run_report(args.runs, sequence_length=args.sequence_length, out=args.out)
+    text = run_report(args.runs, sequence_length=args.sequence_length, out=args.output_dir)
     print(text)
     return 0
 
@@ -198,38 +218,69 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """``bayeslora <version>`` and the versions of the libraries it runs on."""
+    from . import __version__
+    from .system import versions
+
+    found = versions()
+    libraries = ", ".join(f"{name} {found[name]}" for name in ("torch", "transformers", "peft") if found.get(name))
+    return f"bayeslora {found.get('bayeslora') or __version__} ({libraries}; Python {found['python']})"
+
+
+def _output_dir(parser: argparse.ArgumentParser, help: str, *, required: bool = False, default=None) -> None:
+    """The output flag every command that writes takes: ``--output-dir`` (``--out``, its earlier name on ``export``
+    and ``report``, is still accepted)."""
+    names = parser.add_mutually_exclusive_group(required=required)
+    names.add_argument("--output-dir", help=help, default=default)
+    names.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bayeslora`` command."""
     parser = argparse.ArgumentParser(
         prog="bayeslora",
         description="Bayesian fine-tuning of language models with low-rank adapters.",
     )
-    parser.add_argument("--quiet", action="store_true", help="No progress bars.")
-    parser.add_argument("--debug", action="store_true", help="Show the full traceback on errors.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--quiet", action="store_true", help="No progress bars (also after the command).")
+    parser.add_argument(
+        "--debug", action="store_true", help="Show the full traceback on errors (also after the command)."
+    )
+    # the same two flags after the command; "not given" there leaves the value given before it
+    anywhere = argparse.ArgumentParser(add_help=False)
+    anywhere.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="No progress bars.")
+    anywhere.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="Show the full traceback on errors."
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="Fine-tune a model, then evaluate it.")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return subcommands.add_parser(name, help=help, description=help, parents=[anywhere])
+
+    train = command("train", "Fine-tune a model, then evaluate it.")
+    train.usage = "bayeslora train [--config RECIPE.yaml] [options]   (options by group below)"
     train.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe of options (flags override it).")
     _add_config_flags(train)
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="Evaluate a run (or a base model zero-shot).")
+    evaluate = command("eval", "Evaluate a run (or a base model zero-shot).")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="Run directory written by `bayeslora train`.")
     source.add_argument("--model", help="Evaluate this base model zero-shot instead of a run.")
     evaluate.add_argument("--task", help="Evaluation task (default: the run's training task).")
     evaluate.add_argument("--samples", type=int, help="Posterior samples (0: posterior mean).")
     evaluate.add_argument("--limit", type=int, help="Fixed seeded subsample of this many examples.")
-    evaluate.add_argument("--output-dir", help="Write eval/<task>/ here instead of into the run.")
+    _output_dir(evaluate, "Write eval/<task>/ here instead of into the run.")
     evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing eval/<task>/.")
     _add_config_flags(evaluate, only=EVAL_CONFIG_OPTIONS)
     evaluate.set_defaults(handler=_cmd_eval)
 
-    demo = commands.add_parser("demo", help="Fine-tune the embedded default and print the calibration table.")
-    demo.add_argument("--output-dir", default=None, help="Where the demo runs go (default: runs/demo-<time>).")
+    demo = command("demo", "Fine-tune the embedded default and print the calibration table.")
+    _output_dir(demo, "Where the demo runs go (default: runs/demo-<time>).", default=None)
     demo.set_defaults(handler=_cmd_demo)
 
-    exporter = commands.add_parser("export", help="Export a run's adapter (plain PEFT LoRA, or packed low-bit).")
+    exporter = command("export", "Export a run's adapter (plain PEFT LoRA, or packed low-bit).")
     exporter.add_argument("--run", required=True, help="Run directory written by `bayeslora train`.")
     exporter.add_argument(
         "--to",
@@ -239,12 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dequantized; posterior mean for Bayesian adapters); packed: B-LoRA's integer codes at the learned "
         "bit-widths (read back with bayeslora.exporters.load_packed).",
     )
-    exporter.add_argument("--out", required=True, help="New directory to write (never overwritten).")
+    _output_dir(exporter, "New directory to write (never overwritten).", required=True)
     exporter.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     exporter.set_defaults(handler=_cmd_export)
 
-    calibrator = commands.add_parser(
-        "calibrate", help="Temperature scaling of a run: fit T on held-out training data, rescale its evaluations."
+    calibrator = command(
+        "calibrate", "Temperature scaling of a run: fit T on held-out training data, rescale its evaluations."
     )
     calibrator.add_argument("--run", required=True, help="Run directory written by `bayeslora train`.")
     calibrator.add_argument("--task", help="Only this evaluation (default: every eval/<task>/ of the run).")
@@ -255,25 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     calibrator.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     calibrator.set_defaults(handler=_cmd_calibrate)
 
-    laplacian = commands.add_parser(
-        "laplace", help="Laplace-LoRA post hoc: a K-FAC Laplace posterior over a LoRA (or MAP) run's weights."
+    laplacian = command(
+        "laplace", "Laplace-LoRA post hoc: a K-FAC Laplace posterior over a LoRA (or MAP) run's weights."
     )
     laplacian.add_argument("--run", required=True, help="A finished `--method lora` or `--method map` run.")
-    laplacian.add_argument("--output-dir", help="The new run directory (default: <run>-laplace).")
+    _output_dir(laplacian, "The new run directory (default: <run>-laplace).")
     laplacian.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
     _add_config_flags(laplacian, only=LAPLACE_OPTIONS)
     laplacian.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     laplacian.set_defaults(handler=_cmd_laplace)
 
-    report = commands.add_parser("report", help="One table of every run's evaluations, and B-LoRA's bit operations.")
+    report = command("report", "One table of every run's evaluations, and B-LoRA's bit operations.")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Run directories.")
     report.add_argument("--sequence-length", type=int, default=1, help="Bit operations for this many tokens.")
-    report.add_argument("--out", help="Also write report.md (and the tables' JSON) into this directory.")
+    _output_dir(report, "Also write report.md, report.html and the figures into this directory.")
     report.set_defaults(handler=_cmd_report)
 
-    commands.add_parser("env", help="Versions, devices, cache and embedded assets.").set_defaults(handler=_cmd_env)
-    commands.add_parser("tasks", help="List the built-in tasks.").set_defaults(handler=_cmd_tasks)
-    commands.add_parser("methods", help="List the methods.").set_defaults(handler=_cmd_methods)
+    command("env", "Versions, devices, cache and embedded assets.").set_defaults(handler=_cmd_env)
+    command("tasks", "List the built-in tasks.").set_defaults(handler=_cmd_tasks)
+    command("methods", "List the methods.").set_defaults(handler=_cmd_methods)
     return parser
 
 

@@ -1,7 +1,16 @@
-"""The run configuration: one dataclass whose fields carry their help text.
+"""The run configuration: every option declared once, as a field of :class:`RunConfig`.
 
-The same fields are the CLI flags (``--batch-size``), the keys of a YAML recipe (``batch_size: 8``) and
-the ``config.yaml`` a run directory keeps to be reproduced. Precedence: defaults < recipe < flags.
+A field carries its default, its help, its choices, the range of values it allows and the section or method
+group it belongs to; from that one declaration come the CLI flag (``--batch-size``, in its group of
+``bayeslora train --help`` with its default), the key of a YAML recipe (``batch_size: 8``), the entry of the
+``config.yaml`` a run keeps to be reproduced, and the validation of every value. Options of a PEFT tuner (Me-LoRA's
+core, B-LoRA's gates) take their default, help and choices from the tuner's config (:func:`_tuner_option`).
+Precedence: defaults < recipe < flags.
+
+The CLI is built here rather than with ``transformers.HfArgumentParser``, which also turns dataclass fields into
+flags: bayeslora's flags default to "not given" so that a recipe can sit between the defaults and the flags, a
+YAML recipe is checked and coerced by the same rules as a flag, and the help groups the options by method. The
+parser itself is :mod:`argparse`, generated from these fields.
 """
 
 from __future__ import annotations
@@ -14,15 +23,64 @@ from pathlib import Path
 from typing import Any
 
 from .io import read_yaml
+from .tuners.blora.config import BLoraConfig
+from .tuners.melora.config import MeLoraCoreOptions
+
+#: The sections of the options every method shares, in the order ``--help`` shows them.
+SECTIONS = ("what to train", "adapter", "training", "evaluation", "system")
+
+#: Who uses each group of method-specific options (the ``group`` of a :class:`RunConfig` field); a method declares
+#: the groups it uses (:meth:`bayeslora.methods.Method.groups`). Every other option applies to every method.
+OPTION_GROUP_USERS: dict[str, str] = {
+    "core": "Me-LoRA's Gaussian core (melora, blora --bayesian-core)",
+    "posterior": "the variational adapters (melora, blob, blora --bayesian-core)",
+    "elbo schedule": "the variational adapters with --kl-schedule elbo",
+    "blob schedule": "the variational adapters with --kl-schedule blob",
+    "gates": "--method blora",
+    "ensemble": "--method ensemble",
+    "laplace": "--method laplace",
+}
+
+#: The ranges an option may declare (``check``), as (test, what the error says).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "> 0": (lambda v: v > 0, "positive"),
+    ">= 0": (lambda v: v >= 0, ">= 0"),
+    ">= 1": (lambda v: v >= 1, "at least 1"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 
 
-def _opt(default: Any, help: str, group: str | None = None, **extra: Any) -> Any:
-    """A dataclass field with help text (and optional CLI choices); ``group`` names the method-specific option
-    group it belongs to (:data:`OPTION_GROUP_USERS`), None for an option of every method."""
-    metadata = {"help": help, **({"group": group} if group else {}), **extra}
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    section: str | None = None,
+    group: str | None = None,
+    choices: tuple | None = None,
+    check: str | None = None,
+) -> Any:
+    """A :class:`RunConfig` field: its default and help; ``section`` (:data:`SECTIONS`) for an option of every
+    method, or ``group`` (:data:`OPTION_GROUP_USERS`) for a method-specific one; the allowed ``choices``; ``check``,
+    the range of values (:data:`_CHECKS`; None is always allowed for an optional option)."""
+    if (section is None) == (group is None):
+        raise ValueError("an option belongs to exactly one section or method group")
+    if check is not None and check not in _CHECKS:
+        raise ValueError(f"unknown check {check!r}: {', '.join(_CHECKS)}")
+    metadata = {"help": help, "section": section, "group": group, "choices": choices, "check": check}
+    metadata = {key: value for key, value in metadata.items() if value is not None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _tuner_option(config_cls: type, name: str, *, group: str, help: str | None = None, **overrides: Any) -> Any:
+    """A :class:`RunConfig` field declared by a tuner's config: its default, help and choices come from the field
+    ``name`` of ``config_cls`` (``help`` and ``overrides`` replace them where the run option differs)."""
+    source = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    options = {"choices": source.metadata.get("choices"), "check": source.metadata.get("check"), **overrides}
+    default = options.pop("default", source.default)
+    return _opt(default, help or source.metadata["help"], group=group, **options)
 
 
 @dataclass
@@ -30,186 +88,234 @@ class RunConfig:
     """Everything that defines a fine-tuning run; ``config.yaml`` in a run directory is this, resolved."""
 
     # --- what to train ---
-    model: str = _opt("smollm2-135m", "Base model: built-in alias (smollm2-135m, minilm-l6), local folder or HF id.")
-    task: str = _opt("arc-easy", "Training task: registry name (see `bayeslora tasks`), local .jsonl file or hf:<id>.")
-    method: str = _opt("lora", "Adapter method (see `bayeslora methods`).")
+    model: str = _opt(
+        "smollm2-135m",
+        "Base model: built-in alias (smollm2-135m, minilm-l6), local folder or HF id.",
+        section="what to train",
+    )
+    task: str = _opt(
+        "arc-easy",
+        "Training task: registry name (see `bayeslora tasks`), local .jsonl file or hf:<id>.",
+        section="what to train",
+    )
+    method: str = _opt("lora", "Adapter method (see `bayeslora methods`).", section="what to train")
     scoring: str | None = _opt(
         None,
         "How a multiple-choice task is scored: cloze (each choice's log-likelihood; the default, learns on "
         "small models) or letter (next-token logits of A/B/C..., the BLoB protocol for 7B-class models).",
+        section="what to train",
         choices=("cloze", "letter"),
     )
     cloze_normalization: str = _opt(
         "mean",
         "Cloze choice score: mean or sum of the continuation's token log-likelihoods.",
+        section="what to train",
         choices=("mean", "sum"),
     )
     # --- adapter ---
-    rank: int = _opt(8, "LoRA rank r.")
-    alpha: float = _opt(16.0, "LoRA scaling numerator: ΔW is scaled by alpha / rank.")
-    dropout: float | None = _opt(None, "Dropout on the adapter input during training (default: mcdropout 0.1, else 0).")
+    rank: int = _opt(8, "LoRA rank r.", section="adapter", check="> 0")
+    alpha: float = _opt(16.0, "LoRA scaling numerator: ΔW is scaled by alpha / rank.", section="adapter", check="> 0")
+    dropout: float | None = _opt(
+        None,
+        "Dropout on the adapter input during training (default: mcdropout 0.1, else 0).",
+        section="adapter",
+        check="[0, 1)",
+    )
     target_modules: list[str] | None = _opt(
         None,
         "Modules to adapt (names of linear layers); default per architecture (Llama: q_proj v_proj lm_head).",
+        section="adapter",
     )
-    # --- Bayesian adapters (melora, blob; blora with --bayesian-core) ---
+    # --- the variational adapters (melora, blob; blora with --bayesian-core) ---
     prior_std: float | None = _opt(
         None,
         "Prior standard deviation (default: melora 1.0 on each core entry, blob 0.2 on each entry of A).",
         group="posterior",
+        check="> 0",
     )
     sigma_init: float | None = _opt(
         None,
         "Initial posterior std (default: melora 0.1 on each core entry, relative to the core's unit-norm rows; "
         "blob ε = 0.05, σ = G² with G ~ U(ε/√2, ε)).",
         group="posterior",
+        check="> 0",
     )
-    core: str = _opt(
-        "full",
-        "melora: core covariance, full (r² entries) or diag (r entries, ScalaBL).",
-        choices=("full", "diag"),
-        group="core",
-    )
-    core_init: str = _opt(
-        "identity", "melora: initial core mean M_S.", choices=("identity", "orthogonal"), group="core"
-    )
-    prior_mean: str = _opt(
-        "identity",
-        "melora: prior mean of the core (identity pins the B·S·A scale freedom).",
-        choices=("identity", "zero"),
-        group="core",
-    )
-    sigma_param: str = _opt("softplus", "melora: σ = softplus(ρ) or exp(ρ).", choices=("softplus", "exp"), group="core")
+    core: str = _tuner_option(MeLoraCoreOptions, "core", group="core")
+    core_init: str = _tuner_option(MeLoraCoreOptions, "core_init", group="core")
+    prior_mean: str = _tuner_option(MeLoraCoreOptions, "prior_mean", group="core")
+    sigma_param: str = _tuner_option(MeLoraCoreOptions, "sigma_param", group="core")
     kl_schedule: str = _opt(
         "elbo",
         "elbo: loss = mean NLL + β·KL/N_train with β annealed 0→kl_weight over --kl-warmup; blob: the BLoB "
         "paper's recipe (KL stepped by its own SGD with π_i re-weighting).",
-        choices=("elbo", "blob"),
         group="posterior",
+        choices=("elbo", "blob"),
     )
-    kl_weight: float = _opt(1.0, "elbo: final β, the weight of KL/N_train (1 = the ELBO).", group="elbo schedule")
+    kl_weight: float = _opt(
+        1.0, "Final β, the weight of KL/N_train (1 = the ELBO).", group="elbo schedule", check=">= 0"
+    )
     kl_warmup: float = _opt(
-        0.1, "elbo: fraction of the steps over which β grows linearly from 0.", group="elbo schedule"
+        0.1, "Fraction of the steps over which β grows linearly from 0.", group="elbo schedule", check="[0, 1]"
     )
     sigma_lr: float | None = _opt(
         None,
         "Learning rate of the variance parameters (default: melora 0.05, blob --lr); larger lets σ move.",
         group="posterior",
+        check="> 0",
     )
-    kl_lr: float = _opt(0.01, "blob schedule: learning rate of the separate SGD step on π_i·KL.", group="blob schedule")
+    kl_lr: float = _opt(0.01, "Learning rate of the separate SGD step on π_i·KL.", group="blob schedule", check="> 0")
     blob_gamma: float = _opt(
-        8.0, "blob schedule: γ in the cycle length M = 100·N^(π/γ) / batch size.", group="blob schedule"
+        8.0, "γ in the cycle length M = 100·N^(π/γ) / batch size.", group="blob schedule", check="> 0"
     )
     # --- B-LoRA (blora) ---
-    max_bits: int = _opt(
-        16, "blora: largest bit-width of A, B and e (2, 4, 8, 16 or 32; 2 is the floor).", group="gates"
-    )
-    rank_gate_init: float = _opt(3.0, "blora: initial logit of every rank gate (3: P(on) ≈ 0.99).", group="gates")
-    bit_gate_init: float = _opt(3.0, "blora: initial logit of every bit-width gate (3: P(on) ≈ 0.99).", group="gates")
-    gate_temperature: float = _opt(2 / 3, "blora: temperature β of the hard-concrete gates.", group="gates")
+    max_bits: int = _tuner_option(BLoraConfig, "max_bits", group="gates")
+    rank_gate_init: float = _tuner_option(BLoraConfig, "rank_gate_init", group="gates")
+    bit_gate_init: float = _tuner_option(BLoraConfig, "bit_gate_init", group="gates")
+    gate_temperature: float = _tuner_option(BLoraConfig, "gate_temperature", group="gates", check="> 0")
     gate_lambda: float = _opt(
-        0.05, "blora: weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss.", group="gates"
+        0.05,
+        "Weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss.",
+        group="gates",
+        check=">= 0",
     )
     gate_cost: str = _opt(
         "bops",
-        "blora: what a gate costs: bops (its expected bit operations) or gates (1 per gate).",
-        choices=("bops", "gates"),
+        "What a gate costs: bops (its expected bit operations) or gates (1 per gate).",
         group="gates",
+        choices=("bops", "gates"),
     )
     gate_lr: float = _opt(
-        0.05, "blora: learning rate of the gate logits (they need larger steps than weights).", group="gates"
+        0.05, "Learning rate of the gate logits (they need larger steps than weights).", group="gates", check="> 0"
     )
-    gate_warmup: float = _opt(0.1, "blora: fraction of the steps with gates open and nothing quantized.", group="gates")
+    gate_warmup: float = _opt(
+        0.1, "Fraction of the steps with gates open and nothing quantized.", group="gates", check=">= 0"
+    )
     gate_fix: float = _opt(
-        0.1, "blora: final fraction of the steps with the gates fixed at their chosen values.", group="gates"
+        0.1, "Final fraction of the steps with the gates fixed at their chosen values.", group="gates", check=">= 0"
     )
-    quantize_base: bool = _opt(
-        False, "blora: also quantize the frozen weights and input activations (gated).", group="gates"
-    )
-    base_max_bits: int = _opt(16, "blora: largest bit-width of the frozen weights and activations.", group="gates")
-    base_min_bits: int = _opt(
-        4,
-        "blora: smallest bit-width of the frozen weights and activations (the floor of their quantizers).",
-        group="gates",
-    )
-    bayesian_core: bool = _opt(
-        False, "blora: put Me-LoRA's Gaussian r×r core between B and A (calibrated and compressed).", group="gates"
-    )
+    quantize_base: bool = _tuner_option(BLoraConfig, "quantize_base", group="gates")
+    base_max_bits: int = _tuner_option(BLoraConfig, "base_max_bits", group="gates")
+    base_min_bits: int = _tuner_option(BLoraConfig, "base_min_bits", group="gates")
+    bayesian_core: bool = _tuner_option(BLoraConfig, "bayesian_core", group="gates")
     # --- baselines ---
     ensemble_size: int = _opt(
-        3, "ensemble: number of LoRA members (trained with seeds seed, seed + 1, ...).", group="ensemble"
+        3, "Number of LoRA members (trained with seeds seed, seed + 1, ...).", group="ensemble", check=">= 1"
     )
     ensemble_combine: str = _opt(
         "probs",
-        "ensemble: average the members' probabilities, or their class scores (logits, as the BLoB code does).",
-        choices=("probs", "logits"),
+        "Average the members' probabilities, or their class scores (logits, as the BLoB code does).",
         group="ensemble",
+        choices=("probs", "logits"),
     )
     laplace_subset: str = _opt(
         "all",
-        "laplace: the LoRA weights under the posterior: all of them, or the last adapted module's (last-layer).",
-        choices=("all", "last"),
+        "The LoRA weights under the posterior: all of them, or the last adapted module's (last-layer).",
         group="laplace",
+        choices=("all", "last"),
     )
     laplace_prior: str = _opt(
         "auto",
-        "laplace: prior precision chosen by the NLL on held-out training examples (heldout: needs --train-size "
-        "below the training split's size) or by the Laplace marginal likelihood (marglik); auto: heldout when at "
-        "least 50 training examples are left unused, else marglik with a warning.",
-        choices=("auto", "marglik", "heldout"),
+        "Prior precision chosen by the NLL on held-out training examples (heldout: needs --train-size below the "
+        "training split's size) or by the Laplace marginal likelihood (marglik); auto: heldout when at least 50 "
+        "training examples are left unused, else marglik with a warning.",
         group="laplace",
+        choices=("auto", "marglik", "heldout"),
     )
     laplace_predictive: str = _opt(
         "glm",
-        "laplace: the linearised predictive (glm; exact Gaussian over class scores) or N sampled networks (nn).",
-        choices=("glm", "nn"),
+        "The linearised predictive (glm; exact Gaussian over class scores) or N sampled networks (nn).",
         group="laplace",
+        choices=("glm", "nn"),
     )
     # --- training ---
-    max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.")
-    epochs: float = _opt(1.0, "Passes over the training set (used when --max-steps is not set).")
-    batch_size: int = _opt(8, "Examples (questions) per optimizer step and device, before accumulation.")
-    grad_accum: int = _opt(1, "Gradient accumulation steps.")
-    lr: float = _opt(1e-4, "Peak learning rate of AdamW (linear warm-up, then linear decay to 0).")
-    weight_decay: float | None = _opt(None, "AdamW weight decay (default: map 1e-5, every other method 0).")
-    warmup_ratio: float = _opt(0.06, "Fraction of the steps spent warming the learning rate up.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
-    train_size: int | None = _opt(None, "Train on a fixed seeded subsample of this many examples.")
-    max_length: int = _opt(512, "Longest token sequence; longer prompts lose their beginning (with a warning).")
-    seed: int = _opt(1, "Random seed (adapter initialisation, data order, posterior samples).")
+    max_steps: int | None = _opt(None, "Optimizer steps; overrides --epochs when set.", section="training", check="> 0")
+    epochs: float = _opt(
+        1.0, "Passes over the training set (used when --max-steps is not set).", section="training", check="> 0"
+    )
+    batch_size: int = _opt(
+        8, "Examples (questions) per optimizer step and device, before accumulation.", section="training", check="> 0"
+    )
+    grad_accum: int = _opt(1, "Gradient accumulation steps.", section="training", check="> 0")
+    lr: float = _opt(
+        1e-4, "Peak learning rate of AdamW (linear warm-up, then linear decay to 0).", section="training", check="> 0"
+    )
+    weight_decay: float | None = _opt(
+        None, "AdamW weight decay (default: map 1e-5, every other method 0).", section="training", check=">= 0"
+    )
+    warmup_ratio: float = _opt(
+        0.06, "Fraction of the steps spent warming the learning rate up.", section="training", check="[0, 1)"
+    )
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.", section="training")
+    train_size: int | None = _opt(
+        None, "Train on a fixed seeded subsample of this many examples.", section="training", check="> 0"
+    )
+    max_length: int = _opt(
+        512,
+        "Longest token sequence; longer prompts lose their beginning (with a warning).",
+        section="training",
+        check="> 0",
+    )
+    seed: int = _opt(1, "Random seed (adapter initialisation, data order, posterior samples).", section="training")
     # --- evaluation ---
     eval_tasks: list[str] | None = _opt(
         None,
         "Tasks to evaluate on after training (default: the training task, when it has an evaluation split).",
+        section="evaluation",
     )
     samples: int | None = _opt(
-        None, "Posterior samples averaged at evaluation (default: the method's; 1 for deterministic methods)."
+        None,
+        "Posterior samples averaged at evaluation (default: the method's; 1 for deterministic methods; 0 = the "
+        "posterior mean).",
+        section="evaluation",
+        check=">= 0",
     )
-    eval_batch_size: int = _opt(16, "Examples per evaluation batch.")
-    limit: int | None = _opt(None, "Evaluate on a fixed seeded subsample of this many examples.")
+    eval_batch_size: int = _opt(16, "Examples per evaluation batch.", section="evaluation", check="> 0")
+    limit: int | None = _opt(
+        None, "Evaluate on a fixed seeded subsample of this many examples.", section="evaluation", check="> 0"
+    )
     # --- system ---
-    output_dir: str | None = _opt(None, "Run directory (default: runs/<task>-<method>-seed<seed>).")
-    overwrite: bool = _opt(False, "Replace an existing run directory (it is kept until the new run succeeds).")
-    save_steps: int | None = _opt(None, "Save a training checkpoint every N optimizer steps (in <run>/checkpoints).")
-    save_total_limit: int = _opt(2, "Checkpoints kept (the oldest are deleted).")
+    output_dir: str | None = _opt(None, "Run directory (default: runs/<task>-<method>-seed<seed>).", section="system")
+    overwrite: bool = _opt(
+        False, "Replace an existing run directory (it is kept until the new run succeeds).", section="system"
+    )
+    save_steps: int | None = _opt(
+        None,
+        "Save a training checkpoint every N optimizer steps (in <run>/checkpoints).",
+        section="system",
+        check="> 0",
+    )
+    save_total_limit: int = _opt(2, "Checkpoints kept (the oldest are deleted).", section="system", check="> 0")
     resume: bool = _opt(
         False,
         "Continue the unfinished run in --output-dir from its last checkpoint (an ensemble: after its last "
         "finished member), as it was configured (options you give must agree with its config.yaml).",
+        section="system",
     )
-    num_layers: int | None = _opt(None, "Keep only the first N transformer blocks (quick experiments, tests).")
+    num_layers: int | None = _opt(
+        None, "Keep only the first N transformer blocks (quick experiments, tests).", section="system", check="> 0"
+    )
     dtype: str = _opt(
         "auto",
-        "Dtype of the frozen base: auto (bf16 on GPU; on CPU the faster of fp32 and bf16, measured once per machine), "
-        "float32, bfloat16 or float16. Adapters, the loss and metrics are fp32 whatever it is.",
+        "Dtype of the frozen base: auto (bf16 on GPU; on CPU the faster of fp32 and bf16, measured once per "
+        "machine), float32, bfloat16 or float16. Adapters, the loss and metrics are fp32 whatever it is.",
+        section="system",
+        choices=("auto", "float32", "bfloat16", "float16"),
     )
-    load_in_4bit: bool = _opt(False, "Load the frozen base in 4 bits (bitsandbytes NF4, QLoRA style; runs on CPU too).")
-    load_in_8bit: bool = _opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8()).")
-    report_to: list[str] = _opt(["none"], "Trainer logging integrations (tensorboard, wandb, ...), or none.")
-    logging_steps: int = _opt(10, "Log the training loss every N steps.")
-    trust_remote_code: bool = _opt(False, "Allow models whose code lives on the Hub (off: only trusted code runs).")
+    load_in_4bit: bool = _opt(
+        False, "Load the frozen base in 4 bits (bitsandbytes NF4, QLoRA style; runs on CPU too).", section="system"
+    )
+    load_in_8bit: bool = _opt(False, "Load the frozen base in 8 bits (bitsandbytes LLM.int8()).", section="system")
+    report_to: list[str] = _opt(
+        ["none"], "Trainer logging integrations (tensorboard, wandb, ...), or none.", section="system"
+    )
+    logging_steps: int = _opt(10, "Log the training loss every N steps.", section="system", check="> 0")
+    trust_remote_code: bool = _opt(
+        False, "Allow models whose code lives on the Hub (off: only trusted code runs).", section="system"
+    )
     force_base: bool = _opt(
-        False, "Load a saved adapter even onto a base model other than the one it was trained on (not advised)."
+        False,
+        "Load a saved adapter even onto a base model other than the one it was trained on (not advised).",
+        section="system",
     )
 
     def resolved_output_dir(self) -> Path:
@@ -220,84 +326,19 @@ class RunConfig:
         return Path("runs") / f"{task}-{self.method}-seed{self.seed}"
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming every option that is out of range, and how to fix it."""
-        problems = []
-        if self.rank <= 0:
-            problems.append(f"--rank must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            problems.append(f"--alpha must be positive, got {self.alpha}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.ensemble_size < 1:
-            problems.append(f"--ensemble-size must be at least 1, got {self.ensemble_size}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            problems.append(f"--max-steps must be positive, got {self.max_steps}")
-        if self.epochs <= 0:
-            problems.append(f"--epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "max_length"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.samples is not None and self.samples < 0:
-            problems.append(f"--samples must be >= 0 (0 = posterior mean), got {self.samples}")
-        if self.save_steps is not None and self.save_steps <= 0:
-            problems.append(f"--save-steps must be positive, got {self.save_steps}")
-        if self.save_total_limit <= 0:
-            problems.append(f"--save-total-limit must be positive, got {self.save_total_limit}")
+        """Raise ``ValueError`` naming every option that is out of range, and how to fix it: each field's declared
+        choices and range, then the rules that tie options together."""
+        problems = [problem for f in dataclasses.fields(self) if (problem := _field_problem(f, getattr(self, f.name)))]
         if self.resume and self.overwrite:
             problems.append("--resume continues a run and --overwrite replaces it: choose one")
-        for name in ("train_size", "limit", "num_layers"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.prior_std is not None and self.prior_std <= 0:
-            problems.append(f"--prior-std must be positive, got {self.prior_std}")
-        if self.sigma_init is not None and self.sigma_init <= 0:
-            problems.append(f"--sigma-init must be positive, got {self.sigma_init}")
-        if self.sigma_lr is not None and self.sigma_lr <= 0:
-            problems.append(f"--sigma-lr must be positive, got {self.sigma_lr}")
-        if self.kl_weight < 0:
-            problems.append(f"--kl-weight must be >= 0, got {self.kl_weight}")
-        if not 0 <= self.kl_warmup <= 1:
-            problems.append(f"--kl-warmup must be in [0, 1], got {self.kl_warmup}")
-        if self.kl_lr <= 0 or self.blob_gamma <= 0:
-            problems.append("--kl-lr and --blob-gamma must be positive")
-        for name in (
-            "scoring",
-            "cloze_normalization",
-            "core",
-            "core_init",
-            "prior_mean",
-            "sigma_param",
-            "kl_schedule",
-            "gate_cost",
-            "ensemble_combine",
-            "laplace_subset",
-            "laplace_prior",
-            "laplace_predictive",
-        ):
-            choices = _choices(name)
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'")
-        for name in ("max_bits", "base_max_bits", "base_min_bits"):
-            if getattr(self, name) not in (2, 4, 8, 16, 32):
-                problems.append(f"--{name.replace('_', '-')} must be 2, 4, 8, 16 or 32, got {getattr(self, name)}")
         if self.base_min_bits > self.base_max_bits:
             problems.append(
                 f"--base-min-bits ({self.base_min_bits}) must not exceed --base-max-bits ({self.base_max_bits})"
             )
-        if self.gate_temperature <= 0 or self.gate_lr <= 0 or self.gate_lambda < 0:
-            problems.append("--gate-temperature and --gate-lr must be positive, --gate-lambda >= 0")
-        if not (self.gate_warmup >= 0 and self.gate_fix >= 0 and self.gate_warmup + self.gate_fix < 1):
+        if self.gate_warmup + self.gate_fix >= 1:
             problems.append(
-                f"--gate-warmup ({self.gate_warmup}) and --gate-fix ({self.gate_fix}) must be >= 0 and sum to less "
-                f"than 1, leaving steps in which the gates learn"
+                f"--gate-warmup ({self.gate_warmup}) and --gate-fix ({self.gate_fix}) must sum to less than 1, "
+                f"leaving steps in which the gates learn"
             )
         if self.load_in_4bit and self.load_in_8bit:
             problems.append("--load-in-4bit and --load-in-8bit exclude each other: choose one")
@@ -315,8 +356,44 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _choices(name: str) -> tuple[str, ...]:
-    return next(f.metadata.get("choices", ()) for f in dataclasses.fields(RunConfig) if f.name == name)
+def flag(name: str) -> str:
+    """The CLI flag of option ``name``: ``--batch-size`` for ``batch_size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for the option ``f`` (its declared choices and range), or None."""
+    if value is None:
+        return None
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(map(str, choices))
+        return f"{flag(f.name)} must be one of {shown}, got {value!r}"
+    check = f.metadata.get("check")
+    if check is not None:
+        test, allowed = _CHECKS[check]
+        if not test(value):
+            if allowed == "positive" and isinstance(value, int) and not isinstance(value, bool):
+                allowed = "a positive integer"
+            return f"{flag(f.name)} must be {allowed}, got {value}"
+    return None
+
+
+def _option_groups() -> dict[str, tuple[tuple[str, ...], str]]:
+    fields = dataclasses.fields(RunConfig)
+    return {
+        group: (tuple(f.name for f in fields if f.metadata.get("group") == group), users)
+        for group, users in OPTION_GROUP_USERS.items()
+    }
+
+
+#: The method-specific options of :class:`RunConfig`, by group: ``(options, who uses them)``.
+OPTION_GROUPS: dict[str, tuple[tuple[str, ...], str]] = _option_groups()
+
+
+def option_users(option: str) -> str | None:
+    """Who uses the method-specific ``option`` (from :data:`OPTION_GROUPS`); None for an option of every method."""
+    return next((who for options, who in OPTION_GROUPS.values() if option in options), None)
 
 
 def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
@@ -388,33 +465,3 @@ def make_config(recipe: str | Path | None = None, **overrides: Any) -> RunConfig
     config = RunConfig(**values)
     config.validate()
     return config
-
-
-#: Who uses each group of method-specific options (the ``group`` of a :class:`RunConfig` field); a method declares
-#: the groups it uses (:meth:`bayeslora.methods.Method.groups`). Every other option applies to every method.
-OPTION_GROUP_USERS: dict[str, str] = {
-    "core": "Me-LoRA's Gaussian core (melora, blora --bayesian-core)",
-    "posterior": "the variational adapters (melora, blob, blora --bayesian-core)",
-    "elbo schedule": "the variational adapters with --kl-schedule elbo",
-    "blob schedule": "the variational adapters with --kl-schedule blob",
-    "gates": "--method blora",
-    "ensemble": "--method ensemble",
-    "laplace": "--method laplace",
-}
-
-
-def _option_groups() -> dict[str, tuple[tuple[str, ...], str]]:
-    fields = dataclasses.fields(RunConfig)
-    return {
-        group: (tuple(f.name for f in fields if f.metadata.get("group") == group), users)
-        for group, users in OPTION_GROUP_USERS.items()
-    }
-
-
-#: The method-specific options of :class:`RunConfig`, by group: ``(options, who uses them)``.
-OPTION_GROUPS: dict[str, tuple[tuple[str, ...], str]] = _option_groups()
-
-
-def option_users(option: str) -> str | None:
-    """Who uses the method-specific ``option`` (from :data:`OPTION_GROUPS`); None for an option of every method."""
-    return next((who for options, who in OPTION_GROUPS.values() if option in options), None)

@@ -9,6 +9,7 @@ factors, used for merging and export) and ``kl`` (KL(q || p) of the adapter's po
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -96,6 +97,13 @@ class LowRankBayesConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        for option in dataclasses.fields(self):  # every option declared with its choices (core, bit-widths, ...)
+            allowed = option.metadata.get("choices")
+            if allowed is not None and getattr(self, option.name) not in allowed:
+                raise ValueError(
+                    f"{type(self).__name__}.{option.name} must be one of {', '.join(map(str, allowed))}, "
+                    f"got {getattr(self, option.name)!r}"
+                )
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
         if self.lora_alpha <= 0:

@@ -38,7 +38,8 @@ class BLoraConfig(MeLoraCoreOptions):
         metadata={"help": "Replace diag(e) by Me-LoRA's Gaussian r×r core S (rows/columns masked by the rank gates)."},
     )
     max_bits: int = field(
-        default=16, metadata={"help": "Largest bit-width of A, B and e (one of 2, 4, 8, 16, 32; 2 is the floor)."}
+        default=16,
+        metadata={"help": "Largest bit-width of A, B and e (2 is the floor).", "choices": BIT_WIDTHS},
     )
     rank_gate_init: float = field(
         default=3.0, metadata={"help": "Initial logit log α of every rank gate (3: P(gate on) ≈ 0.99)."}
@@ -58,7 +59,11 @@ class BLoraConfig(MeLoraCoreOptions):
         metadata={"help": "Also quantize the frozen weight W0 and the layer's input activations (gated)."},
     )
     base_max_bits: int = field(
-        default=16, metadata={"help": "Largest bit-width of W0 and of the input activations (quantize_base)."}
+        default=16,
+        metadata={
+            "help": "Largest bit-width of W0 and of the input activations (quantize_base).",
+            "choices": BIT_WIDTHS,
+        },
     )
     base_min_bits: int = field(
         default=4,
@@ -66,7 +71,8 @@ class BLoraConfig(MeLoraCoreOptions):
             "help": "Smallest bit-width of W0 and of the input activations (quantize_base): the floor of their "
             "quantizers. The frozen base cannot adapt to its quantization: on SmolLM2 the gates sampled at their "
             "initial logits over a 2-bit floor move the next-token distributions by KL 10 nats, over 4 bits by 0.7, "
-            "over 8 bits by 0.003 (benchmarks/base_quantizer.py)."
+            "over 8 bits by 0.003 (benchmarks/base_quantizer.py).",
+            "choices": BIT_WIDTHS,
         },
     )
     activation_range: float = field(
@@ -79,11 +85,6 @@ class BLoraConfig(MeLoraCoreOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_bits", "base_max_bits", "base_min_bits"):
-            if getattr(self, name) not in BIT_WIDTHS:
-                raise ValueError(
-                    f"BLoraConfig.{name} must be one of {', '.join(map(str, BIT_WIDTHS))}, got {getattr(self, name)}"
-                )
         if self.base_min_bits > self.base_max_bits:
             raise ValueError(
                 f"BLoraConfig.base_min_bits ({self.base_min_bits}) must not exceed base_max_bits ({self.base_max_bits})"

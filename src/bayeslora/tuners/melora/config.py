@@ -30,29 +30,30 @@ class MeLoraCoreOptions(LowRankBayesConfig):
 
     core: str = field(
         default="full",
-        metadata={"help": "Covariance of the core: full (r² independent entries) or diag (r entries, as ScalaBL)."},
+        metadata={
+            "help": "Covariance of the core: full (r² independent entries) or diag (r entries, as ScalaBL).",
+            "choices": CORES,
+        },
     )
     core_init: str = field(
-        default="identity", metadata={"help": "Initial mean M_S: identity or orthogonal (random, seeded)."}
+        default="identity",
+        metadata={"help": "Initial mean M_S: identity or orthogonal (random, seeded).", "choices": CORE_INITS},
     )
     sigma_init: float = field(
         default=0.1, metadata={"help": "Initial σ of every core entry, relative to the core's scale (rows of norm 1)."}
     )
-    sigma_param: str = field(default="softplus", metadata={"help": "σ = softplus(ρ) or exp(ρ)."})
-    prior_mean: str = field(default="identity", metadata={"help": "Mean of the Gaussian prior on S: identity or zero."})
+    sigma_param: str = field(
+        default="softplus", metadata={"help": "σ = softplus(ρ) or exp(ρ).", "choices": SIGMA_PARAMS}
+    )
+    prior_mean: str = field(
+        default="identity",
+        metadata={"help": "Mean of the Gaussian prior on S: identity or zero.", "choices": PRIOR_MEANS},
+    )
     prior_std: float = field(default=1.0, metadata={"help": "Standard deviation of the prior on each entry of S."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        for option, allowed in (
-            ("core", CORES),
-            ("core_init", CORE_INITS),
-            ("sigma_param", SIGMA_PARAMS),
-            ("prior_mean", PRIOR_MEANS),
-        ):
-            if getattr(self, option) not in allowed:
-                raise ValueError(f"{name}.{option} must be one of {', '.join(allowed)}, got {getattr(self, option)!r}")
         if self.sigma_init <= 0:
             raise ValueError(f"{name}.sigma_init must be positive, got {self.sigma_init}")
         if self.prior_std <= 0:

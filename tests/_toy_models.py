@@ -21,7 +21,31 @@ class TwoLayers(nn.Module):
 
 
 def write_word_task(path, n: int):
-    """A JSONL task of ``n`` two-choice questions ("apple" or "river", alternating answers); returns ``path``."""
-    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(n)]
+    """A JSONL task of ``n`` two-choice questions whose answer the question names ("pick the first word":
+    apple, "pick the second word": river, alternating), so that a tiny model can learn it; returns ``path``."""
+    rows = [
+        {
+            "question": f"Item {i}: pick the {'first' if i % 2 else 'second'} word.",
+            "choices": ["apple", "river"],
+            "answer": 0 if i % 2 else 1,
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def tiny_llama_config(vocab_size: int = 64, **overrides):
+    """The tests' Llama: 2 layers, 32 wide, 4 heads (2 key/value heads)."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaConfig(**{**settings, **overrides})

@@ -18,6 +18,8 @@ os.environ.setdefault("BAYESLORA_CPU_DTYPE", "float32")
 import pytest
 import torch
 
+from _toy_models import tiny_llama_config, write_word_task
+
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
@@ -30,16 +32,11 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
     """A 2-layer, 32-wide Llama with the SmolLM2 tokenizer, saved as a local model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_llama_config(
+        len(smol_tokenizer),
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=smol_tokenizer.pad_token_id,
@@ -79,3 +76,9 @@ def tiny_bert_dir(tmp_path_factory):
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def toy_task(tmp_path):
+    """Eight two-choice questions a tiny model can learn (see ``write_word_task``), as a JSONL task file."""
+    return write_word_task(tmp_path / "toy.jsonl", 8)

@@ -84,11 +84,6 @@ def test_ensemble_members_differ_and_combine_by_probabilities_or_logits(tiny_lla
     torch.testing.assert_close(by_logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.fixture()
-def toy_task(tmp_path):
-    return write_word_task(tmp_path / "toy.jsonl", 8)
-
-
 def train_toy(model_dir, task, out, **options):
     defaults = dict(rank=2, max_steps=4, batch_size=4, lr=1e-2, logging_steps=2)
     return bl.train(

@@ -13,21 +13,6 @@ from bayeslora.evaluation import load_predictions
 from bayeslora.methods.variational import ElboObjective, variance_parameters
 
 
-@pytest.fixture()
-def toy_task(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    rows = [
-        {
-            "question": f"Item {i}: pick the {'first' if i % 2 else 'second'} word.",
-            "choices": ["apple", "river"],
-            "answer": 0 if i % 2 else 1,
-        }
-        for i in range(8)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def log_lines(run):
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
 

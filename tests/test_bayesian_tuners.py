@@ -13,9 +13,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.distributions import Normal, kl_divergence
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import bayeslora  # noqa: F401  (registers the tuners)
+from _toy_models import tiny_llama_config
 from bayeslora.evaluation.predictive import predict_batch
 from bayeslora.evaluation.scoring import ClozeScorer
 from bayeslora.methods.variational import blob_cycle_length, blob_pi, model_kl
@@ -28,16 +29,7 @@ TARGETS = ["q_proj", "v_proj"]
 
 def tiny_llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(vocab)).eval()
 
 
 def lora_with_random_b(model):

@@ -38,9 +38,13 @@ from bayeslora.tuners.costs import adapter_bops
 from bayeslora.tuners.sampling import rows_of_examples
 
 
-def blora(config: BLoraConfig, seed: int = 0):
+def blora(config: BLoraConfig, seed: int = 0, phase: str = "sample"):
+    """A B-LoRA model on two linear layers, in ``phase`` (a new adapter starts ``open``; ``sample`` is where a
+    training schedule leaves it after the warm-up)."""
     torch.manual_seed(seed)
-    return get_peft_model(TwoLayers(), config)
+    model = get_peft_model(TwoLayers(), config)
+    model.base_model.set_gate_phase(phase)
+    return model
 
 
 def layers(model) -> list[BLoraLayer]:

@@ -22,6 +22,7 @@ from bayeslora.tuners.blora.gates import deterministic_gates, nested_expected_co
 
 @pytest.fixture()
 def toy_task(tmp_path):
+    """Twelve questions: eight to train on, the others held out."""
     return write_word_task(tmp_path / "toy.jsonl", 12)
 
 

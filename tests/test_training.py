@@ -12,22 +12,6 @@ import bayeslora as bl
 from bayeslora.training import BayesLoraTrainer, ExampleDataset, LossTerms, NonFiniteLossError, training_arguments
 
 
-@pytest.fixture()
-def toy_task(tmp_path):
-    """Eight two-choice questions whose answers a tiny model can memorise."""
-    path = tmp_path / "toy.jsonl"
-    rows = [
-        {
-            "question": f"Item {i}: pick the {'first' if i % 2 else 'second'} word.",
-            "choices": ["apple", "river"],
-            "answer": 0 if i % 2 else 1,
-        }
-        for i in range(8)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def train_toy(model_dir, task, out, **options):
     settings = dict(
         model=str(model_dir),

@@ -110,10 +110,15 @@ class LowRankBayesConfig(PeftConfig):
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        # Unsupported options raise TypeError, as PEFT's tuners do for options they do not have (PEFT's own test
+        # suites skip a method on TypeError). The fields stay, so that saved adapter configs keep their keys.
         if self.bias != "none":
-            raise ValueError(f"bias='{self.bias}' is not supported by {self.method_name}; use 'none'")
+            raise TypeError(
+                f"bias='{self.bias}' is not supported by {self.method_name}: its layers have no bias of "
+                f"their own; use bias='none' (the base layer's bias stays frozen)"
+            )
         if self.target_parameters:
-            raise ValueError(f"{self.method_name} adapts linear modules only; target_parameters must be None")
+            raise TypeError(f"{self.method_name} adapts linear modules only; target_parameters must be None")
 
 
 class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
@@ -172,6 +177,7 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.adapter_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_dropout[adapter_name].train(self.training)  # an adapter added in evaluation mode evaluates
 
     def _finish_update(self, adapter_name: str, inference_mode: bool) -> None:
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -255,6 +261,7 @@ class BayesianLowRankModel(BaseTuner):
                 f"torch.nn.Linear layers only."
             )
         new_module = self.layer_cls(target, adapter_name, config)
+        new_module.train(target.training)  # a layer added to a model in evaluation mode evaluates too
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until activated
         self._replace_module(parent, target_name, new_module, target)

@@ -4,14 +4,19 @@
 
 or, with a Bayesian core, ``s·Q(B)·diag(m)·S·diag(m)·Q(A)·x`` with S Me-LoRA's Gaussian r×r core.
 
-Gates behave according to the layer's *phase*, set for the whole model by the training schedule
-(:class:`~bayeslora.gating.GateSchedule`):
+Gates behave according to each adapter's *phase*, set for the whole model by the training schedule
+(:class:`~bayeslora.methods.blora.GateSchedule`):
 
 * ``open`` — every gate on, nothing quantized (the warm-up: plain LoRA with a scale vector);
 * ``sample`` — in training, a hard-concrete sample of every gate per forward pass; in evaluation, the
   deterministic gates (on when P(z = 0) < 0.34);
 * ``fixed`` — the deterministic gates in training too (the final phase: the structure is frozen and the
   weights adapt to it).
+
+A new adapter starts ``open``, so that it is an exact identity (B = 0, nothing quantized) and trains as LoRA
+until a schedule moves it on; the phase is saved with the adapter (``blora_phase``), so that a trained adapter
+loads in the phase it was saved in. Adapters saved before the phase was recorded load as ``sample``, the phase
+training ended in.
 
 Shapes in comments: R rows, T tokens, n = in_features, m = out_features, r the maximal rank.
 """
@@ -86,6 +91,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         "base_min_bits",
         "quantize_base",
         "blora_x_seen",
+        "blora_phase",
         "gate_temperature",
     )
     core_mean_name = "blora_core"
@@ -102,7 +108,10 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.base_min_bits: dict[str, int] = {}
         self.quantize_base: dict[str, bool] = {}
         self.gate_temperature: dict[str, float] = {}
-        self.phase = "sample"
+        # the phase of each adapter, as its index in PHASES (a float buffer: PEFT casts adapter buffers to the base's
+        # float dtype); saved with the adapter. `_phases` mirrors it in Python, so that forward never reads a tensor
+        self.blora_phase = BufferDict({}, persistent=True)
+        self._phases: dict[str, str] = {}
         # (2,) [min, max] of the inputs seen in training since the last range calibration, [inf, -inf] if none:
         # state saved in checkpoints, so that a run resumed in the warm-up sets the range an uninterrupted one would
         self.blora_x_seen = BufferDict({}, persistent=True)
@@ -138,6 +147,8 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             getattr(self, f"blora_{tensor}_range")[adapter_name] = nn.Parameter(torch.zeros(shape))
         if config.quantize_base:
             self.blora_x_seen[adapter_name] = torch.tensor([math.inf, -math.inf])
+        self.blora_phase[adapter_name] = torch.zeros(())
+        self.set_phase("open", adapter_name)
         self.calibrate_ranges(adapter_name, config.range_init_width, activation_range=config.activation_range)
         self._finish_update(adapter_name, config.inference_mode)
 
@@ -187,11 +198,50 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         low, high = _reduce_extremes(x.min().to(seen.dtype), x.max().to(seen.dtype))
         seen.copy_(torch.stack([torch.minimum(seen[0], low), torch.maximum(seen[1], high)]))
 
+    # --- phases ---
+    def phase_of(self, adapter: str) -> str:
+        """The phase of ``adapter``: open, sample or fixed (see the module docstring)."""
+        return self._phases[adapter]
+
+    def set_phase(self, phase: str, adapter: str | None = None) -> None:
+        """Put ``adapter`` (every adapter of the layer when None) in ``phase``."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown gate phase '{phase}': {', '.join(PHASES)}")
+        for name in [adapter] if adapter is not None else list(self._phases):
+            self._phases[name] = phase
+            self.blora_phase[name].fill_(PHASES.index(phase))
+
+    @property
+    def phase(self) -> str:
+        """The phase of the layer's first active adapter (of its first adapter if none is active)."""
+        active = [a for a in self.active_adapters if a in self._phases]
+        return self._phases[(active or list(self._phases))[0]]
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        self.set_phase(phase)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """After loading, the Python mirror of each adapter's phase follows the loaded ``blora_phase``; an adapter
+        whose state has weights but no phase (saved before the phase was recorded) is in ``sample``, the phase
+        its training ended in."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        for adapter in self._phases:
+            saved = state_dict.get(f"{prefix}blora_phase.{adapter}")
+            if saved is not None:
+                self._phases[adapter] = PHASES[round(float(saved))]
+            elif f"{prefix}blora_A.{adapter}" in state_dict:
+                self.set_phase("sample", adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._phases.pop(adapter_name, None)
+
     # --- gates ---
     def _gates(self, logits: Tensor, adapter: str) -> Tensor:
         """The gate values of this forward pass (see the module docstring for the phases)."""
         beta = self.gate_temperature[adapter]
-        if self.training and self.phase == "sample":
+        if self.training and self.phase_of(adapter) == "sample":
             return sample_gates(logits, beta)
         return deterministic_gates(logits, beta)
 
@@ -199,19 +249,19 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         """m ∈ [0, 1]^r: m_1 = 1, m_k = z_1·…·z_{k−1} (all ones in the open phase)."""
         logits = self.blora_rank[adapter]
         first = torch.ones(1, device=logits.device, dtype=logits.dtype)  # the first component is always kept
-        if self.phase == "open":
+        if self.phase_of(adapter) == "open":
             return first.expand(logits.shape[0] + 1)
         return torch.cat([first, nested(self._gates(logits, adapter))])
 
     def quantize(self, name: str, value: Tensor, adapter: str) -> Tensor:
         """``value`` through the gated quantizer of tensor ``name`` (identity in the open phase)."""
-        if self.phase == "open":
+        if self.phase_of(adapter) == "open":
             return value
         logits = getattr(self, f"blora_{name}_bits")[adapter]
         bounds = getattr(self, f"blora_{name}_range")[adapter]
         gates = self._gates(logits, adapter)
         floor = self._bit_range(name, adapter)[1]
-        if self.training and self.phase == "sample":
+        if self.training and self.phase_of(adapter) == "sample":
             return quantize_residual(value, bounds, gates, floor)
         return quantize_fixed(value, bounds, bits_of(gates, self._gate_widths(name, adapter), floor))
 
@@ -225,7 +275,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         adapter = self._base_quantizer()
         if adapter is None:
             return x
-        if self.training and self.phase == "open":  # the warm-up shows the activations' range
+        if self.training and self.phase_of(adapter) == "open":  # the warm-up shows the activations' range
             self._observe_input(x, adapter)
         # quantized in the range's fp32, then back to the base's dtype (a bf16 base keeps ~8 significant bits)
         return self.quantize("x", x, adapter).to(x.dtype)
@@ -275,7 +325,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
 
     def learned_rank(self, adapter: str) -> int:
         """r' = 1 + the number of leading rank gates on (deterministic gates; r in the open phase)."""
-        if self.phase == "open":
+        if self.phase_of(adapter) == "open":
             return self.r[adapter]
         logits = self.blora_rank[adapter]
         return 1 + prefix_length(deterministic_gates(logits, self.gate_temperature[adapter]))
@@ -284,7 +334,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         """The bit-width of every quantized tensor (deterministic gates; 16 in the open phase)."""
         found = {}
         for name in self.quantized_tensors(adapter):
-            if self.phase == "open":  # nothing quantized: counted at the 16 bits of the BOPs convention
+            if self.phase_of(adapter) == "open":  # nothing quantized: counted at the 16 bits of the BOPs convention
                 found[name] = UNQUANTIZED_BITS
                 continue
             logits = getattr(self, f"blora_{name}_bits")[adapter]

@@ -14,9 +14,11 @@ class BLoraModel(BayesianLowRankModel):
     layer_cls = BLoraLayer
     tuner_layer_cls = BLoraLayer
 
-    def set_gate_phase(self, phase: str) -> None:
-        """Put every B-LoRA layer in ``phase`` (open, sample or fixed; see :mod:`.layer`)."""
+    def set_gate_phase(self, phase: str, adapter: str | None = None) -> None:
+        """Put every B-LoRA layer's ``adapter`` (every adapter when None) in ``phase`` (open, sample or fixed; see
+        :mod:`.layer`)."""
         if phase not in PHASES:
             raise ValueError(f"unknown gate phase '{phase}': {', '.join(PHASES)}")
         for layer in self.bayesian_layers():
-            layer.phase = phase
+            if adapter is None or layer._has(adapter):
+                layer.set_phase(phase, adapter)

@@ -1,17 +1,17 @@
 """Start-up hook (run by ``bayeslora-peft-hook.pth``): PEFT loads a bayeslora adapter without ``import bayeslora``.
 
-PEFT looks an adapter's config class up as ``PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]``, and bayeslora's
-types (``MELORA``, ``BLOB``, ``BLORA``) are registered only when bayeslora is imported. Without this hook,
-``PeftModel.from_pretrained(base, "run/adapter")`` in a process that never imported bayeslora stops with a
-bare ``KeyError: 'MELORA'``.
+PEFT looks an adapter's config class up as ``PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]``, and bayeslora's types
+(``MELORA``, ``BLOB``, ``BLORA``, and any a later version adds) are registered only when bayeslora is imported.
+Without this hook, ``PeftModel.from_pretrained(base, "run/adapter")`` in a process that never imported bayeslora
+stops with a bare ``KeyError: 'MELORA'``.
 
-The ``.pth`` file installed with the package imports this module at interpreter start. It uses the
-standard library only and does nothing until PEFT itself is imported: it waits for ``peft.mapping`` to be
-executed and then gives that one mapping a ``__missing__``. A lookup of a bayeslora type that is not
-registered yet imports bayeslora (which registers its types) and returns the class; any other missing
-key raises PEFT's usual ``KeyError``. With ``BAYESLORA_PEFT_HOOK=0`` nothing is imported on demand and the
-lookup raises :class:`BayesLoraTypeNotLoaded`, a ``KeyError`` whose message says to ``import bayeslora``.
-Nothing else of PEFT is touched, and lookups of registered types are plain ``dict`` lookups.
+The ``.pth`` file installed with the package imports this module at interpreter start. It uses the standard
+library only and does nothing until PEFT itself is imported: it waits for ``peft.mapping`` to be executed and then
+gives that one mapping a ``__missing__``. A lookup of a type PEFT does not know imports bayeslora (which registers
+its types) and looks again; a type still unknown raises PEFT's usual ``KeyError``. The hook keeps no list of
+bayeslora's types, so a new tuner needs no change here. With ``BAYESLORA_PEFT_HOOK=0`` nothing is imported on
+demand and the lookup raises :class:`BayesLoraTypeNotLoaded`, a ``KeyError`` whose message says to
+``import bayeslora``. Nothing else of PEFT is touched, and lookups of registered types are plain ``dict`` lookups.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: every interpreter of the en
 if TYPE_CHECKING:
     from typing import Any
 
-#: The PEFT types bayeslora registers (``bayeslora.tuners``); a test keeps the two lists equal.
-BAYESLORA_PEFT_TYPES = frozenset({"MELORA", "BLOB", "BLORA"})
 #: The module whose mapping is patched, and the mapping's name in it.
 PEFT_MAPPING_MODULE = "peft.mapping"
 CONFIG_MAPPING = "PEFT_TYPE_TO_CONFIG_MAPPING"
@@ -44,28 +42,32 @@ def _type_name(key: Any) -> str:
 
 
 class PeftConfigMapping(dict):
-    """``PEFT_TYPE_TO_CONFIG_MAPPING`` that registers bayeslora's types on first lookup."""
+    """``PEFT_TYPE_TO_CONFIG_MAPPING`` that imports bayeslora, which registers its types, on the first lookup of a
+    type PEFT does not know."""
 
     def __missing__(self, key: Any) -> Any:
         name = _type_name(key)
-        if name not in BAYESLORA_PEFT_TYPES:
-            raise KeyError(key)
         fix = "Add `import bayeslora` before loading it (or export it with `bayeslora export --to lora`)."
         if os.environ.get(SWITCH, "1") == "0":
             raise BayesLoraTypeNotLoaded(
-                f"This adapter is a bayeslora adapter (PEFT type {name!r}), which PEFT knows only once bayeslora "
-                f"is imported. {fix}"
+                f"PEFT knows no adapter type {name!r}. If this is a bayeslora adapter, PEFT learns its type when "
+                f"bayeslora is imported. {fix}"
             )
+        if "bayeslora" in sys.modules:  # already imported: the type is not one of bayeslora's
+            raise KeyError(key)
         try:
-            import bayeslora  # noqa: F401  (registers MELORA, BLOB and BLORA with PEFT)
+            import bayeslora  # noqa: F401  (registers its PEFT types)
+        except ImportError:
+            raise KeyError(key) from None  # bayeslora is not installed in this environment
         except Exception as error:
             raise BayesLoraTypeNotLoaded(
-                f"This adapter is a bayeslora adapter (PEFT type {name!r}), but importing bayeslora failed "
-                f"({type(error).__name__}: {error}). Reinstall bayeslora, then {fix[0].lower()}{fix[1:]}"
+                f"PEFT knows no adapter type {name!r}, and importing bayeslora, which would register it if it is a "
+                f"bayeslora adapter, failed ({type(error).__name__}: {error}). Reinstall bayeslora, then "
+                f"{fix[0].lower()}{fix[1:]}"
             ) from error
         if key in self:
             return dict.__getitem__(self, key)
-        raise BayesLoraTypeNotLoaded(f"bayeslora was imported but did not register PEFT type {name!r}. {fix}")
+        raise KeyError(key)
 
 
 class _PatchAfterExec:

@@ -23,9 +23,9 @@ class MeLoraCoreOptions(LowRankBayesConfig):
     * ``sigma_init`` — every entry of Σ_S starts at this value, in units of the core's initial scale (the
       rows of the identity or of an orthogonal core have norm 1). BLoB's σ ≈ 0.002 on entries of A of size
       ~1/√n is a different scale; Σ_S is measured against M_S ≈ I.
-    * ``prior_mean`` — the prior on S is centred on the identity by default. The factorisation has a scale
-      freedom, B·S·A = (cB)(S/c)A: with a zero-mean prior the KL could be lowered for free by shrinking S
-      and growing B. An identity-centred prior pins S's scale (shrinking S moves it away from I).
+    * ``prior_mean`` — the prior on S is centred on the identity (or zero). The factorisation has a scale
+      freedom, B·S·A = (B/u)(uS)A: scaling the core's mean and standard deviation by u and B by 1/u leaves
+      ΔW's distribution unchanged, and neither prior centre makes the KL invariant to it (see docs/methods.md).
     """
 
     core: str = field(

@@ -642,3 +642,16 @@ def test_training_a_short_blora_run_warns_that_gates_cannot_close():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         training_extras(model, make_config(method="blora", task="sst2", max_steps=400), n_train=64)
+
+
+@pytest.mark.parametrize(("core", "middle_macs"), [("full", 16), ("diag", 4)])
+def test_a_cores_bit_operations_count_its_own_multiply_accumulates(core, middle_macs):
+    """A full r×r core costs r² MACs per token, a diagonal one r (at 32-bit weights and 16-bit inputs)."""
+    from bayeslora.tuners import MeLoraConfig
+
+    melora = get_peft_model(TwoLayers(), MeLoraConfig(r=4, target_modules=["q"], core=core))
+    lora = get_peft_model(TwoLayers(), LoraConfig(r=4, target_modules=["q"]))
+    extra = bops_report(melora)["adapter"] - bops_report(lora)["adapter"]
+    assert extra == middle_macs * 32 * 16
+    blora_core = blora(BLoraConfig(r=4, target_modules=["q"], bayesian_core=True, core=core, rank_gate_init=10))
+    assert layers(blora_core)[0].adapter_structure("default").core == core

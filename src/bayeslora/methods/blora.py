@@ -67,7 +67,7 @@ def expected_bops(layer: BLoraLayer, adapter: str) -> tuple[Tensor, float]:
     n, m = layer.in_features, layer.out_features
     quantize_base = layer.quantize_base[adapter]
     x_bits = layer.expected_bits("x", adapter) if quantize_base else DEFAULT_BITS
-    core = layer.bayesian_core[adapter]
+    core = layer.core[adapter] if layer.bayesian_core[adapter] else None
     cost = adapter_bops(
         n,
         m,
@@ -76,7 +76,7 @@ def expected_bops(layer: BLoraLayer, adapter: str) -> tuple[Tensor, float]:
         layer.expected_bits("B", adapter),
         middle_bits=None if core else layer.expected_bits("e", adapter),
         core=core,
-        rank_squared=expected_rank_squared(layer, adapter) if core else None,
+        rank_squared=expected_rank_squared(layer, adapter) if core == "full" else None,
         activation_bits=x_bits,
     )
     reference = reference_adapter_bops(n, m, layer.r[adapter])

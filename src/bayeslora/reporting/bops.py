@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..tuners.costs import DEFAULT_BITS, adapter_bops, base_bops, reference_adapter_bops
+from ..tuners.costs import DEFAULT_BITS, AdapterStructure, adapter_bops, base_bops, reference_adapter_bops
 
 
 @dataclass
@@ -44,35 +44,28 @@ class LayerBops:
 def layer_bops(
     name: str, layer: nn.Module, adapter: str = "default", reference_rank: int | None = None
 ) -> LayerBops | None:
-    """The BOPs of one adapter layer: a B-LoRA layer with its learned structure; PEFT's LoRA (AdaLoRA with the
-    ranks it kept) and the other bayeslora layers at 16 bits and full rank (a Me-LoRA core counted as such).
-    The reference is the 16-bit LoRA of rank ``reference_rank``, by default the layer's own (maximum) rank.
-    None for other modules."""
-    from peft.tuners.adalora import AdaLoraLayer
+    """The BOPs of one adapter layer: a bayeslora layer with the structure it reports (B-LoRA's learned ranks and
+    bits; the others at 16 bits and full rank, a Me-LoRA core counted as such); PEFT's LoRA at 16 bits (AdaLoRA with
+    the ranks it kept). The reference is the 16-bit LoRA of rank ``reference_rank``, by default the layer's own
+    (maximum) rank. None for other modules."""
     from peft.tuners.lora import LoraLayer
 
     from ..tuners.base import BayesianLowRankLayer
-    from ..tuners.blora import BLoraLayer
 
-    if isinstance(layer, BLoraLayer):
-        if adapter not in layer.blora_A:
+    if isinstance(layer, BayesianLowRankLayer):
+        if not layer._has(adapter):
             return None
-        rank, bits = layer.learned_rank(adapter), layer.learned_bits(adapter)
-        core = layer.bayesian_core[adapter]
-        middle = None if core else bits["e"]
+        structure = layer.adapter_structure(adapter)
     elif isinstance(layer, LoraLayer):
         if adapter not in layer.lora_A:
             return None
-        rank, bits, core, middle = layer.r[adapter], {"A": DEFAULT_BITS, "B": DEFAULT_BITS}, False, None
-        if isinstance(layer, AdaLoraLayer):  # the singular values AdaLoRA pruned to zero do not count
+        rank = layer.r[adapter]
+        if hasattr(layer, "lora_E"):  # AdaLoRA: the singular values it pruned to zero do not count
             rank = int((layer.lora_E[adapter] != 0).sum())
-    elif isinstance(layer, BayesianLowRankLayer):
-        if not layer._has(adapter):
-            return None
-        rank, bits, middle = layer.r[adapter], {"A": DEFAULT_BITS, "B": DEFAULT_BITS}, None
-        core = hasattr(layer, "core_mean")
+        structure = AdapterStructure(rank, {"A": DEFAULT_BITS, "B": DEFAULT_BITS})
     else:
         return None
+    rank, bits = structure.rank, structure.bits
     n, m = layer.in_features, layer.out_features
     x_bits = bits.get("x", DEFAULT_BITS)
     return LayerBops(
@@ -83,7 +76,16 @@ def layer_bops(
         rank=rank,
         bits=bits,
         adapter=float(
-            adapter_bops(n, m, rank, bits["A"], bits["B"], middle_bits=middle, core=core, activation_bits=x_bits)
+            adapter_bops(
+                n,
+                m,
+                rank,
+                bits["A"],
+                bits["B"],
+                middle_bits=structure.middle_bits,
+                core=structure.core,
+                activation_bits=x_bits,
+            )
         ),
         base=float(base_bops(n, m, bits.get("W", DEFAULT_BITS), x_bits)),
         reference_adapter=reference_adapter_bops(n, m, reference_rank or layer.r[adapter]),

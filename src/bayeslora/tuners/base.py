@@ -22,6 +22,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
+from .costs import DEFAULT_BITS, AdapterStructure
+
 SigmaParam = Literal["softplus", "exp", "square"]
 _MIN_STD = 1e-8  # σ never reaches 0, so log σ in the KL stays finite
 _MAX_LOG_STD = 20.0  # exp(ρ) is computed on ρ ≤ 20: beyond, the KL's float32 gradient σ²/σ_p² overflows
@@ -168,6 +170,12 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
     def posterior_std(self, adapter: str) -> Tensor:
         """The standard deviation of every random entry of the adapter (Me-LoRA: the core; BLoB: A)."""
         raise NotImplementedError
+
+    def adapter_structure(self, adapter: str) -> AdapterStructure:
+        """What the adapter's bit operations depend on (:mod:`bayeslora.tuners.costs`): here its full rank at 16
+        bits, with the layer's core (Me-LoRA's ``full`` or ``diag``) if it has one."""
+        core = getattr(self, "core", {}).get(adapter)
+        return AdapterStructure(self.r[adapter], {"A": DEFAULT_BITS, "B": DEFAULT_BITS}, core=core)
 
     # --- shared ---
     def _register_common(self, adapter_name: str, r: int, lora_alpha: float, dropout: float) -> None:

@@ -34,6 +34,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
 from ..base import BayesianLowRankLayer
+from ..costs import AdapterStructure
 from ..melora.layer import SampledCoreMixin
 from .config import BLoraConfig
 from .gates import deterministic_gates, nested, nested_expected_cost, prefix_length, prob_nonzero, sample_gates
@@ -341,6 +342,13 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             gates = deterministic_gates(logits, self.gate_temperature[adapter])
             found[name] = bits_of(gates, self._gate_widths(name, adapter), self._bit_range(name, adapter)[1])
         return found
+
+    def adapter_structure(self, adapter: str) -> AdapterStructure:
+        """The learned structure: kept rank, bits of every quantized tensor, e's bits or the core's kind."""
+        bits = self.learned_bits(adapter)
+        if self.bayesian_core[adapter]:
+            return AdapterStructure(self.learned_rank(adapter), bits, core=self.core[adapter])
+        return AdapterStructure(self.learned_rank(adapter), bits, middle_bits=bits["e"])
 
     def expected_rank(self, adapter: str) -> Tensor:
         """E[r'] = 1 + Σ_k Π_{j≤k} P(z_j ≠ 0) (differentiable in the rank logits)."""

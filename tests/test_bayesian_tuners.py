@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 from transformers import LlamaForCausalLM
@@ -52,14 +52,26 @@ def copy_lora_into(bayes, lora, a_name: str, b_name: str) -> None:
                 getattr(module, b_name)["default"].copy_(source.lora_B["default"].weight)
 
 
-def test_melora_with_identity_core_and_zero_variance_equals_lora():
+@pytest.mark.parametrize("factor_norm", ["free", "unit"])
+def test_melora_in_its_degenerate_setting_equals_lora(factor_norm):
+    """Free factors with M_S = I, or unit factors with M_S = diag(‖b_i‖·‖a_i‖) (so that B̂·M_S·Â = B·A), and
+    Σ_S -> 0: exactly LoRA with the same A and B."""
     ids = torch.randint(0, 64, (3, 9))
     lora = lora_with_random_b(tiny_llama())
     expected = lora(input_ids=ids).logits
-    melora = get_peft_model(tiny_llama(), MeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    config = MeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, factor_norm=factor_norm)
+    melora = get_peft_model(tiny_llama(), config)
     copy_lora_into(melora, lora, "melora_A", "melora_B")
+    with torch.no_grad():
+        for module in melora.modules():
+            if isinstance(module, MeLoraLayer) and factor_norm == "unit":
+                a_norms = module.melora_A["default"].norm(dim=1)
+                b_norms = module.melora_B["default"].norm(dim=0)
+                module.melora_core["default"].copy_(torch.diag(a_norms * b_norms))
     with torch.no_grad(), posterior_mean():
-        assert torch.equal(melora(input_ids=ids).logits, expected)  # M_S = I: exactly LoRA
+        torch.testing.assert_close(melora(input_ids=ids).logits, expected, atol=2e-6, rtol=0)
+        if factor_norm == "free":
+            assert torch.equal(melora(input_ids=ids).logits, expected)  # M_S = I: exactly LoRA
     with torch.no_grad():
         for module in melora.modules():
             if isinstance(module, MeLoraLayer):
@@ -104,39 +116,77 @@ def test_blob_kl_matches_torch_distributions():
     assert float(std.detach().min()) >= 0.05**2 / 2 and float(std.detach().max()) <= 0.05**2
 
 
-def test_identity_prior_pins_the_scale_freedom():
-    """B·S·A = (cB)(S/c)A: a zero-mean prior rewards shrinking S for free; the identity prior does not."""
-    layer = MeLoraLayer(nn.Linear(4, 4), "default", MeLoraConfig(r=3, sigma_init=0.3))
-    kls = {}
-    for prior in ("identity", "zero"):
-        layer.prior_mean["default"] = prior
-        kls[prior] = []
-        for c in (1.0, 0.5):
-            with torch.no_grad():
-                layer.melora_core["default"].copy_(torch.eye(3) * c)
-            kls[prior].append(float(layer.kl("default").detach()))
-    assert kls["zero"][1] < kls["zero"][0]  # the scale freedom is real under a zero-mean prior
-    assert kls["identity"][1] > kls["identity"][0]  # and penalised under the identity prior
+def _rescaled(layer: MeLoraLayer, u: float) -> None:
+    """The scale symmetry of B·S·A: core mean and standard deviation times u, B divided by u."""
+    with torch.no_grad():
+        layer.melora_core["default"].mul_(u)
+        sigma = layer.posterior_std("default") * u
+        layer.melora_core_rho["default"].copy_(sigma + torch.log(-torch.expm1(-sigma)))  # softplus⁻¹
+        layer.melora_B["default"].div_(u)
 
 
+def _sampled(layer: MeLoraLayer, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return layer(x)
+
+
+@pytest.mark.parametrize("prior", ["identity", "zero"])
+def test_with_free_factors_the_rescaling_leaves_the_model_and_lowers_the_kl(prior):
+    """(M_S, Σ_S, B) -> (u·M_S, u·Σ_S, B/u): the same samples of ΔW, but a lower KL, whichever the prior's centre;
+    with M_S = I, σ = 0.1, σ_p = 1 and r = 8 the KL per layer falls from 115.7 at u = 1 to 63.6 at u = 3.22
+    (identity prior), KL(u) = −r²·log u + r²σ²u²/(2σ_p²) + r(u − 1)²/(2σ_p²) + const."""
+    config = MeLoraConfig(r=8, sigma_init=0.1, prior_std=1.0, factor_norm="free", prior_mean=prior)
+    layer = MeLoraLayer(nn.Linear(16, 12), "default", config)
+    with torch.no_grad():
+        layer.melora_B["default"].normal_()
+    x = torch.randn(5, 3, 16)
+    before, kl_before = _sampled(layer, x), float(layer.kl("default"))
+    _rescaled(layer, 3.22)
+    torch.testing.assert_close(_sampled(layer, x), before, atol=1e-5, rtol=1e-5)  # the same model
+    assert float(layer.kl("default")) < kl_before - 20  # ... at a lower KL
+    if prior == "identity":
+        assert kl_before == pytest.approx(115.69, abs=0.01)
+        assert float(layer.kl("default")) == pytest.approx(63.56, abs=0.01)
+
+
+def test_with_unit_factors_no_rescaling_lowers_the_kl_for_free():
+    """The same transformation changes the model (B̂ does not change, S does); scaling B or A alone changes
+    neither the model nor the KL."""
+    layer = MeLoraLayer(nn.Linear(16, 12), "default", MeLoraConfig(r=8, factor_norm="unit"))
+    with torch.no_grad():
+        layer.melora_core["default"].normal_(0, 0.5)
+    x = torch.randn(5, 3, 16)
+    before, kl_before = _sampled(layer, x), layer.kl("default")
+    with torch.no_grad():
+        layer.melora_B["default"].mul_(7.0)
+        layer.melora_A["default"].mul_(0.1)
+    torch.testing.assert_close(_sampled(layer, x), before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.kl("default"), kl_before)
+    _rescaled(layer, 3.22)
+    assert not torch.allclose(_sampled(layer, x), before, atol=1e-3)  # no longer a symmetry of the model
+
+
+@pytest.mark.parametrize("factor_norm", ["free", "unit"])
 @pytest.mark.parametrize("core", ["full", "diag"])
-def test_melora_sampled_weights_have_the_analytic_mean_and_covariance(core):
+def test_melora_sampled_weights_have_the_analytic_mean_and_covariance(core, factor_norm):
     """vec ΔW = s (Aᵀ ⊗ B) vec S: mean s·B·M·A, covariance s² (Aᵀ⊗B) diag(vec Σ²) (Aᵀ⊗B)ᵀ (a diagonal
-    core is the full one with zero mean and zero variance off the diagonal)."""
+    core is the full one with zero mean and zero variance off the diagonal); with unit factors A and B are
+    Â and B̂."""
     torch.manual_seed(0)
     n, m, r = 3, 2, 2
     base = nn.Linear(n, m, bias=False)
     nn.init.zeros_(base.weight)
-    layer = MeLoraLayer(base, "default", MeLoraConfig(r=r, lora_alpha=2.0, core=core))
+    layer = MeLoraLayer(base, "default", MeLoraConfig(r=r, lora_alpha=2.0, core=core, factor_norm=factor_norm))
     with torch.no_grad():
         layer.melora_B["default"].normal_()
         layer.melora_core["default"].normal_()
         layer.melora_core_rho["default"].normal_(0, 0.5)
-    A, B, M = (
-        layer.melora_A["default"].detach().double(),
-        layer.melora_B["default"].detach().double(),
-        layer.melora_core["default"].detach().double(),
+    A, B = (
+        t.detach().double()
+        for t in layer.scaled_factors(layer.melora_A["default"], layer.melora_B["default"], "default")
     )
+    M = layer.melora_core["default"].detach().double()
     s, sigma = layer.scaling["default"], layer.posterior_std("default").detach().double()
     if core == "diag":
         M, sigma = torch.diag(M), torch.diag(sigma)
@@ -303,3 +353,25 @@ def test_blob_kl_reweighting_sums_to_one_per_cycle():
     assert weights[-1] == pytest.approx(2**cycle / (2 ** (cycle + 1) - 1))
     assert blob_pi(cycle + 1, cycle) == weights[0]  # the cycle restarts
     assert blob_pi(5, 5000) == 0.0 or blob_pi(5, 5000) < 1e-300  # no overflow for long cycles
+
+
+def test_an_adapter_saved_before_factor_norm_existed_loads_with_free_factors(tmp_path):
+    model = get_peft_model(tiny_llama(), MeLoraConfig(r=4, target_modules=TARGETS, factor_norm="free"))
+    model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["factor_norm"] == "free" and saved["prior_mean"] == "identity"
+    del saved["factor_norm"]  # as bayeslora 0.1 wrote it
+    path.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    assert loaded.peft_config["default"].factor_norm == "free"
+
+
+def test_a_unit_core_resolves_its_own_prior_and_core_learning_rate():
+    import bayeslora as bl
+
+    unit = bl.get_method("melora").resolve(bl.RunConfig(method="melora", factor_norm="unit"))
+    assert (unit.prior_mean, unit.core_lr) == ("zero", 0.05)
+    free = bl.get_method("melora").resolve(bl.RunConfig(method="melora"))
+    assert (free.factor_norm, free.prior_mean, free.core_lr) == ("free", "identity", None)
+    assert MeLoraConfig(r=2, factor_norm="unit").prior_mean == "zero"

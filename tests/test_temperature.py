@@ -127,7 +127,10 @@ def test_calibrate_a_run_end_to_end(tiny_llama_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("method", "options", "changed"),
-    [("melora", {"samples": 3}, {"samples": 0}), ("ensemble", {"ensemble_size": 2}, {"ensemble_combine": "logits"})],
+    [
+        ("melora", {"samples": 3, "factor_norm": "free", "prior_mean": "identity"}, {"samples": 0}),
+        ("ensemble", {"ensemble_size": 2}, {"ensemble_combine": "logits"}),
+    ],
 )
 def test_calibrate_fits_each_evaluation_as_it_was_predicted(tiny_llama_dir, tmp_path, method, options, changed):
     """An evaluation re-run another way (the posterior mean, ``--samples 0``; an ensemble's logits averaged)

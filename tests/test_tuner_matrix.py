@@ -23,9 +23,11 @@ from bayeslora.tuners.sampling import posterior_mean
 TUNERS = {
     "melora": (MeLoraConfig, {}),
     "melora-diag": (MeLoraConfig, {"core": "diag"}),
+    "melora-unit": (MeLoraConfig, {"factor_norm": "unit"}),
     "blob": (BlobConfig, {}),
     "blora": (BLoraConfig, {}),
     "blora-core": (BLoraConfig, {"bayesian_core": True}),
+    "blora-core-unit": (BLoraConfig, {"bayesian_core": True, "factor_norm": "unit"}),
     "blora-quantized-base": (BLoraConfig, {"quantize_base": True}),
 }
 MODELS = ("llama", "bert")
@@ -66,7 +68,7 @@ def randomise(model, adapter: str = "default", seed: int = 2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith(f"_B.{adapter}") or (f"modules_to_save.{adapter}" in name):
+            if name.endswith((f"_B.{adapter}", f"_core.{adapter}")) or (f"modules_to_save.{adapter}" in name):
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
@@ -97,12 +99,18 @@ def case(request):
 
 
 def test_a_new_adapter_changes_nothing_in_training_and_evaluation(case):
-    _, _, model, inputs, reference = case
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, reference)  # sampled, in eval mode
-        model.train()
-        assert torch.equal(model(**inputs).logits, reference)  # sampled, with gates and dropout in training mode
+    """A new adapter's posterior mean is an exact identity, and so are its samples, except those of a core with
+    unit factors: its mean starts at zero with σ > 0, so a sample perturbs the model from the start."""
+    tuner, _, model, inputs, reference = case
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        assert torch.equal(output(model, inputs), reference)  # the posterior mean
+        with torch.no_grad():
+            sampled = model(**inputs).logits
+        if tuner in ("melora-unit", "blora-core-unit"):
+            assert not torch.equal(sampled, reference)
+        else:
+            assert torch.equal(sampled, reference)  # gates, quantizers and dropout in their mode
 
 
 def test_save_and_load_give_the_same_model(case, tmp_path):

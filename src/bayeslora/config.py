@@ -140,9 +140,17 @@ class RunConfig:
         group="posterior",
         check="> 0",
     )
+    factor_norm: str = _tuner_option(MeLoraCoreOptions, "factor_norm", group="core")
+    core_lr: float | None = _opt(
+        None,
+        "Learning rate of the core's mean M_S (default: 0.05 with unit factors, else --lr). With unit factors all of ΔW's scale lives in the r² "
+        "entries of S, which at --lr grow far slower than LoRA's m·r entries of B.",
+        group="core",
+        check="> 0",
+    )
     core: str = _tuner_option(MeLoraCoreOptions, "core", group="core")
     core_init: str = _tuner_option(MeLoraCoreOptions, "core_init", group="core")
-    prior_mean: str = _tuner_option(MeLoraCoreOptions, "prior_mean", group="core")
+    prior_mean: str | None = _tuner_option(MeLoraCoreOptions, "prior_mean", group="core")
     sigma_param: str = _tuner_option(MeLoraCoreOptions, "sigma_param", group="core")
     kl_schedule: str = _opt(
         "elbo",

@@ -30,7 +30,7 @@ from ..tuners.blora import BLoraLayer, BLoraModel
 from ..tuners.blora.gates import OFF_THRESHOLD, gate_logit_for
 from ..tuners.costs import DEFAULT_BITS, adapter_bops, base_bops, reference_adapter_bops
 from .base import Method, TrainingExtras, register_method, shared_options
-from .melora import MELORA_DEFAULTS, core_options
+from .melora import MELORA_DEFAULTS, core_options, resolve_core
 from .variational import variational_extras
 
 GATE_COSTS = ("bops", "gates")
@@ -236,6 +236,9 @@ class BLora(Method):
 
     def groups(self, config) -> tuple[str, ...]:
         return ("gates", "core", "posterior") if config.bayesian_core else ("gates",)
+
+    def resolve(self, config):
+        return resolve_core(super().resolve(config))
 
     def is_stochastic(self, config) -> bool:
         return config.bayesian_core  # a Bayesian core's predictions average samples

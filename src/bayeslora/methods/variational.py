@@ -131,17 +131,28 @@ def bayesian_objective(config, n_train: int):
     return ElboObjective(n_train, config.kl_weight, config.kl_warmup), []
 
 
+def core_mean_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable means M_S of the Gaussian cores (Me-LoRA, B-LoRA's Bayesian core) of every layer."""
+    found: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, BayesianLowRankLayer) and getattr(module, "core_mean_name", None):
+            found += [p for p in getattr(module, module.core_mean_name).parameters() if p.requires_grad]
+    return found
+
+
 def variational_extras(model: nn.Module, config, n_train: int) -> TrainingExtras:
-    """The KL term (or BLoB's KL step) of a variational adapter, and the learning rate of its variance parameters
-    (``--sigma-lr``), for a model whose adapter has variance parameters."""
+    """The KL term (or BLoB's KL step) of a variational adapter, and the learning rates of its variance parameters
+    (``--sigma-lr``) and of a core's mean (``--core-lr``), for a model whose adapter has variance parameters."""
     variances = variance_parameters(model)
     if not variances:
         return TrainingExtras()
     kl_loss, callbacks = bayesian_objective(config, n_train)
+    special = [(variances, config.sigma_lr)] if config.sigma_lr is not None else []
+    means = core_mean_parameters(model)
+    if getattr(config, "core_lr", None) is not None and means:
+        special.append((means, config.core_lr))
     return TrainingExtras(
-        losses=[kl_loss] if kl_loss is not None else [],
-        callbacks=list(callbacks),
-        special_lrs=[(variances, config.sigma_lr)] if config.sigma_lr is not None else [],
+        losses=[kl_loss] if kl_loss is not None else [], callbacks=list(callbacks), special_lrs=special
     )
 
 

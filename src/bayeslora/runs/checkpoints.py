@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from ..config import RunConfig, make_config
 from ..io import read_json, read_yaml, write_dir_atomic, write_text_atomic
 from ..methods import get_method
-from .layout import ADAPTER_DIR, CONFIG_FILE, RunExistsError, has_adapter
+from .layout import ADAPTER_DIR, CONFIG_FILE, RunExistsError, has_adapter, with_legacy_defaults
 
 CHECKPOINTS = "checkpoints"
 #: A finished ensemble member's record folder, inside its checkpoint folder.
@@ -56,7 +56,7 @@ def resume_point(config: RunConfig, run_dir: Path) -> RunConfig:
         raise FileNotFoundError(f"--resume: {run_dir} holds no run to continue ({CONFIG_FILE} is missing).")
     if has_adapter(run_dir / ADAPTER_DIR):
         raise RunExistsError(f"--resume: {run_dir} is a finished run (it has its adapter); nothing to continue.")
-    stored = make_config(**read_yaml(run_dir / CONFIG_FILE))
+    stored = make_config(**with_legacy_defaults(read_yaml(run_dir / CONFIG_FILE)))
     defaults = RunConfig()
     conflicts = [
         f"--{f.name.replace('_', '-')}: {getattr(config, f.name)!r} here, {getattr(stored, f.name)!r} in the run"

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..io import write_dir_atomic
 from ..tuners.base import BayesianLowRankLayer
 from ..tuners.blora import BLoraLayer
+from ..tuners.blora.layer import evaluation_gates
 from ..tuners.blora.quantizer import integer_codes, quantize_fixed
 
 EXPORT_FORMATS = ("lora", "packed")
@@ -210,7 +211,7 @@ def export_packed(model: nn.Module, out: str | Path, adapter: str = "default") -
             bounds = getattr(module, f"blora_{tensor}_range")[adapter]
             entry["tensors"][tensor] = _packed_tensor(f"{key}.{tensor}", value, bounds, bits[tensor], tensors)
         if module.bayesian_core[adapter]:
-            tensors[f"{key}.core"] = module.mean_core_matrix(adapter)[:rank, :rank].detach().float().contiguous()
+            tensors[f"{key}.core"] = _stored_core(module, adapter, rank)
             entry["tensors"]["core"] = {"bits": 32, "shape": [rank, rank]}
         layers[key] = entry
     if not layers:
@@ -234,6 +235,18 @@ def export_packed(model: nn.Module, out: str | Path, adapter: str = "default") -
     _refuse_existing(out)
     write_dir_atomic(out, write)
     return out
+
+
+def _stored_core(module: BLoraLayer, adapter: str, rank: int) -> Tensor:
+    """A Bayesian core's mean, (r', r'), as it multiplies the stored factors: with unit factors the forward pass
+    divides Q(A)'s rows and Q(B)'s columns by their lengths, which is folded into the core here."""
+    core = module.mean_core_matrix(adapter).detach().float()
+    if module.factor_norm.get(adapter) == "unit":
+        with torch.no_grad(), evaluation_gates(module):
+            a_norms = module.quantize("A", module.blora_A[adapter], adapter).float().norm(dim=1)  # (r,)
+            b_norms = module.quantize("B", module.blora_B[adapter], adapter).float().norm(dim=0)  # (r,)
+        core = core / b_norms.clamp_min(1e-12)[:, None] / a_norms.clamp_min(1e-12)[None, :]
+    return core[:rank, :rank].contiguous()
 
 
 def _unpacked(tensors: dict[str, Tensor], key: str, info: dict[str, Any]) -> Tensor:

@@ -114,4 +114,10 @@ def read_run_config(run_dir: str | Path) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a bayeslora run configuration (expected a mapping of options).")
-    return data
+    return with_legacy_defaults(data)
+
+
+def with_legacy_defaults(options: dict) -> dict:
+    """A run's stored options, with the values that options added later had before they existed: a run written
+    before ``factor_norm`` trained its core with free factors."""
+    return {"factor_norm": "free", **options}

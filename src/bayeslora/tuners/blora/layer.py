@@ -87,6 +87,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         "prior_mean",
         "prior_std",
         "bayesian_core",
+        "factor_norm",
         "max_bits",
         "base_max_bits",
         "base_min_bits",
@@ -132,11 +133,12 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.quantize_base[adapter_name] = config.quantize_base
         self.gate_temperature[adapter_name] = config.gate_temperature
         self.blora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
-        self.blora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
         nn.init.kaiming_uniform_(self.blora_A[adapter_name], a=math.sqrt(5))
-        if config.bayesian_core:
+        if config.bayesian_core:  # B random with a unit-factor core (M_S = 0), else LoRA's zero
+            self.blora_B[adapter_name] = self.initial_b(adapter_name, config, self.out_features, r)
             self._create_core(adapter_name, config, r)
         else:
+            self.blora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
             self.blora_e[adapter_name] = nn.Parameter(torch.ones(r))
         self.blora_rank[adapter_name] = nn.Parameter(torch.full((r - 1,), float(config.rank_gate_init)))
         for tensor in self.quantized_tensors(adapter_name):
@@ -293,6 +295,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         A = self.quantize("A", self.blora_A[adapter], adapter)  # (r, n)
         B = self.quantize("B", self.blora_B[adapter], adapter)  # (m, r)
+        A, B = self.scaled_factors(A, B, adapter)  # a core with unit factors: unit rows of A, columns of B
         mask = self.rank_mask(adapter)  # (r,)
         h = x @ A.T  # (R, T, n) @ (n, r) -> (R, T, r)
         if self.bayesian_core[adapter]:
@@ -306,10 +309,14 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         """``(A', B')`` of the deterministic adapter truncated to its learned rank r', dequantized, with
         ``s·B'·A'`` its (posterior-mean) ΔW: A' (r', n) = Q(A)[:r'], B' (m, r') = s·Q(B)[:, :r']·C, where C is
         diag(Q(e))[:r', :r'] or the core mean M_S[:r', :r']."""
-        with _evaluation_gates(self):
+        with evaluation_gates(self):
             rank = self.learned_rank(adapter)
-            A = self.quantize("A", self.blora_A[adapter], adapter)[:rank]
-            B = self.quantize("B", self.blora_B[adapter], adapter)[:, :rank]
+            A, B = self.scaled_factors(
+                self.quantize("A", self.blora_A[adapter], adapter),
+                self.quantize("B", self.blora_B[adapter], adapter),
+                adapter,
+            )
+            A, B = A[:rank], B[:, :rank]
             if self.bayesian_core[adapter]:
                 core = self.mean_core_matrix(adapter)[:rank, :rank]
             else:
@@ -403,7 +410,7 @@ def _reduce_extremes(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def _evaluation_gates(layer: nn.Module) -> Iterator[None]:
+def evaluation_gates(layer: nn.Module) -> Iterator[None]:
     """Within the block ``layer`` uses its evaluation-time gates (the open phase is left as it is)."""
     training = layer.training
     layer.training = False

@@ -16,6 +16,9 @@ from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, positive
 from ..sampling import current_row_examples, use_posterior_mean
 from .config import MeLoraConfig, MeLoraCoreOptions
 
+#: A factor's rows (columns) shorter than this are not normalised further (a zero row stays zero).
+_MIN_NORM = 1e-12
+
 
 class SampledCoreMixin:
     """A Gaussian core S = M_S + Σ_S ⊙ ε between the two low-rank factors, drawn once per example.
@@ -35,19 +38,43 @@ class SampledCoreMixin:
         self.sigma_param: dict[str, str] = {}
         self.prior_mean: dict[str, str] = {}
         self.prior_std: dict[str, float] = {}
+        self.factor_norm: dict[str, str] = {}
         self._warned_rows = False
 
     def _create_core(self, adapter_name: str, config: MeLoraCoreOptions, r: int) -> None:
-        """M_S at the identity (or a random orthogonal matrix), Σ_S = sigma_init everywhere."""
+        """M_S at zero (``factor_norm="unit"``) or at the identity (or a random orthogonal matrix), Σ_S =
+        sigma_init everywhere."""
         self.core[adapter_name] = config.core
         self.sigma_param[adapter_name] = config.sigma_param
         self.prior_mean[adapter_name] = config.prior_mean
         self.prior_std[adapter_name] = config.prior_std
+        self.factor_norm[adapter_name] = config.factor_norm
         shape = (r, r) if config.core == "full" else (r,)
-        mean = nn.Parameter(initial_core(config.core, config.core_init, r))
+        if config.factor_norm == "unit":
+            mean = nn.Parameter(torch.zeros(shape))
+        else:
+            mean = nn.Parameter(initial_core(config.core, config.core_init, r))
         rho = nn.Parameter(torch.full(shape, inverse_positive(config.sigma_init, config.sigma_param)))
         getattr(self, self.core_mean_name)[adapter_name] = mean
         getattr(self, self.core_rho_name)[adapter_name] = rho
+
+    def initial_b(self, adapter_name: str, config: MeLoraCoreOptions, out_features: int, r: int) -> nn.Parameter:
+        """B at the start: zero with free factors (LoRA's initialisation), random unit directions with unit
+        factors (M_S = 0 then makes ΔW zero)."""
+        if config.factor_norm != "unit":
+            return nn.Parameter(torch.zeros(out_features, r))
+        # columns of length about 1: only B's directions act, and Adam's steps of about lr per entry then turn a
+        # column by about lr·√m, as they move a zero-initialised LoRA B (a long column would barely turn)
+        return nn.Parameter(torch.randn(out_features, r) / math.sqrt(out_features))
+
+    def scaled_factors(self, A: Tensor, B: Tensor, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(Â, B̂)``: A's rows and B's columns divided by their lengths with unit factors, else ``(A, B)``.
+        A (r, n), B (m, r)."""
+        if self.factor_norm.get(adapter, "free") != "unit":
+            return A, B
+        return A / A.norm(dim=1, keepdim=True).clamp_min(_MIN_NORM), B / B.norm(dim=0, keepdim=True).clamp_min(
+            _MIN_NORM
+        )
 
     def core_mean(self, adapter: str) -> Tensor:
         """M_S, (r, r) or (r,)."""
@@ -132,7 +159,14 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
 
     adapter_layer_names = ("melora_A", "melora_B", "melora_core", "melora_core_rho")
     variance_parameter_names = ("melora_core_rho",)
-    other_param_names = (*BayesianLowRankLayer.other_param_names, "core", "sigma_param", "prior_mean", "prior_std")
+    other_param_names = (
+        *BayesianLowRankLayer.other_param_names,
+        "core",
+        "sigma_param",
+        "prior_mean",
+        "prior_std",
+        "factor_norm",
+    )
     core_mean_name = "melora_core"
     core_rho_name = "melora_core_rho"
 
@@ -147,23 +181,25 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
-        """Create (or re-create) adapter ``adapter_name`` with LoRA's initialisation for A and B
-        (Kaiming-uniform A, zero B), M_S at the identity or a random orthogonal matrix, Σ_S = sigma_init."""
+        """Create (or re-create) adapter ``adapter_name``: Kaiming-uniform A; with unit factors random B and M_S = 0,
+        with free factors LoRA's zero B and M_S at the identity or a random orthogonal matrix; Σ_S = sigma_init."""
         r = config.r
         self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
         self.melora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
-        self.melora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        self.melora_B[adapter_name] = self.initial_b(adapter_name, config, self.out_features, r)
         nn.init.kaiming_uniform_(self.melora_A[adapter_name], a=math.sqrt(5))
         self._create_core(adapter_name, config, r)
         self._finish_update(adapter_name, config.inference_mode)
 
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
-        h = x @ self.melora_A[adapter].T  # (R, T, n) @ (n, r) -> (R, T, r)
-        return self.core_product(h, adapter) @ self.melora_B[adapter].T  # (R, T, r) @ (r, m) -> (R, T, m)
+        A, B = self.scaled_factors(self.melora_A[adapter], self.melora_B[adapter], adapter)
+        h = x @ A.T  # (R, T, n) @ (n, r) -> (R, T, r)
+        return self.core_product(h, adapter) @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
 
     def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
-        """``(A, s·B·M_S)``."""
-        return self.melora_A[adapter], self.scaling[adapter] * (self.melora_B[adapter] @ self.mean_core_matrix(adapter))
+        """``(Â, s·B̂·M_S)`` (A and B as they are with free factors)."""
+        A, B = self.scaled_factors(self.melora_A[adapter], self.melora_B[adapter], adapter)
+        return A, self.scaling[adapter] * (B @ self.mean_core_matrix(adapter))
 
     def kl(self, adapter: str) -> Tensor:
         return self.core_kl(adapter)

@@ -142,3 +142,15 @@ def test_cli_melora_on_packaged_smollm2_with_mean_and_sampled_eval(tmp_path, cap
     assert main(["--quiet", "eval", "--run", str(out), "--output-dir", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "eval" / "arc-easy" / "metrics.json").read_text())
     assert again["nll"] == pytest.approx(sampled["nll"], abs=1e-6)
+
+
+def test_blob_cycle_length_counts_every_process(monkeypatch):
+    from bayeslora.methods import variational
+
+    config = bl.RunConfig(method="blob", kl_schedule="blob", batch_size=4, grad_accum=2)
+    monkeypatch.setattr(variational, "world", lambda: (0, 1))
+    (one,) = variational.bayesian_objective(config, 320)[1]
+    monkeypatch.setattr(variational, "world", lambda: (0, 4))
+    (four,) = variational.bayesian_objective(config, 320)[1]
+    assert one.cycle == variational.blob_cycle_length(320, 8) and four.cycle == variational.blob_cycle_length(320, 32)
+    assert four.cycle < one.cycle

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from ..training.distributed import world
 from ..training.losses import LossTerms
 from ..tuners.base import BayesianLowRankLayer, BayesianLowRankModel
 from .base import Method, TrainingExtras
@@ -125,9 +126,11 @@ class BlobKLStep(TrainerCallback):
 
 
 def bayesian_objective(config, n_train: int):
-    """``(extra_loss, callbacks)`` for the Trainer, per ``config.kl_schedule``."""
+    """``(extra_loss, callbacks)`` for the Trainer, per ``config.kl_schedule``. BLoB's cycle length counts the
+    global batch: per device, times accumulation, times the processes (as the reference divides by them)."""
     if config.kl_schedule == "blob":
-        return None, [BlobKLStep(n_train, config.batch_size * config.grad_accum, config.kl_lr, config.blob_gamma)]
+        global_batch = config.batch_size * config.grad_accum * world()[1]
+        return None, [BlobKLStep(n_train, global_batch, config.kl_lr, config.blob_gamma)]
     return ElboObjective(n_train, config.kl_weight, config.kl_warmup), []
 
 

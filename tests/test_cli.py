@@ -342,3 +342,18 @@ def test_train_help_groups_every_option_by_method_with_its_default(capsys):
     assert "--max-bits {2,4,8,16,32} Largest bit-width of A, B and e (2 is the floor). (default: 16)" in text
     for f in dataclasses.fields(bl.RunConfig):
         assert "--" + f.name.replace("_", "-") in text
+
+
+def test_eval_on_heldout_training_examples(tiny_llama_dir, tmp_path):
+    from _toy_models import write_word_task
+
+    task = write_word_task(tmp_path / "words.jsonl", 12)
+    run = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[], rank=2, max_steps=2, batch_size=4,
+                   train_size=8, output_dir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    assert main(["--quiet", "eval", "--run", str(run), "--heldout", "3"]) == 0
+    metrics = json.loads((run / "eval" / "words-heldout" / "metrics.json").read_text())
+    assert metrics["n_examples"] == 3 and metrics["task"] == "words-heldout"
+    everything = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[], rank=2, max_steps=1,
+                          batch_size=4, output_dir=str(tmp_path / "all"), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="no held-out examples"):
+        bl.evaluate(everything, heldout=3, progress=False)

@@ -109,7 +109,7 @@ def test_heldout_prior_selection_and_both_predictives(lora):
     chosen = laplace.select_prior_precision_on(model, scorer, questions(6, offset=200), grid=[0.1, 10.0, 1000.0])
     assert chosen in (0.1, 10.0, 1000.0)
     batch = scorer.collate(questions(3, offset=300))
-    for predictive, draws in (("glm", 1), ("nn", 4)):
+    for predictive, draws in (("glm", 4), ("nn", 4)):
         probs, per_sample = laplace.predict_batch(model, scorer, batch, predictive, n_samples=4)
         assert per_sample.shape[0] == draws
         torch.testing.assert_close(probs.sum(-1), torch.ones(3))
@@ -148,7 +148,7 @@ def test_laplace_method_end_to_end(tiny_llama_dir, tmp_path):
     assert summary["laplace_prior_precision"] > 0 and summary["laplace_params"] > 0
     assert (run / "laplace.safetensors").is_file()
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
-    assert metrics["method"] == "laplace" and metrics["n_samples"] == 1  # the linearised predictive
+    assert metrics["method"] == "laplace" and metrics["n_samples"] == 10  # 10 of the linearised predictive's draws
     assert metrics["laplace_fit_s"] == summary["laplace_fit_s"]  # reported next to the training time
     assert "post-hoc fit s" in run_report([run]).splitlines()[4]
     mode = bl.evaluate(run, samples=0, output_dir=tmp_path / "mode", progress=False)  # the trained LoRA

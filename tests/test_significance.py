@@ -62,3 +62,16 @@ def test_the_ece_floor_of_a_constant_predictor_matches_the_binomial_expectation(
     expected = math.sqrt(2 / math.pi) * math.sqrt(0.25 / n)
     assert mean == pytest.approx(expected, rel=0.06)
     assert std == pytest.approx(math.sqrt(0.25 / n) * math.sqrt(1 - 2 / math.pi), rel=0.1)
+
+
+def test_the_seed_mean_difference_is_the_mean_of_the_seeds_differences_and_one_seed_is_the_paired_bootstrap():
+    from bayeslora.evaluation.significance import paired_bootstrap_seeds
+
+    a1, b1, labels = _two_models(seed=0)
+    a2, b2, _ = _two_models(seed=0)
+    a2, b2 = a2.flip(0), b2  # another "seed" of a on the same questions
+    result = paired_bootstrap_seeds([a1, a2], [b1, b2], labels, "accuracy", resamples=500)
+    expected = (accuracy(a1, labels) - accuracy(b1, labels) + accuracy(a2, labels) - accuracy(b2, labels)) / 2
+    assert result.difference == pytest.approx(expected)
+    alone = paired_bootstrap_seeds([a1], [b1], labels, "nll", resamples=300, seed=3)
+    assert alone == paired_bootstrap(a1, b1, labels, "nll", resamples=300, seed=3)

@@ -112,6 +112,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         task=args.task,
         samples=args.samples,
         limit=args.limit,
+        ood_tasks=args.ood_tasks,
+        heldout=args.heldout,
         output_dir=args.output_dir,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -271,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", help="Evaluation task (default: the run's training task).")
     evaluate.add_argument("--samples", type=int, help="Posterior samples (0: posterior mean).")
     evaluate.add_argument("--limit", type=int, help="Fixed seeded subsample of this many examples.")
+    evaluate.add_argument(
+        "--heldout",
+        type=int,
+        metavar="N",
+        help="Instead of --task, evaluate on N training examples the run did not train on (those after its "
+        "--train-size subset) into eval/<task>-heldout/: for choosing hyperparameters without the evaluation set.",
+    )
+    evaluate.add_argument(
+        "--ood-tasks",
+        nargs="+",
+        default=(),
+        metavar="TASK",
+        help="Also evaluate these tasks as out of distribution: the task's metrics.json then records, per task, the "
+        "AUROC of telling them apart by predictive entropy and by mutual information.",
+    )
     _output_dir(evaluate, "Write eval/<task>/ here instead of into the run.")
     evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing eval/<task>/.")
     _add_config_flags(evaluate, only=EVAL_CONFIG_OPTIONS)

@@ -257,6 +257,19 @@ class RunConfig:
     train_size: int | None = _opt(
         None, "Train on a fixed seeded subsample of this many examples.", section="training", check="> 0"
     )
+    early_stopping: bool = _opt(
+        False,
+        "Keep the adapter of the epoch with the lowest NLL on held-out training examples the run does not train on "
+        "(the 200 after the --train-size subset in its seeded order, those calibrate also fits on); needs "
+        "--train-size below the training split's size.",
+        section="training",
+    )
+    early_stopping_patience: int | None = _opt(
+        None,
+        "With --early-stopping, stop after this many epochs without a lower held-out NLL (default: train every epoch).",
+        section="training",
+        check="> 0",
+    )
     max_length: int = _opt(
         512,
         "Longest token sequence; longer prompts lose their beginning (with a warning).",
@@ -268,6 +281,13 @@ class RunConfig:
     eval_tasks: list[str] | None = _opt(
         None,
         "Tasks to evaluate on after training (default: the training task, when it has an evaluation split).",
+        section="evaluation",
+    )
+    ood_tasks: list[str] | None = _opt(
+        None,
+        "Tasks evaluated as out of distribution after training: each gets its own eval/<task>/, and the training "
+        "task's evaluation records how well the predictive entropy and the mutual information tell them apart "
+        "(AUROC).",
         section="evaluation",
     )
     samples: int | None = _opt(

@@ -21,6 +21,7 @@ from .metrics import classification_metrics
 from .predictive import Prediction, predict
 from .reliability import save_reliability_diagram
 from .scoring import Scorer
+from .uncertainty import ood_auroc, selective_prediction, uncertainty
 
 METRICS_FILE = "metrics.json"
 RELIABILITY_FILE = "reliability.png"
@@ -42,9 +43,11 @@ def evaluate_model(
     progress: bool = True,
     **options: Any,
 ) -> tuple[dict[str, Any], Prediction]:
-    """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier, n_examples, n_samples, eval_time_s.
-    With several samples (or ensemble members) the prediction keeps each one's probabilities. ``options``:
-    MC dropout or ensemble members, see :func:`bayeslora.inference.predict`."""
+    """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier; selective prediction (aurc,
+    accuracy_at_coverage) and the mean predictive entropy and mutual information (see
+    :mod:`bayeslora.evaluation.uncertainty`); n_examples, n_samples, eval_time_s. With several samples (or
+    ensemble members) the prediction keeps each one's probabilities. ``options``: MC dropout or ensemble members,
+    see :func:`bayeslora.evaluation.predictive.predict`."""
     start = time.perf_counter()
     prediction = predict(
         model,
@@ -62,6 +65,11 @@ def evaluate_model(
         if n_samples == 1:  # a single predictive (Laplace's linearised one): nothing beyond probs to keep
             prediction.sample_probs = None
     metrics: dict[str, Any] = classification_metrics(prediction.probs, prediction.labels)
+    metrics.update(selective_prediction(prediction.probs, prediction.labels))
+    spread = uncertainty(prediction.probs, prediction.sample_probs)
+    metrics.update(
+        mean_entropy=float(spread["entropy"].mean()), mean_mutual_information=float(spread["mutual_information"].mean())
+    )
     metrics.update(n_examples=len(examples), n_samples=n_samples, eval_time_s=round(elapsed, 2))
     return metrics, prediction
 
@@ -91,3 +99,17 @@ def load_predictions(eval_dir: str | Path) -> Prediction:
     return Prediction(
         probs=tensors["probs"], labels=tensors["labels"].to(torch.long), sample_probs=tensors.get("sample_probs")
     )
+
+
+def ood_record(in_distribution: Prediction, out_of_distribution: Prediction) -> dict[str, Any]:
+    """How well the predictive's uncertainty tells an out-of-distribution task's examples from the in-distribution
+    ones: the AUROC of the predictive entropy (``auroc_entropy``) and of the mutual information
+    (``auroc_mutual_information``, 0.5 for a deterministic model), and the number of examples of each."""
+    inside = uncertainty(in_distribution.probs, in_distribution.sample_probs)
+    outside = uncertainty(out_of_distribution.probs, out_of_distribution.sample_probs)
+    return {
+        "auroc_entropy": ood_auroc(inside["entropy"], outside["entropy"]),
+        "auroc_mutual_information": ood_auroc(inside["mutual_information"], outside["mutual_information"]),
+        "n_in": len(in_distribution.labels),
+        "n_out": len(out_of_distribution.labels),
+    }

@@ -15,7 +15,7 @@ be told from perfect calibration.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -85,6 +85,44 @@ def paired_bootstrap(
     tail = (1 - level) / 2
     low, high = torch.quantile(differences, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return PairedDifference(metric, score(probs_a, labels) - score(probs_b, labels), low, high, n, resamples)
+
+
+def paired_bootstrap_seeds(
+    probs_a: Sequence[Tensor],
+    probs_b: Sequence[Tensor],
+    labels: Tensor,
+    metric: str = "accuracy",
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedDifference:
+    """The seed mean of ``metric(a_s) − metric(b_s)`` over runs s = 1..S (``probs_a[s]``, ``probs_b[s]``: runs of
+    seed s, each (N, C), on the same N questions) and its ``level`` interval from resampling the questions: every
+    resample draws one set of question indices and uses it for all seeds, so the interval covers the questions'
+    sampling with the seeds' pairing kept (the spread between seeds is what the seeds show)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric '{metric}': {', '.join(METRICS)}")
+    if len(probs_a) != len(probs_b) or not probs_a:
+        raise ValueError("give the runs of a and b seed by seed (the same number of each, at least one)")
+    for a, b in zip(probs_a, probs_b, strict=True):
+        _check_pair(a, b, labels)
+    score = METRICS[metric]
+    n = labels.shape[0]
+
+    def difference(index: Tensor | None) -> float:
+        pick = (lambda t: t) if index is None else (lambda t: t[index])
+        return sum(
+            score(pick(a), pick(labels)) - score(pick(b), pick(labels)) for a, b in zip(probs_a, probs_b, strict=True)
+        ) / len(probs_a)
+
+    generator = torch.Generator().manual_seed(seed)
+    differences = torch.tensor(
+        [difference(torch.randint(0, n, (n,), generator=generator)) for _ in range(resamples)], dtype=torch.float64
+    )
+    tail = (1 - level) / 2
+    low, high = torch.quantile(differences, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return PairedDifference(metric, difference(None), low, high, n, resamples)
 
 
 def compare(probs_a: Tensor, probs_b: Tensor, labels: Tensor, **options) -> dict[str, PairedDifference]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,14 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, make_config
-from ..evaluation import eval_examples, evaluate_model, write_evaluation
-from ..io import read_json
+from ..evaluation import METRICS_FILE, eval_examples, evaluate_model, load_predictions, write_evaluation
+from ..evaluation.evaluate import ood_record
+from ..io import read_json, write_json_atomic
 from ..methods import get_method
 from ..reporting.structure import structure_record
 from ..runs import ADAPTER_DIR, TRAIN_SUMMARY, RunExistsError, eval_dir, read_run_config
 from ..runs.adapters import load_adapter
-from ..tasks import Task, load_task
+from ..tasks import DATA_SEED, Task, load_task, seeded_heldout
 from .common import build_scorer, check_eval_task, load_base, warn_unused_options
 
 #: The pseudo-method of a base model evaluated without an adapter.
@@ -99,6 +101,47 @@ def evaluate_and_write(
     return record
 
 
+def heldout_task(train_task: Task, train_size: int | None, size: int) -> Task:
+    """The ``size`` training examples a run with ``train_size`` did not train on, as an evaluation-only task named
+    ``<task>-heldout`` (a file task by its stem; an error if the run trained on the whole split)."""
+    if size <= 0:
+        raise ValueError(f"--heldout must be positive (held-out training examples), got {size}")
+    examples = seeded_heldout(train_task.split("train"), train_size, size, DATA_SEED)
+    source = f"{len(examples)} examples of {train_task.name}'s training split that the run did not train on"
+    name = f"{eval_dir(Path(), train_task.name).name}-heldout"
+    return Task(name, train_task.kind, None, examples, train_task.num_classes, train_task.label_names, source)
+
+
+def evaluate_out_of_distribution(
+    model: nn.Module,
+    tokenizer,
+    config: RunConfig,
+    train_task: Task,
+    in_distribution: Path,
+    ood_tasks: Sequence[Task],
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    *,
+    base_dir: Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on every out-of-distribution task (each into ``eval/<task>/`` of ``base_dir``, by default
+    the run) and record in the in-distribution evaluation ``in_distribution`` (its directory) an ``ood`` entry per
+    task: the AUROC of the predictive entropy and of the mutual information separating that task's examples from
+    the in-distribution ones (see :func:`bayeslora.evaluation.evaluate.ood_record`). Returns the updated record.
+    ``options``: those of :func:`evaluate_and_write` (samples, limit, batch size, progress)."""
+    inside = load_predictions(in_distribution)
+    record = read_json(in_distribution / METRICS_FILE)
+    ood = dict(record.get("ood", {}))
+    for ood_task in ood_tasks:
+        out_dir = eval_dir(base_dir or run_dir, ood_task.name)
+        evaluate_and_write(model, tokenizer, config, train_task, ood_task, run_dir, summary, out_dir=out_dir, **options)
+        ood[ood_task.name] = ood_record(inside, load_predictions(out_dir))
+    record["ood"] = ood
+    write_json_atomic(in_distribution / METRICS_FILE, record)
+    return record
+
+
 def evaluate(
     run: str | Path | None = None,
     *,
@@ -107,6 +150,8 @@ def evaluate(
     samples: int | None = None,
     limit: int | None = None,
     batch_size: int | None = None,
+    ood_tasks: Sequence[str] = (),
+    heldout: int | None = None,
     output_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -120,6 +165,12 @@ def evaluate(
         task: evaluation task (default: the run's training task).
         samples: posterior samples (default: the method's; 0 = posterior mean for Bayesian methods).
         limit: evaluate on a fixed seeded subsample of this many examples.
+        heldout: instead of ``task``, evaluate on this many training examples the run did not train on (the
+            held-out examples that follow its ``--train-size`` subset, which calibrate and early stopping also use),
+            into ``eval/<task>-heldout/``: where hyperparameters are chosen without the evaluation questions.
+        ood_tasks: tasks evaluated as out of distribution too (each its own ``eval/<task>/``); the returned
+            metrics of ``task`` then hold, per such task, the AUROC of telling them apart by predictive entropy and
+            by mutual information (``ood``).
         output_dir: the directory whose ``eval/<task>/`` receives the results (default: the run directory;
             for zero-shot ``runs/<model>-zero-shot``).
         overwrite: replace an existing ``eval/<task>/`` (refused otherwise).
@@ -135,6 +186,10 @@ def evaluate(
         warn_unused_options(config, [*options, *(["samples"] if samples is not None else [])])
         train_task = load_task(config.task)
         eval_task = train_task if task in (None, config.task) else load_task(task)
+        if heldout:
+            if task not in (None, config.task):
+                raise ValueError("--heldout evaluates the run's own training task; leave --task out")
+            eval_task = heldout_task(train_task, config.train_size, heldout)
         check_eval_task(train_task, eval_task)
         base_dir = Path(output_dir) if output_dir else Path(run)
     else:
@@ -148,12 +203,16 @@ def evaluate(
                 f"evaluate zero-shot. Train a run first."
             )
         base_dir = Path(output_dir) if output_dir else Path("runs") / f"{Path(model).name}-zero-shot"
+    ood = [load_task(name) for name in ood_tasks]
+    for other in ood:
+        check_eval_task(train_task, other)
     out_dir = eval_dir(base_dir, eval_task.name)
-    if out_dir.exists() and not overwrite:
-        raise RunExistsError(
-            f"{out_dir} already holds an evaluation. Pass --overwrite to replace it, or --output-dir to write "
-            f"elsewhere."
-        )
+    for target in [out_dir, *(eval_dir(base_dir, other.name) for other in ood)]:
+        if target.exists() and not overwrite:
+            raise RunExistsError(
+                f"{target} already holds an evaluation. Pass --overwrite to replace it, or --output-dir to write "
+                f"elsewhere."
+            )
     network, tokenizer = load_base(config, train_task, progress=progress)
     summary = None
     if run is not None:
@@ -161,17 +220,13 @@ def evaluate(
         summary_path = Path(run) / TRAIN_SUMMARY
         summary = read_json(summary_path) if summary_path.is_file() else None
     network.eval()
-    return evaluate_and_write(
-        network,
-        tokenizer,
-        config,
-        train_task,
-        eval_task,
-        Path(run) if run is not None else base_dir,  # where the run's own files are (a Laplace posterior)
-        summary,
-        samples=samples,
-        limit=limit,
-        batch_size=batch_size,
-        out_dir=out_dir,
-        progress=progress,
+    run_files = Path(run) if run is not None else base_dir  # where the run's own files are (a Laplace posterior)
+    settings = {"samples": samples, "limit": limit, "batch_size": batch_size, "progress": progress}
+    record = evaluate_and_write(
+        network, tokenizer, config, train_task, eval_task, run_files, summary, out_dir=out_dir, **settings
     )
+    if ood:
+        record = evaluate_out_of_distribution(
+            network, tokenizer, config, train_task, out_dir, ood, run_files, summary, base_dir=base_dir, **settings
+        )
+    return record

@@ -10,11 +10,20 @@ from ..config import make_config
 from ..io import read_json, write_json_atomic
 from ..methods import get_method
 from ..methods.laplace import LAPLACE_OPTIONS, LAPLACE_SOURCES
-from ..runs import ADAPTER_DIR, CONFIG_FILE, TRAIN_LOG, TRAIN_SUMMARY, has_adapter, new_run_dir, read_run_config
+from ..runs import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    TRAIN_LOG,
+    TRAIN_SUMMARY,
+    eval_dir,
+    has_adapter,
+    new_run_dir,
+    read_run_config,
+)
 from ..runs.adapters import load_adapter
 from ..tasks import DATA_SEED, load_task, seeded_subset
 from .common import build_scorer, load_base, load_eval_tasks, write_config
-from .evaluate import evaluate_and_write
+from .evaluate import evaluate_and_write, evaluate_out_of_distribution
 
 
 def laplace(
@@ -61,6 +70,7 @@ def laplace(
     config = method.check_inputs(config, task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
     eval_tasks = load_eval_tasks(config, task, config.eval_tasks or [])
+    ood_tasks = load_eval_tasks(config, task, config.ood_tasks or [])
     with new_run_dir(out, overwrite) as new:
         model, tokenizer = load_base(config, task, progress=progress)
         model = load_adapter(model, source / ADAPTER_DIR, force=force_base)
@@ -73,4 +83,8 @@ def laplace(
         write_json_atomic(new / TRAIN_SUMMARY, summary)
         for eval_task in eval_tasks:
             evaluate_and_write(model, tokenizer, config, task, eval_task, new, summary, progress=progress)
+        if ood_tasks and config.task in (config.eval_tasks or []):
+            evaluate_out_of_distribution(
+                model, tokenizer, config, task, eval_dir(new, task.name), ood_tasks, new, summary, progress=progress
+            )
     return out

@@ -21,7 +21,7 @@ from ..evaluation.scoring import Scorer
 from ..io import write_json_atomic
 from ..methods import get_method
 from ..reporting.structure import write_structure
-from ..runs import ADAPTER_DIR, CONFIG_FILE, TRAIN_LOG, TRAIN_SUMMARY, RunExistsError, new_run_dir
+from ..runs import ADAPTER_DIR, CONFIG_FILE, TRAIN_LOG, TRAIN_SUMMARY, RunExistsError, eval_dir, new_run_dir
 from ..runs.adapters import attach_adapter, save_adapter, trainable_parameters
 from ..runs.checkpoints import (
     RuntimeLedger,
@@ -37,10 +37,11 @@ from ..runs.checkpoints import (
     truncate_log,
 )
 from ..system import peak_memory_mb, versions
-from ..tasks import DATA_SEED, load_task, seeded_subset
+from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout, seeded_subset
 from ..training import distributed
 from ..training.callbacks import JsonlLogger, StepMemoryProbe, TermsProgress
 from ..training.distributed import PerRankSeed, barrier, is_main_process
+from ..training.early_stopping import EarlyStopping
 from ..training.losses import combine_losses
 from ..training.trainer import (
     BayesLoraTrainer,
@@ -59,7 +60,7 @@ from .common import (
     warn_unused_options,
     write_config,
 )
-from .evaluate import evaluate_and_write
+from .evaluate import evaluate_and_write, evaluate_out_of_distribution
 
 
 def train(
@@ -106,6 +107,9 @@ def train(
     task = load_task(config.task)
     config = method.check_inputs(config, task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
+    heldout = None
+    if config.early_stopping:  # the examples after the training subset in the same seeded order (an error if none)
+        heldout = seeded_heldout(task.split("train"), config.train_size, HELDOUT_EXAMPLES, DATA_SEED)
     if config.train_size is not None and config.train_size > len(train_examples):
         warnings.warn(
             f"--train-size {config.train_size} is more than the {len(train_examples)} training examples of "
@@ -114,7 +118,13 @@ def train(
         )
     eval_names = config.eval_tasks if config.eval_tasks is not None else ([config.task] if task.heldout_eval else [])
     eval_tasks = load_eval_tasks(config, task, eval_names)
-    for eval_task in eval_tasks:
+    ood_tasks = load_eval_tasks(config, task, config.ood_tasks or [])
+    if ood_tasks and config.task not in eval_names:
+        raise ValueError(
+            "--ood-tasks are told apart from the training task's own evaluation examples: add the training task to "
+            f"--eval-tasks (now {eval_names})."
+        )
+    for eval_task in [*eval_tasks, *ood_tasks]:
         check_eval_task(task, eval_task)
         if not task.heldout_eval and eval_task.name == task.name:
             warnings.warn(
@@ -165,7 +175,16 @@ def train(
             checkpoint = last_complete_checkpoint(checkpoint_folder(run, member)) if resuming else None
             member_config = dataclasses.replace(config, seed=seed)
             fit = _fit(
-                model, member_config, run, train_examples, scorer, callbacks, member, checkpoint, progress=progress
+                model,
+                member_config,
+                run,
+                train_examples,
+                scorer,
+                callbacks,
+                member,
+                checkpoint,
+                heldout=heldout,
+                progress=progress,
             )
             if member is not None and main:  # a resumed ensemble continues after it
                 save_trained_member(model, member, run, fit.record())
@@ -199,6 +218,7 @@ def train(
             "trainable_params": trainable_parameters(model) * len(fits),
             "total_params": sum(p.numel() for p in model.parameters()),
             **after,
+            **_early_stopping_summary(fits, members),
             "versions": versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -207,6 +227,10 @@ def train(
             write_structure(model, run, title=f"{config.method} on {config.task}")
         for eval_task in eval_tasks:
             evaluate_and_write(model, tokenizer, resolved, task, eval_task, run, summary, progress=progress)
+        if ood_tasks:
+            evaluate_out_of_distribution(
+                model, tokenizer, resolved, task, eval_dir(run, task.name), ood_tasks, run, summary, progress=progress
+            )
     return run_dir
 
 
@@ -224,6 +248,7 @@ class _Fit:
     start_step: int = 0
     runtime_s: float = 0.0
     before_s: float | None = 0.0
+    early_stopping: dict[str, Any] | None = None
 
     @property
     def total_runtime_s(self) -> float:
@@ -237,6 +262,7 @@ class _Fit:
             "training_loss": self.training_loss,
             "step_memory_mib": self.step_memory_mib,
             "runtime_s": None if self.before_s is None else self.total_runtime_s,
+            **({"early_stopping": self.early_stopping} if self.early_stopping else {}),
         }
 
     @classmethod
@@ -249,6 +275,7 @@ class _Fit:
             record["step_memory_mib"],
             start_step=record["global_step"],
             before_s=record.get("runtime_s"),  # None in the records of older bayeslora versions
+            early_stopping=record.get("early_stopping"),
         )
 
 
@@ -262,12 +289,18 @@ def _fit(
     member: str | None,
     checkpoint: Path | None = None,
     *,
+    heldout: list | None = None,
     progress: bool,
 ) -> _Fit:
     """Train the model's active adapter with the transformers Trainer (the method's loss terms, callbacks
     and learning rates), from ``checkpoint`` if given; log lines go to ``train_log.jsonl``, tagged with the
-    ensemble ``member``."""
+    ensemble ``member``. With ``heldout`` examples, the best epoch on them is kept (see
+    :mod:`bayeslora.training.early_stopping`)."""
     extras = training_extras(model, config, len(train_examples))
+    stopping = None
+    if heldout is not None:
+        patience, batch = config.early_stopping_patience, config.eval_batch_size
+        stopping = EarlyStopping(scorer, heldout, patience, batch_size=batch, checkpoint=checkpoint)
     memory_probe = StepMemoryProbe()
     before_s = checkpoint_runtime(checkpoint) if checkpoint else 0.0
     trainer = BayesLoraTrainer(
@@ -279,6 +312,7 @@ def _fit(
         extra_loss=combine_losses(extras.losses),
         special_lrs=extras.special_lrs,
         callbacks=[
+            *([stopping] if stopping else []),  # first: the best epoch is back before the others end training
             *extras.callbacks,
             *callbacks,
             memory_probe,
@@ -300,7 +334,16 @@ def _fit(
         start_step=checkpoint_step(checkpoint) if checkpoint else 0,
         runtime_s=output.metrics.get("train_runtime", 0.0),
         before_s=before_s,
+        early_stopping=stopping.record() if stopping else None,
     )
+
+
+def _early_stopping_summary(fits: Sequence[_Fit], members: Sequence[str]) -> dict[str, Any]:
+    """What the training summary records of early stopping: the choice of each adapter (a list for an ensemble)."""
+    records = [fit.early_stopping for fit in fits if fit.early_stopping]
+    if not records:
+        return {}
+    return {"early_stopping": records if members else records[0]}
 
 
 def training_extras(model: nn.Module, config: RunConfig, n_train: int):

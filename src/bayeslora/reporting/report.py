@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .tables import REPORT_COLUMNS, format_table
+from .tables import OOD_COLUMNS, REPORT_COLUMNS, format_table, ood_rows
 
 
 def _bops_section(run: Path, report: dict[str, Any], sequence_length: int) -> list[str]:
@@ -80,6 +80,8 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
         parts += [f"## {task}", "", format_table(rows, REPORT_COLUMNS), ""]
     if not tasks:
         parts += ["(no evaluations)", ""]
+    if ood := ood_rows([record for record, _ in evaluations]):
+        parts += ["## Out of distribution", "", format_table(ood, OOD_COLUMNS), ""]
     text = "\n".join([*parts, *sections])
     if out is not None:
         out = Path(out)

@@ -20,14 +20,30 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("step MiB", "step_memory_mb", "{:.0f}"),
     ("process MiB", "peak_memory_mb", "{:.0f}"),
 )
-_PERCENT = {"accuracy", "ece"}
+_PERCENT = {"accuracy", "ece", "accuracy_at_coverage"}
+
+#: The out-of-distribution table of ``bayeslora report``: per in-distribution evaluation and OOD task, the AUROC
+#: of telling the OOD task's examples apart by predictive entropy and by mutual information, and its metrics.
+OOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("task", "task", "{}"),
+    ("method", "method", "{}"),
+    ("seed", "seed", "{}"),
+    ("OOD task", "ood_task", "{}"),
+    ("AUROC entropy", "auroc_entropy", "{:.3f}"),
+    ("AUROC MI", "auroc_mutual_information", "{:.3f}"),
+    ("OOD acc %", "accuracy", "{:.1f}"),
+    ("OOD ECE %", "ece", "{:.1f}"),
+)
 
 #: The comparison table of ``bayeslora report``: the standard columns plus the seed (runs of one method
 #: differ by it), training time, a post-hoc posterior's fitting time (Laplace) and evaluation time.
 REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     *COLUMNS[:2],
     ("seed", "seed", "{}"),
-    *COLUMNS[2:10],
+    *COLUMNS[2:7],
+    ("AURC", "aurc", "{:.3f}"),
+    ("acc@80% %", "accuracy_at_coverage.0.8", "{:.1f}"),
+    *COLUMNS[7:10],
     ("train s", "train_runtime_s", "{:.0f}"),
     ("post-hoc fit s", "laplace_fit_s", "{:.0f}"),
     ("eval s", "eval_time_s", "{:.0f}"),
@@ -35,12 +51,21 @@ REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def _value(row: dict[str, Any], key: str) -> Any:
+    """``row[key]``; a dotted key reads a nested entry (``accuracy_at_coverage.0.8``)."""
+    if key in row or "." not in key:
+        return row.get(key)
+    head, _, rest = key.partition(".")
+    inner = row.get(head)
+    return inner.get(rest) if isinstance(inner, dict) else None
+
+
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
     """One formatted table cell (fractions shown as percentages, – when missing)."""
-    value = row.get(key)
+    value = _value(row, key)
     if value is None:
         return "–"
-    if key in _PERCENT:
+    if key.partition(".")[0] in _PERCENT:
         value = 100 * value
     if key == "train_runtime_s" and row.get("train_runtime_unmeasured_steps"):
         return "≥" + fmt.format(value)  # resumed from a checkpoint that kept no record of its time
@@ -49,9 +74,31 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]] = COLUMNS) -> str:
     """A markdown table of metrics rows; columns that no row has are left out."""
-    used = [c for c in columns if any(row.get(c[1]) is not None for row in rows)]
+    used = [c for c in columns if any(_value(row, c[1]) is not None for row in rows)]
     lines = ["| " + " | ".join(title for title, _, _ in used) + " |"]
     lines.append("|" + "|".join("---" for _ in used) + "|")
     for row in rows:
         lines.append("| " + " | ".join(cell(row, key, fmt) for _, key, fmt in used) + " |")
     return "\n".join(lines)
+
+
+def ood_rows(evaluations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (in-distribution evaluation, OOD task) of the ``ood`` entries in ``evaluations``, with the OOD
+    task's own accuracy and ECE when its evaluation (of the same run) is among them."""
+    by_run = {(row.get("run"), row.get("task"), row.get("method")): row for row in evaluations}
+    rows = []
+    for row in evaluations:
+        for ood_task, scores in row.get("ood", {}).items():
+            own = by_run.get((row.get("run"), ood_task, row.get("method")), {})
+            rows.append(
+                {
+                    "task": row["task"],
+                    "method": row["method"],
+                    "seed": row.get("seed"),
+                    "ood_task": ood_task,
+                    **scores,
+                    "accuracy": own.get("accuracy"),
+                    "ece": own.get("ece"),
+                }
+            )
+    return rows

@@ -372,16 +372,19 @@ class KronLaplace:
             raise ValueError(f"the Laplace posterior refers to modules the model lacks: {', '.join(missing[:3])}")
         return [modules[f.name] for f in self.factors]
 
-    def glm_predictive(self, logits: Tensor, covariance: Tensor, draws: int = GLM_DRAWS, generator=None) -> Tensor:
-        """Mean softmax of ``draws`` samples of f ~ N(f*, J Σ Jᵀ), (B, C); missing choices stay at 0."""
+    def glm_predictive(
+        self, logits: Tensor, covariance: Tensor, draws: int = GLM_DRAWS, generator=None, keep: int = 0
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Mean softmax of ``draws`` samples of f ~ N(f*, J Σ Jᵀ), (B, C); missing choices stay at 0. With ``keep``,
+        also the softmax of the first ``keep`` draws, (keep, B, C) (for the entropies of single samples)."""
         valid = torch.isfinite(logits)
         mean = torch.where(valid, logits, torch.zeros_like(logits))
         jitter = 1e-9 * torch.eye(logits.shape[-1], dtype=covariance.dtype, device=covariance.device)
         chol = torch.linalg.cholesky(covariance + jitter)  # (B, C, C)
         noise = torch.randn(draws, *logits.shape, dtype=covariance.dtype, generator=generator).to(logits.device)
         samples = mean + torch.einsum("bij,sbj->sbi", chol, noise)  # (S, B, C)
-        samples = samples.masked_fill(~valid, float("-inf"))
-        return samples.softmax(-1).mean(0)
+        samples = samples.masked_fill(~valid, float("-inf")).softmax(-1)
+        return (samples.mean(0), samples[:keep]) if keep else samples.mean(0)
 
     @contextmanager
     def sampled_weights(self, model: nn.Module, generator=None) -> Iterator[None]:
@@ -403,15 +406,17 @@ class KronLaplace:
     def predict_batch(
         self, model: nn.Module, scorer: Scorer, batch: Batch, predictive: str = "glm", n_samples: int = 10
     ) -> tuple[Tensor, Tensor]:
-        """``(probs (B, C), per-sample probs (S, B, C))``: the linearised predictive (S = 1, its Monte Carlo
-        mean) or the average over ``n_samples`` weight samples (``nn``, one forward pass each)."""
+        """``(probs (B, C), per-sample probs (S, B, C))``: the linearised predictive (its Monte Carlo mean over
+        :data:`GLM_DRAWS` draws of the class scores, and ``n_samples`` of those draws) or the average over
+        ``n_samples`` weight samples (``nn``, one forward pass each)."""
         if predictive not in PREDICTIVES:
             raise ValueError(f"laplace predictive must be one of {', '.join(PREDICTIVES)}, got '{predictive}'")
         batch = move_batch(batch, model_device(model))
         if predictive == "glm":
             logits, projected = self.projected_gradients(model, scorer, batch)
-            probs = self.glm_predictive(logits, self.covariance(projected, batch["choice_mask"])).float()
-            return probs, probs[None]
+            covariance = self.covariance(projected, batch["choice_mask"])
+            probs, draws = self.glm_predictive(logits, covariance, keep=max(n_samples, 1))
+            return probs.float(), draws.float()
         per_sample = []
         for _ in range(max(n_samples, 1)):
             with self.sampled_weights(model), torch.no_grad():

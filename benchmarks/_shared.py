@@ -175,6 +175,43 @@ def run_all(
             on_result(future.result())
 
 
+#: The key of a result that holds its per-question predictions (kept in a file of their own).
+PREDICTIONS_KEY = "predictions"
+
+
+def _without_predictions(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in result.items() if k != PREDICTIONS_KEY} for result in results]
+
+
+def result_label(result: dict[str, Any]) -> str:
+    """``task/variant/seed`` of a result, the key of its predictions."""
+    return f"{result.get('task')}/{result.get('variant')}/{result.get('seed')}"
+
+
+def write_predictions(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """The per-question predictions of every result that has them, gzipped JSON keyed by :func:`result_label`
+    (written atomically; nothing when no result has any)."""
+    import gzip
+
+    from bayeslora.io import atomic_path
+
+    kept = {result_label(r): r[PREDICTIONS_KEY] for r in results if r.get(PREDICTIONS_KEY)}
+    if not kept:
+        return
+    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as handle:
+        json.dump(kept, handle)
+
+
+def read_predictions(path: Path) -> dict[str, Any]:
+    """The predictions :func:`write_predictions` wrote ({} when the file does not exist)."""
+    import gzip
+
+    if not path.is_file():
+        return {}
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def run_benchmark(
     worker: Callable[..., dict[str, Any]],
     configurations: Sequence[tuple],
@@ -198,7 +235,7 @@ def run_benchmark(
 
     def record(result: dict[str, Any]) -> None:
         results.append(result)
-        write_json_atomic(out / f"{tag}.json", {"settings": settings, "results": results})
+        write_json_atomic(out / f"{tag}.json", {"settings": settings, "results": _without_predictions(results)})
 
     if finished is None:
         run_all(worker, configurations, jobs, record)
@@ -209,8 +246,9 @@ def run_benchmark(
                 missing.append(label)
             else:
                 results.append(result)
-    summary = {"settings": settings, "results": results, "targets": target_checks(results)}
+    summary = {"settings": settings, "results": _without_predictions(results), "targets": target_checks(results)}
     write_json_atomic(out / f"{tag}.json", {**summary, "missing": missing} if missing else summary)
+    write_predictions(out / f"{tag}-predictions.json.gz", results)
     table = summarize(results)
     if missing:
         table += "\nNot run yet (not in the tables above): " + "; ".join(missing) + ".\n"

@@ -153,18 +153,109 @@ def ensemble_epochs(history: list[dict[str, Any]], size: int, combine: str) -> l
 
 
 def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The record with its temperature-scaled row (``bayeslora calibrate``: T fitted on held-out training
-    questions the run never saw), computed once and stored in the run's ``benchmark.json``."""
+    """The record with its temperature-scaled rows (``bayeslora calibrate``: one T fitted on held-out training
+    questions the run never saw, applied to its evaluation and to every out-of-distribution one), computed once
+    and stored in the run's ``benchmark.json`` with the rescaled per-question probabilities."""
     import bayeslora as bl
+    from bayeslora.evaluation import load_predictions
     from bayeslora.io import write_json_atomic
+    from bayeslora.runs import eval_dir
 
     heldout = settings.get("ts_heldout", 0)
     if not heldout or "ts" in record:
         return record
-    (scaled,) = bl.calibrate(run_dir, task=record["task"], heldout=heldout, overwrite=True, progress=False)
-    record = {**record, "ts": {**_metrics_row(scaled), "temperature": scaled["temperature"]}}
+    scaled = {r["task"]: r for r in bl.calibrate(run_dir, heldout=heldout, overwrite=True, progress=False)}
+    own = scaled[record["task"]]
+    record = {**record, "ts": {**_metrics_row(own), "temperature": own["temperature"]}}
+    predictions = record.setdefault("predictions", {})
+    predictions["ts"] = _rounded(load_predictions(Path(own["calibrated_from"] + "-ts")).probs)
+    for ood_task, ood in record.get("ood", {}).items():
+        ood["ts"] = _metrics_row(scaled[ood_task])
+        target = eval_dir(run_dir, ood_task).with_name(eval_dir(run_dir, ood_task).name + "-ts")
+        predictions.setdefault("ood", {}).setdefault(ood_task, {})["ts"] = _rounded(load_predictions(target).probs)
     write_json_atomic(run_dir / "benchmark.json", record)
     return record
+
+
+def _rounded(probs) -> list[list[float]]:
+    """Per-question probabilities as lists, to 6 decimals (what the results file keeps)."""
+    return [[round(float(p), 6) for p in row] for row in probs.tolist()]
+
+
+def with_heldout(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The record with the metrics of the run on held-out training questions (``bayeslora eval --heldout``,
+    predicted as the method predicts): what hyperparameters are chosen on. Computed once, stored in the run's
+    ``benchmark.json``."""
+    import bayeslora as bl
+    from bayeslora.io import write_json_atomic
+
+    size = settings.get("heldout_eval", 0)
+    if not size or "heldout" in record:
+        return record
+    metrics = bl.evaluate(run_dir, heldout=size, overwrite=True, progress=False)
+    record = {**record, "heldout": {**_metrics_row(metrics), "n_examples": metrics["n_examples"]}}
+    write_json_atomic(run_dir / "benchmark.json", record)
+    return record
+
+
+def selection_section(results: list[dict[str, Any]], families: list[str]) -> list[str]:
+    """Markdown: for each family ``name=variant,variant,...`` and task, the held-out NLL of each of its variants
+    (seed 1: the seed the choice is made on) and the one chosen (lowest), never looking at the evaluation set."""
+    lines = []
+    for family in families:
+        name, _, members = family.partition("=")
+        for task in sorted({r["task"] for r in results}):
+            scored = [
+                (r["heldout"]["nll"], r["variant"], r["heldout"]["accuracy"], r["heldout"]["ece"])
+                for r in results
+                if r["task"] == task and r["variant"] in members.split(",") and r["seed"] == 1 and "heldout" in r
+            ]
+            if not scored:
+                continue
+            best = min(scored)[1]
+            for nll, variant, acc, ece in sorted(scored, key=lambda s: members.split(",").index(s[1])):
+                chosen = " **chosen**" if variant == best else ""
+                lines.append(f"| {task} | {name} | {variant}{chosen} | {nll:.3f} | {100 * acc:.1f} | {100 * ece:.1f} |")
+    if not lines:
+        return []
+    return [
+        "",
+        "Hyperparameters chosen on held-out training questions (the 200 after each run's training subset; seed 1), "
+        "never on the evaluation questions: the variant of each family with the lowest held-out NLL:",
+        "",
+        "| task | family | variant | held-out NLL | held-out accuracy % | held-out ECE % |",
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def _evaluation_records(run_dir: Path, task: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run's evaluations add to its record: selective prediction on its task; per
+    out-of-distribution task its metrics and the AUROCs of telling it apart; every per-question prediction."""
+    from bayeslora.evaluation import load_predictions
+    from bayeslora.io import read_json
+    from bayeslora.runs import eval_dir
+
+    final = read_json(eval_dir(run_dir, task) / "metrics.json")
+    own = load_predictions(eval_dir(run_dir, task))
+    predictions: dict[str, Any] = {"probs": _rounded(own.probs), "labels": own.labels.tolist()}
+    added: dict[str, Any] = {
+        "selective": {key: final.get(key) for key in ("aurc", "accuracy_at_coverage")},
+        "uncertainty": {key: final.get(key) for key in ("mean_entropy", "mean_mutual_information")},
+    }
+    ood = {}
+    for ood_task, scores in final.get("ood", {}).items():
+        metrics = read_json(eval_dir(run_dir, ood_task) / "metrics.json")
+        ood[ood_task] = {**_metrics_row(metrics), **scores}
+        prediction = load_predictions(eval_dir(run_dir, ood_task))
+        predictions.setdefault("ood", {})[ood_task] = {
+            "probs": _rounded(prediction.probs),
+            "labels": prediction.labels.tolist(),
+        }
+    if ood:
+        added["ood"] = ood
+    added["predictions"] = predictions
+    return added
 
 
 def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant, seed: int) -> Path | None:
@@ -191,7 +282,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     run_dir = run_directory(settings["root"], task, variant, seed)
     record_file = run_dir / "benchmark.json"
     if (record := finished_record(run_dir, variant)) is not None:
-        return _with_temperature(record, run_dir, settings)
+        return _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
     options = dict(
         model=settings["model"],
         task=task,
@@ -209,6 +300,8 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     )
     if settings.get("target_modules"):
         options["target_modules"] = settings["target_modules"]
+    if ood_tasks := settings.get("ood", {}).get(task):
+        options.update(eval_tasks=[task], ood_tasks=list(ood_tasks))
     options.update(variant.options)
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
@@ -242,7 +335,12 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         "n_samples": final["n_samples"],
         "epochs": history,
         **{k: final.get(k) for k in ("trainable_params", "step_time_s", "step_memory_mb", "steps", "eval_time_s")},
+        **_evaluation_records(run_dir, task, settings),
+        "base_dtype": read_json(run_dir / "train_summary.json").get("base_dtype"),
     }
+    summary = read_json(run_dir / "train_summary.json")
+    if "early_stopping" in summary:
+        record["early_stopping"] = {k: v for k, v in summary["early_stopping"].items() if k != "history"}
     if stochastic:
         mean = bl.evaluate(run_dir, samples=0, output_dir=run_dir / "posterior-mean", overwrite=True, progress=False)
         record["posterior_mean"] = _metrics_row(mean)
@@ -255,7 +353,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
             }
     record["wall_time_min"] = round((time.time() - started) / 60, 1)
     write_json_atomic(record_file, record)
-    record = _with_temperature(record, run_dir, settings)
+    record = _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
     f = record["final"]
     print(
         f"== {task} {variant.name} seed {seed}: acc {f['accuracy']:.3f} ece {f['ece']:.3f} nll {f['nll']:.3f} "
@@ -300,6 +398,140 @@ def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def _probs(result: dict[str, Any], which: str = "probs", ood_task: str | None = None):
+    """A result's per-question probabilities (``probs``, or ``ts`` after temperature scaling), on its task or an
+    out-of-distribution one; None when the result does not keep them."""
+    import torch
+
+    kept = result.get("predictions") or {}
+    if ood_task is not None:
+        kept = kept.get("ood", {}).get(ood_task, {})
+    values = kept.get(which)
+    return None if values is None else torch.tensor(values, dtype=torch.float64)
+
+
+def _side(results: list[dict[str, Any]], task: str, name: str) -> tuple[dict[int, Any], str]:
+    """Seed -> probabilities of a pair's side, ``variant`` or ``variant+ts`` (temperature-scaled)."""
+    variant, _, scaled = name.partition("+")
+    rows = [r for r in results if r["task"] == task and r["variant"] == variant]
+    return {r["seed"]: _probs(r, "ts" if scaled else "probs") for r in rows}, variant
+
+
+def intervals_section(results: list[dict[str, Any]], pairs: list[str]) -> list[str]:
+    """Markdown: for each task and pair ``a:b``, the seed mean of a − b of accuracy, ECE and NLL with its 95 %
+    paired-bootstrap interval over the questions (resampled once for all seeds), on the seeds both have."""
+    import torch
+
+    from bayeslora.evaluation.significance import paired_bootstrap_seeds
+
+    lines = []
+    for task in sorted({r["task"] for r in results}):
+        for pair in pairs:
+            a_name, _, b_name = pair.partition(":")
+            a, _ = _side(results, task, a_name)
+            b, _ = _side(results, task, b_name)
+            seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+            if not seeds:
+                continue
+            labels_row = next(r for r in results if r["task"] == task and r["variant"] == a_name.partition("+")[0])
+            labels = torch.tensor(labels_row["predictions"]["labels"])
+            cells = []
+            for metric, scale, digits in (("accuracy", 100, 1), ("ece", 100, 1), ("nll", 1, 3)):
+                d = paired_bootstrap_seeds([a[s] for s in seeds], [b[s] for s in seeds], labels, metric)
+                mark = " **" if d.excludes_zero else ""
+                cells.append(
+                    f"{scale * d.difference:+.{digits}f} [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]"
+                    f"{mark}"
+                )
+            lines.append(f"| {task} | {a_name} − {b_name} | {' '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [
+        "",
+        "Paired differences, seed means, with 95 % bootstrap intervals over the questions (resampled once for all "
+        "seeds); ** where the interval excludes 0, the only differences to read as real:",
+        "",
+        "| task | difference | seeds | accuracy (pts) | ECE (pts) | NLL |",
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def floor_cell(rows: list[dict[str, Any]]) -> str:
+    """The ECE (%) a perfectly calibrated model with these rows' predictions shows on as many questions (mean over
+    the seeds' floors)."""
+    from bayeslora.evaluation.significance import calibrated_ece_floor
+
+    floors = [calibrated_ece_floor(probs, draws=300)[0] for r in rows if (probs := _probs(r)) is not None]
+    return mean_std(floors, 100) if floors else "–"
+
+
+def ood_section(results: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[str]:
+    """Markdown: per training task, variant and out-of-distribution task, seed means of its accuracy, ECE, NLL
+    (and after the training task's temperature), and the AUROC of telling it apart by entropy and by mutual
+    information."""
+    lines = []
+    for task, name in keys:
+        rows = [r for r in results if (r["task"], r["variant"]) == (task, name) and r.get("ood")]
+        for ood_task in sorted({t for r in rows for t in r["ood"]}):
+            points = [r["ood"][ood_task] for r in rows if ood_task in r["ood"]]
+            scaled = [p["ts"] for p in points if "ts" in p]
+            ts = (
+                f"{mean_std([p['ece'] for p in scaled], 100)} / {mean_std([p['nll'] for p in scaled], digits=3)}"
+                if scaled
+                else "–"
+            )
+            lines.append(
+                f"| {task} | {name} | {ood_task} | {mean_std([p['accuracy'] for p in points], 100)} | "
+                f"{mean_std([p['ece'] for p in points], 100)} | {mean_std([p['nll'] for p in points], digits=3)} | "
+                f"{ts} | {mean_std([p['auroc_entropy'] for p in points], digits=3)} | "
+                f"{mean_std([p['auroc_mutual_information'] for p in points], digits=3)} |"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        "Out of distribution (seed means): the runs trained on the task evaluated on others; + TS with the temperature "
+        "fitted on the training task's held-out questions; AUROC of telling the other task's questions from the "
+        "training task's by predictive entropy and by mutual information (0.5: no better than chance):",
+        "",
+        "| trained on | variant | evaluated on | accuracy % | ECE % | NLL | + TS: ECE % / NLL | AUROC entropy | "
+        "AUROC MI |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def selective_section(results: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[str]:
+    """Markdown: selective prediction on the training task's evaluation (seed means)."""
+    lines = []
+    for task, name in keys:
+        rows = [r["selective"] for r in results if (r["task"], r["variant"]) == (task, name) and r.get("selective")]
+        rows = [row for row in rows if row.get("aurc") is not None]
+        if rows:
+            lines.append(
+                f"| {task} | {name} | {mean_std([row['aurc'] for row in rows], digits=3)} | "
+                f"{mean_std([row['accuracy_at_coverage']['0.5'] for row in rows], 100)} | "
+                f"{mean_std([row['accuracy_at_coverage']['0.8'] for row in rows], 100)} |"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        "Selective prediction (seed means): area under the risk-coverage curve (lower is better) and the accuracy of "
+        "the most confident 50 % and 80 % of the questions:",
+        "",
+        "| task | variant | AURC | accuracy at 50 % % | accuracy at 80 % % |",
+        "|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def _base_dtypes(results: list[dict[str, Any]]) -> str:
+    """The frozen base's dtype(s) the runs used (runs from before it was recorded: fp32, the default then)."""
+    return " and ".join(sorted({r.get("base_dtype") or "float32" for r in results})) or "float32"
+
+
 def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants: list[Variant]) -> str:
     """Markdown: the final table (mean ± std over seeds), the targets, N-sample curves, per-epoch curves."""
     order = {v.name: i for i, v in enumerate(variants)}
@@ -310,16 +542,17 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
     lines = [
         f"# Calibration at small scale ({settings['tag']})",
         "",
-        f"SmolLM2-135M-Instruct (fp32, CPU), cloze scoring (mean log-likelihood), rank {settings['rank']}, "
+        f"SmolLM2-135M-Instruct (frozen base in {_base_dtypes(results)}, CPU), cloze scoring (mean log-likelihood), "
+        f"rank {settings['rank']}, "
         f"α = {settings['alpha']}, targets {' '.join(settings.get('target_modules') or DEFAULT_TARGETS)}; "
         f"{settings['train_size']} training questions, {settings['epochs']} epochs of batch {settings['batch_size']}, "
         f"AdamW lr {settings['lr']} (6% warm-up, linear decay); evaluation on {settings['limit']} validation questions "
         f"(fixed seeded subset), N = {settings['samples']} posterior samples for Bayesian methods. "
         f"Seeds: {' '.join(map(str, settings['seeds']))}. Variants: {described}.",
         "",
-        "| task | variant | seeds | N | accuracy % | ECE % | NLL | Brier | posterior mean: acc % / ECE % / NLL "
-        "| trainable | step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | variant | seeds | N | accuracy % | ECE % | NLL | Brier | ECE of a calibrated model % | posterior "
+        "mean: acc % / ECE % / NLL | trainable | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, name in keys:
         rows = [r for r in results if r["task"] == task and r["variant"] == name]
@@ -333,7 +566,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
         )
         lines.append(
             f"| {task} | {name} | {seeds} | {rows[0]['n_samples']} | "
-            f"{_cells([r['final'] for r in rows])} | {mean_cell} | "
+            f"{_cells([r['final'] for r in rows])} | {floor_cell(rows)} | {mean_cell} | "
             f"{rows[0].get('trainable_params') or 0:,} | "
             f"{mean_std([r.get('step_time_s') or 0 for r in rows], digits=2)} |"
         )
@@ -342,7 +575,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
             lines.append(
                 f"| {task} | {name} + TS (T = {temperature}) | {seeds} | "
                 f"{rows[0]['n_samples']} | "
-                f"{_cells([r['ts'] for r in rows])} | – | | |"
+                f"{_cells([r['ts'] for r in rows])} | | – | | |"
             )
     checks = target_checks(results)
     if checks:
@@ -359,6 +592,10 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
                 f"{c['melora_minus_blob_ece_points']:+.1f} {'✓' if c['ece_within_1pt_of_blob'] else '✗'} | "
                 f"{c['melora_minus_lora_acc_points']:+.1f} {'✓' if c['acc_within_1pt_of_lora'] else '✗'} |"
             )
+    lines += selection_section(results, settings.get("select", []))
+    lines += intervals_section(results, settings.get("pairs", []))
+    lines += ood_section(results, keys)
+    lines += selective_section(results, keys)
     sampled = [k for k in keys if any("by_samples" in r for r in results if (r["task"], r["variant"]) == k)]
     if sampled:
         lines += ["", "ECE % by number of posterior samples averaged (seed means):", ""]
@@ -419,13 +656,43 @@ def main(argv: list[str] | None = None) -> int:
         help="Temperature scaling of every run on this many held-out training questions (0: none).",
     )
     parser.add_argument("--eval-every", type=int, default=2, help="Evaluate after every k-th epoch (and the last).")
+    parser.add_argument(
+        "--heldout-eval",
+        type=int,
+        default=0,
+        help="Also evaluate every run on this many held-out training questions (what --select chooses on; 0: none).",
+    )
+    parser.add_argument(
+        "--select",
+        nargs="+",
+        default=[],
+        metavar="FAMILY=V1,V2,...",
+        help="Report, per task, which variant of each family has the lowest held-out NLL (seed 1).",
+    )
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        default=[],
+        metavar="A:B",
+        help="Differences to give paired intervals for, as variant names (b+ts: b temperature-scaled), e.g. "
+        "melora:lora+ts.",
+    )
+    parser.add_argument(
+        "--ood-tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK=OOD,...",
+        help="Out-of-distribution tasks of a training task, e.g. obqa=arc-challenge,arc-easy,mmlu:college_physics: "
+        "its runs are also evaluated on them, with the AUROC of telling them apart by entropy and mutual information.",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with cores / jobs threads).")
     parser.add_argument("--tabulate", action="store_true", help=TABULATE_HELP)
     parser.add_argument("--tag", default="default")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
-    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate", "ood_tasks")}
+    settings["ood"] = {spec.partition("=")[0]: spec.partition("=")[2].split(",") for spec in args.ood_tasks}
     settings["root"] = str(args.out / "runs" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]

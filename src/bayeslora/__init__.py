@@ -25,7 +25,7 @@ from .runs.export import export_lora, export_packed, load_packed
 from .runs.fingerprint import AdapterMismatchError
 from .tasks import TASKS, load_task
 from .tuners import BlobConfig, BLoraConfig, MeLoraConfig
-from .tuners.sampling import posterior_mean
+from .tuners.sampling import frozen_samples, posterior_mean, sampling
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "export",
     "export_lora",
     "export_packed",
+    "frozen_samples",
     "get_method",
     "laplace",
     "load_adapter",
@@ -64,5 +65,6 @@ __all__ = [
     "posterior_mean",
     "predict",
     "predict_batch",
+    "sampling",
     "train",
 ]

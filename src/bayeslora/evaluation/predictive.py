@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..tasks import Example
-from ..tuners.sampling import posterior_mean, sample_copies
+from ..tuners.sampling import posterior_mean, sample_copies, sampling
 from .scoring import Batch, Scorer
 
 
@@ -89,7 +89,7 @@ def predict_batch(
             probs = scorer.class_logits(model, batch).float().softmax(-1)  # (B, C)
         return probs, probs[None]
     tiled = scorer.repeat(batch, n_samples) if n_samples > 1 else batch
-    with sample_copies(num_examples), adapter_dropout(model, active=dropout):
+    with sampling(), sample_copies(num_examples), adapter_dropout(model, active=dropout):
         logits = scorer.class_logits(model, tiled)  # (n_samples·B, C)
     sample_probs = logits.float().softmax(-1).view(n_samples, num_examples, -1)  # (n_samples, B, C)
     return sample_probs.mean(0), sample_probs

@@ -2,9 +2,10 @@
 
 A layer adds ``s·Δ(x)`` to a frozen linear layer ``y = W0 x``, with ``s = lora_alpha / r`` and a
 method-specific stochastic low-rank ``Δ``. Subclasses implement :meth:`BayesianLowRankLayer.update_layer`
-(create the adapter's parameters), ``adapter_output`` (``Δ(x)`` without the scaling, sampling unless
-:func:`~bayeslora.sampling.use_posterior_mean`), ``effective_factors`` (the posterior-mean ΔW as LoRA
-factors, used for merging and export) and ``kl`` (KL(q || p) of the adapter's posterior to its prior).
+(create the adapter's parameters), ``adapter_output`` (``Δ(x)`` without the scaling, sampling when
+:func:`~bayeslora.sampling.should_sample`: in training mode, or when asked for), ``effective_factors`` (the
+posterior-mean ΔW as LoRA factors, used for merging and export) and ``kl`` (KL(q || p) of the adapter's
+posterior to its prior).
 """
 
 from __future__ import annotations

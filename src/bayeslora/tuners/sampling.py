@@ -1,6 +1,15 @@
-"""How a forward pass samples Bayesian adapter weights: per example, per posterior copy, or the mean.
+"""When and how a forward pass samples Bayesian adapter weights.
 
-Three facts travel from the code that runs the model to the adapter layers, which only see activations:
+**When.** A Bayesian adapter samples its weights in training mode (the ELBO needs a fresh sample per step)
+and predicts with its posterior mean in evaluation mode: ``model.eval()`` is deterministic, so
+``generate(do_sample=False)`` and two identical forward passes give the same result. Sampling in evaluation
+is asked for explicitly, with :func:`sampling` (a new sample at every forward pass) or
+:func:`frozen_samples` (one sample per sequence, kept for every pass inside the block: the tokens that
+``generate`` produces one at a time, and their key/value cache, all see the same weights).
+:func:`posterior_mean` forces the mean, in training too.
+
+**How.** Three facts travel from the code that runs the model to the adapter layers, which only see
+activations:
 
 * **rows -> examples.** A scorer may run several model rows per example (a cloze scorer runs one packed
   row per question, a letter scorer one row per question). A Bayesian adapter draws ONE weight sample per
@@ -10,11 +19,12 @@ Three facts travel from the code that runs the model to the adapter layers, whic
   tiled N times (examples ``k·B .. k·B+B-1`` form copy ``k``). Methods whose sample is shared by a whole
   forward pass in their reference implementation (BLoB draws one noise matrix per pass) draw one per
   copy instead; :func:`sample_copies` announces B.
-* **mean mode.** Inside :func:`posterior_mean`, adapters use their posterior mean and draw nothing.
+* **frozen noise.** Inside :func:`frozen_samples`, layers draw their noise through :func:`frozen_noise`,
+  which returns the same tensor for the same layer and adapter until the block ends.
 
-Adapter layers read these with :func:`current_row_examples`, :func:`current_row_copies` and
-:func:`use_posterior_mean`. Outside any block each row is its own example, there is one copy, and
-adapters sample.
+Adapter layers read these with :func:`should_sample`, :func:`current_row_examples`,
+:func:`current_row_copies` and :func:`frozen_noise`. Outside any block each row is its own example and
+there is one copy.
 """
 
 from __future__ import annotations
@@ -23,11 +33,14 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 
+import torch
 from torch import Tensor
 
 _ROW_EXAMPLES: ContextVar[Tensor | None] = ContextVar("bayeslora_row_examples", default=None)
 _EXAMPLES_PER_COPY: ContextVar[int | None] = ContextVar("bayeslora_examples_per_copy", default=None)
-_MEAN: ContextVar[bool] = ContextVar("bayeslora_posterior_mean", default=False)
+#: True: sample (also in evaluation mode); False: the posterior mean (also in training mode); None: the module's mode
+_SAMPLE: ContextVar[bool | None] = ContextVar("bayeslora_sample", default=None)
+_FROZEN: ContextVar[dict[tuple[int, str], Tensor] | None] = ContextVar("bayeslora_frozen_noise", default=None)
 
 
 @contextmanager
@@ -50,8 +63,57 @@ def sample_copies(examples_per_copy: int) -> AbstractContextManager[None]:
 
 
 def posterior_mean() -> AbstractContextManager[None]:
-    """Within the block, Bayesian adapters predict with their posterior mean (no sampling)."""
-    return _setting(_MEAN, True)
+    """Within the block, Bayesian adapters predict with their posterior mean (no sampling), in training too."""
+    return _setting(_SAMPLE, False)
+
+
+def sampling() -> AbstractContextManager[None]:
+    """Within the block, Bayesian adapters draw new weights at every forward pass, in evaluation mode too.
+
+    Each example (see :func:`rows_of_examples`) gets its own sample; for one sample per sequence across
+    several passes (generation), use :func:`frozen_samples`.
+    """
+    return _setting(_SAMPLE, True)
+
+
+@contextmanager
+def frozen_samples() -> Iterator[None]:
+    """Within the block, Bayesian adapters sample, and every layer draws its noise once: all forward passes
+    in the block use the same weight sample per sequence (row, or example if announced), so a sequence
+    generated token by token, with its key/value cache, sees one model throughout. Every pass in the block
+    must hold the same number of sequences."""
+    with _setting(_SAMPLE, True), _setting(_FROZEN, {}):
+        yield
+
+
+def should_sample(training: bool) -> bool:
+    """Whether a Bayesian layer in ``training`` mode samples its weights in the forward pass in progress."""
+    forced = _SAMPLE.get()
+    return training if forced is None else forced
+
+
+def frozen_noise(owner: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Standard normal noise of ``shape`` (device and dtype of ``like``): new at every call, or inside
+    :func:`frozen_samples` drawn at the first call for ``(owner, name)`` and returned unchanged after.
+
+    Raises:
+        RuntimeError: inside :func:`frozen_samples`, when a later pass asks for another shape (a different
+            number of sequences than the first pass).
+    """
+    store = _FROZEN.get()
+    if store is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    key = (id(owner), name)
+    noise = store.get(key)
+    if noise is None:
+        noise = store[key] = torch.randn(shape, device=like.device, dtype=like.dtype)
+    elif tuple(noise.shape) != tuple(shape):
+        raise RuntimeError(
+            f"frozen posterior samples were drawn for {noise.shape[0]} sequences, but this forward pass has "
+            f"{shape[0]}: every pass inside frozen_samples() must hold the same sequences (start a new block "
+            f"for a new batch)"
+        )
+    return noise
 
 
 def current_row_examples() -> Tensor | None:
@@ -67,6 +129,6 @@ def current_row_copies() -> Tensor | None:
     return rows // per_copy
 
 
-def use_posterior_mean() -> bool:
-    """Whether adapters should use their posterior mean instead of sampling."""
-    return _MEAN.get()
+def frozen() -> bool:
+    """Whether :func:`frozen_samples` is in force."""
+    return _FROZEN.get() is not None

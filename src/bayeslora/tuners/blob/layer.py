@@ -6,6 +6,10 @@ with r_A ∈ {±1}^(R, T, n) and s_A ∈ {±1}^(R, T, r) random signs per token.
 implementation one noise matrix E is drawn per forward pass; when a pass holds N posterior copies of a
 batch (batched sampling, see :mod:`bayeslora.sampling`), each copy draws its own E, which is exactly N
 reference passes in one. The (R, T, n) sign tensor kept for the backward pass is BLoB's memory cost.
+
+Inside :func:`~bayeslora.sampling.frozen_samples` (generation: one weight sample per sequence for all its
+tokens) flipout's per-token signs would give every token its own weights, so each sequence (row, or example
+when announced) instead draws its own A = M + σ ⊙ ε once and keeps it: y = W0 x + s·B·A_row·x.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import BayesianLowRankLayer, gaussian_kl, positive
-from ..sampling import current_row_copies, use_posterior_mean
+from ..sampling import current_row_copies, current_row_examples, frozen, frozen_noise, should_sample
 from .config import BlobConfig
 
 
@@ -61,8 +65,8 @@ class BlobLayer(BayesianLowRankLayer):
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         mean, B = self.blob_A[adapter], self.blob_B[adapter]
         h = x @ mean.T  # (R, T, n) @ (n, r) -> (R, T, r)
-        if not use_posterior_mean():
-            h = h + self._flipout_noise(x, adapter)
+        if should_sample(self.training):
+            h = h + (self._sequence_noise(x, adapter) if frozen() else self._flipout_noise(x, adapter))
         return h @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
 
     def _flipout_noise(self, x: Tensor, adapter: str) -> Tensor:
@@ -81,6 +85,19 @@ class BlobLayer(BayesianLowRankLayer):
             per_row = signed.reshape(rows, -1, x.shape[-1])  # (R, T, n)
             projected = torch.bmm(per_row, noise[copies].transpose(1, 2)).reshape(*x.shape[:-1], r)  # (R, T, r)
         return projected * _random_signs(projected.shape, projected)  # ⊙ s_A
+
+    def _sequence_noise(self, x: Tensor, adapter: str) -> Tensor:
+        """``x·E_eᵀ`` with one noise matrix E_e = σ ⊙ ε per sequence e, the same at every pass in the block."""
+        sigma = self.posterior_std(adapter)  # (r, n)
+        rows = x.shape[0] if x.dim() > 1 else 1
+        examples = current_row_examples()
+        if examples is None or examples.shape[0] != rows:
+            examples = torch.arange(rows)
+        examples = examples.to(x.device)
+        noise = sigma * frozen_noise(self, f"{adapter}.A", (int(examples.max()) + 1, *sigma.shape), sigma)  # (E, r, n)
+        per_row = x.reshape(rows, -1, x.shape[-1])  # (R, T, n)
+        projected = torch.bmm(per_row, noise[examples].transpose(1, 2).to(x.dtype))  # (R, T, r)
+        return projected.reshape(*x.shape[:-1], sigma.shape[0])
 
     def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
         """``(M, s·B)``: the mean of A."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, positive
-from ..sampling import current_row_examples, use_posterior_mean
+from ..sampling import current_row_examples, frozen_noise, should_sample
 from .config import MeLoraConfig, MeLoraCoreOptions
 
 #: A factor's rows (columns) shorter than this are not normalised further (a zero row stays zero).
@@ -105,17 +105,18 @@ class SampledCoreMixin:
         return torch.arange(rows, device=device)
 
     def sample_cores(self, adapter: str, num_examples: int) -> Tensor:
-        """``num_examples`` independent draws of S: (E, r, r) for a full core, (E, r) for a diagonal one."""
+        """``num_examples`` independent draws of S: (E, r, r) for a full core, (E, r) for a diagonal one (the
+        same draws at every pass inside :func:`~bayeslora.sampling.frozen_samples`)."""
         mean = self.core_mean(adapter)
-        noise = torch.randn((num_examples, *mean.shape), device=mean.device, dtype=mean.dtype)
+        noise = frozen_noise(self, f"{adapter}.core", (num_examples, *mean.shape), mean)
         return mean + self.posterior_std(adapter) * noise
 
     def core_product(self, h: Tensor, adapter: str) -> Tensor:
-        """``h Sᵀ`` row by row, ``(R, T, r) -> (R, T, r)``: with the posterior mean M_S inside
-        :func:`~bayeslora.sampling.posterior_mean`, else with each example's own sample of S."""
+        """``h Sᵀ`` row by row, ``(R, T, r) -> (R, T, r)``: with each example's own sample of S when the layer
+        samples (training, or :func:`~bayeslora.sampling.sampling`), else with the posterior mean M_S."""
         mean = self.core_mean(adapter)
         full = mean.dim() == 2
-        if use_posterior_mean():
+        if not should_sample(self.training):
             return h @ mean.T if full else h * mean  # (R, T, r)
         rows = h.shape[0] if h.dim() > 1 else 1
         per_row = h.reshape(rows, -1, h.shape[-1])  # (R, T, r); a 2-D input is T = 1

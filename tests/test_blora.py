@@ -633,15 +633,15 @@ def test_a_run_too_short_for_the_gates_to_close_is_warned_about():
 
 def test_training_a_short_blora_run_warns_that_gates_cannot_close():
     from bayeslora.config import make_config
-    from bayeslora.pipeline.train import training_extras
+    from bayeslora.methods import get_method
 
     model = blora(BLoraConfig(r=4, target_modules=["q"]))
     config = make_config(method="blora", task="sst2", max_steps=20)
     with pytest.warns(UserWarning, match="The gates will probably all stay on"):
-        training_extras(model, config, n_train=64)
+        get_method("blora").training_extras(model, config, n_train=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        training_extras(model, make_config(method="blora", task="sst2", max_steps=400), n_train=64)
+        get_method("blora").training_extras(model, make_config(method="blora", task="sst2", max_steps=400), n_train=64)
 
 
 @pytest.mark.parametrize(("core", "middle_macs"), [("full", 16), ("diag", 4)])

@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bayeslora.evaluation",),
     ("bayeslora.training",),
     ("bayeslora.methods",),
+    ("bayeslora.integrations",),
     ("bayeslora.runs",),
     ("bayeslora.reporting",),
     ("bayeslora.pipeline",),

@@ -16,7 +16,9 @@ from .config import RunConfig, make_config
 from .evaluation.metrics import classification_metrics
 from .evaluation.predictive import Prediction, predict, predict_batch
 from .evaluation.scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
+from .integrations import BayesianTrainer, bayesian_trainer
 from .methods import METHODS, get_method
+from .methods.variational import model_kl
 from .models import MODEL_ALIASES, load_model, load_tokenizer
 from .pipeline import build_scorer, calibrate, evaluate, export, laplace, train
 from .reporting.bops import bops_report
@@ -36,6 +38,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterMismatchError",
     "BLoraConfig",
+    "BayesianTrainer",
     "BlobConfig",
     "ClassificationScorer",
     "ClozeScorer",
@@ -44,6 +47,7 @@ __all__ = [
     "Prediction",
     "RunConfig",
     "attach_adapter",
+    "bayesian_trainer",
     "bops_report",
     "build_scorer",
     "calibrate",
@@ -62,6 +66,7 @@ __all__ = [
     "load_tokenizer",
     "make_config",
     "make_scorer",
+    "model_kl",
     "posterior_mean",
     "predict",
     "predict_batch",

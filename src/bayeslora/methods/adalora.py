@@ -58,6 +58,7 @@ class AdaLora(Method):
     """SVD-form LoRA (P·Λ·Q) whose ranks start at 1.5x ``--rank`` and are pruned by importance to an average of
     ``--rank``, the budget of a LoRA of that rank."""
 
+    peft_type = "ADALORA"
     name = "adalora"
     description = "AdaLoRA (PEFT's own): SVD-form LoRA whose ranks are pruned to a budget (average rank --rank)"
     learns_structure = True

@@ -12,40 +12,21 @@ package, the call alone: a registered method works with ``bayeslora.train`` and 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from ..config import OPTION_GROUPS
+from ..training.losses import TrainingExtras
 
 if TYPE_CHECKING:
     from peft import PeftConfig
-    from transformers import TrainerCallback
 
     from ..config import RunConfig
     from ..evaluation.scoring import Scorer
     from ..tasks import Task
-    from ..training.losses import ExtraLoss
-
-
-@dataclass
-class TrainingExtras:
-    """What a method adds to a training run: loss terms (see :mod:`bayeslora.training.losses`), Trainer callbacks
-    and learning rates of particular parameters (``[(parameters, lr), ...]``, without weight decay)."""
-
-    losses: list[ExtraLoss] = field(default_factory=list)
-    callbacks: list[TrainerCallback] = field(default_factory=list)
-    special_lrs: list[tuple[Sequence[nn.Parameter], float]] = field(default_factory=list)
-
-    def __add__(self, other: TrainingExtras) -> TrainingExtras:
-        return TrainingExtras(
-            [*self.losses, *other.losses],
-            [*self.callbacks, *other.callbacks],
-            [*self.special_lrs, *other.special_lrs],
-        )
 
 
 class Method:
@@ -64,6 +45,9 @@ class Method:
         predictive_options: the options that decide how a trained run predicts (``bayeslora eval`` can change
             them; an evaluation records the ones it used).
         trains: whether it trains an adapter (the ``zero-shot`` evaluation of a base model does not).
+        peft_type: the PEFT type of the adapter that makes a model this method's (``model.peft_config[name].
+            peft_type``), for methods whose adapter is theirs alone; :func:`method_of_model` reads it when a model
+            is trained outside bayeslora's own loop (``bayeslora.BayesianTrainer``).
     """
 
     name: ClassVar[str]
@@ -74,12 +58,18 @@ class Method:
     learns_structure: ClassVar[bool] = False
     predictive_options: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = True
+    peft_type: ClassVar[str | None] = None
 
     # --- the adapter ---
     def peft_config(self, config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
         """The PEFT config of the adapter: ``(run config, resolved target modules, PEFT task type, total optimizer
         steps) -> PeftConfig``."""
         raise NotImplementedError(f"method '{self.name}' builds no adapter")
+
+    def options_from_adapter(self, peft_config: PeftConfig) -> dict[str, Any]:
+        """The run options an adapter's PEFT config decides (e.g. whether B-LoRA's core is Bayesian), for training a
+        model built outside bayeslora's own loop."""
+        return {}
 
     def members(self, config: RunConfig) -> list[str]:
         """The names of the adapters a run trains one after the other (an ensemble's members), or [] for a run
@@ -171,6 +161,19 @@ def get_method(name: str) -> Method:
         known = ", ".join(f"{m.name} ({m.description})" for m in METHODS.values() if m.trains)
         raise UnknownMethodError(f"Unknown method '{name}'. Known methods: {known}.")
     return METHODS[name]
+
+
+def method_of_model(model: nn.Module) -> Method | None:
+    """The registered method whose adapter ``model`` (a ``PeftModel``) holds as its active adapter, by the adapter's
+    PEFT type; None for adapters no method claims alone (plain LoRA, which several methods train)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping) or not configs:
+        return None
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(active, str) else next(iter(configs.values()))
+    peft_type = getattr(config, "peft_type", None)
+    peft_type = str(getattr(peft_type, "value", peft_type))
+    return next((m for m in METHODS.values() if m.peft_type is not None and m.peft_type == peft_type), None)
 
 
 def shared_options(config: RunConfig, targets: list[str], task_type: str) -> dict[str, Any]:

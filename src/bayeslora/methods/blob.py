@@ -20,6 +20,7 @@ class Blob(VariationalMethod):
 
     name = "blob"
     description = "BLoB: a Gaussian on every entry of A, flipout (Wang et al., NeurIPS 2024)"
+    peft_type = "BLOB"
     option_defaults: ClassVar[Mapping[str, Any]] = {
         "sigma_init": 0.05,
         "prior_std": 0.2,

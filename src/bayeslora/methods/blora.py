@@ -94,6 +94,8 @@ def expected_cost(model: nn.Module, cost: str = "bops") -> Tensor:
     pairs = _active(model)
     if not pairs:
         raise ValueError("the model has no B-LoRA layers")
+    if (tuner := blora_tuner(model)) is not None:
+        tuner.mark_regularised()  # the gates' prior is in the loss: no warning about training without it
     if cost == "gates":
         terms = [layer.expected_open_gates(adapter) for layer, adapter in pairs]
         return sum(t for t, _ in terms) / sum(count for _, count in terms)
@@ -230,6 +232,7 @@ class BLora(Method):
 
     name = "blora"
     description = "B-LoRA: rank and bit-width of every matrix learned by hard-concrete gates (Bayesian Bits quantizer)"
+    peft_type = "BLORA"
     option_defaults = MELORA_DEFAULTS
     default_samples = 10
     learns_structure = True
@@ -239,6 +242,9 @@ class BLora(Method):
 
     def resolve(self, config):
         return resolve_core(super().resolve(config))
+
+    def options_from_adapter(self, peft_config) -> dict:
+        return {"bayesian_core": peft_config.bayesian_core}
 
     def is_stochastic(self, config) -> bool:
         return config.bayesian_core  # a Bayesian core's predictions average samples

@@ -59,6 +59,7 @@ class MeLora(VariationalMethod):
     name = "melora"
     description = "Me-LoRA: deterministic A, B and a Gaussian r×r core S between them (ΔW = s·B·S·A)"
     option_groups = ("core", "posterior")
+    peft_type = "MELORA"
     option_defaults = MELORA_DEFAULTS
 
     def resolve(self, config: RunConfig) -> RunConfig:

@@ -18,6 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..config import RunConfig, make_config
 from ..evaluation.scoring import Scorer
+from ..integrations import bayesian_trainer
 from ..io import write_json_atomic
 from ..methods import get_method
 from ..reporting.structure import write_structure
@@ -42,7 +43,6 @@ from ..training import distributed
 from ..training.callbacks import JsonlLogger, StepMemoryProbe, TermsProgress
 from ..training.distributed import PerRankSeed, barrier, is_main_process
 from ..training.early_stopping import EarlyStopping
-from ..training.losses import combine_losses
 from ..training.trainer import (
     BayesLoraTrainer,
     ExampleDataset,
@@ -297,24 +297,24 @@ def _fit(
     and learning rates), from ``checkpoint`` if given; log lines go to ``train_log.jsonl``, tagged with the
     ensemble ``member``. With ``heldout`` examples, the best epoch on them is kept (see
     :mod:`bayeslora.training.early_stopping`)."""
-    extras = training_extras(model, config, len(train_examples))
+    warn_if_weight_decay_vanishes_for(model, config)
     stopping = None
     if heldout is not None:
         patience, batch = config.early_stopping_patience, config.eval_batch_size
         stopping = EarlyStopping(scorer, heldout, patience, batch_size=batch, checkpoint=checkpoint)
     memory_probe = StepMemoryProbe()
     before_s = checkpoint_runtime(checkpoint) if checkpoint else 0.0
-    trainer = BayesLoraTrainer(
+    trainer = bayesian_trainer(BayesLoraTrainer)(  # the method's terms, callbacks and learning rates
         model=model,
         args=training_arguments(config, checkpoint_folder(run, member), progress=progress),
         train_dataset=ExampleDataset(train_examples),
         data_collator=scorer.collate,
         scorer=scorer,
-        extra_loss=combine_losses(extras.losses),
-        special_lrs=extras.special_lrs,
+        method=config.method,
+        method_options=config,
+        n_train=len(train_examples),
         callbacks=[
             *([stopping] if stopping else []),  # first: the best epoch is back before the others end training
-            *extras.callbacks,
             *callbacks,
             memory_probe,
             # a checkpoint whose earlier time is unknown passes the gap on: it records no time either
@@ -347,10 +347,9 @@ def _early_stopping_summary(fits: Sequence[_Fit], members: Sequence[str]) -> dic
     return {"early_stopping": records if members else records[0]}
 
 
-def training_extras(model: nn.Module, config: RunConfig, n_train: int):
-    """What the run's method adds to training (its loss terms, callbacks and learning rates; see
-    :meth:`bayeslora.methods.Method.training_extras`), after warning when AdamW's weight decay would round away."""
+def warn_if_weight_decay_vanishes_for(model: nn.Module, config: RunConfig) -> None:
+    """Warn when AdamW's weight decay would round away on the model's trainable parameters (see
+    :func:`~bayeslora.training.trainer.warn_if_weight_decay_vanishes`)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.weight_decay and trainable:
         warn_if_weight_decay_vanishes(config.lr, config.weight_decay, trainable[0].dtype)
-    return get_method(config.method).training_extras(model, config, n_train)

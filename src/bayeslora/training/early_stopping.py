@@ -48,6 +48,8 @@ class EarlyStopping(TrainerCallback):
         checkpoint: a checkpoint the run resumes from, whose saved choice is continued.
     """
 
+    runs_before_method_callbacks = True  # the best epoch is back before the method's end-of-training work
+
     def __init__(
         self,
         scorer: Scorer,

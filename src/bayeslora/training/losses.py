@@ -1,13 +1,17 @@
-"""Extra loss terms: what a method adds to the task loss (a KL, a gate penalty, a regulariser), and how several
-combine. No Trainer is imported here: a term is a function of the model and the trainer's state."""
+"""Extra loss terms: what a method adds to the task loss (a KL, a gate penalty, a regulariser), how several
+combine, and everything a method adds to a training run (:class:`TrainingExtras`). No Trainer is imported here: a
+term is a function of the model and the trainer's state."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 @dataclass
@@ -39,3 +43,23 @@ def combine_losses(losses: Sequence[ExtraLoss]) -> ExtraLoss | None:
         return total
 
     return combined
+
+
+@dataclass
+class TrainingExtras:
+    """What a method adds to a training run: loss terms (:data:`ExtraLoss`), Trainer callbacks and learning rates of
+    particular parameters (``[(parameters, lr), ...]``, without weight decay)."""
+
+    losses: list[ExtraLoss] = field(default_factory=list)
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    special_lrs: list[tuple[Sequence[nn.Parameter], float]] = field(default_factory=list)
+
+    def __add__(self, other: TrainingExtras) -> TrainingExtras:
+        return TrainingExtras(
+            [*self.losses, *other.losses],
+            [*self.callbacks, *other.callbacks],
+            [*self.special_lrs, *other.special_lrs],
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.losses or self.callbacks or self.special_lrs)

@@ -47,34 +47,38 @@ class NonFiniteLossError(FloatingPointError):
     """The loss (or one of its terms) became NaN or infinite."""
 
 
-class BayesLoraTrainer(Trainer):
-    """A ``Trainer`` whose loss is the cross-entropy of the scorer's class logits plus extra terms.
+class ExtraTermsMixin:
+    """Adds extra loss terms and per-parameter learning rates to any ``transformers.Trainer`` subclass (put it first
+    among the bases): ``loss = task loss + Σ extra terms``, where the task loss is whatever the trainer computes
+    (:meth:`task_loss`, by default the base class's ``compute_loss``).
+
+    The extra terms are computed once per micro-batch in training mode only (an evaluation loss is the task loss), and
+    weighted so that one optimizer step adds each once: the Trainer divides the loss of every micro-batch by the
+    gradient-accumulation steps unless the task loss is already normalised over the whole accumulated batch (a model
+    that accepts ``num_items_in_batch``, as TRL's trainers and causal LMs do); then the terms are divided here. The
+    running means of the task loss (``nll``) and of every term are added to each log line, and a loss that is not
+    finite stops training with :class:`NonFiniteLossError` naming the terms.
 
     Args:
-        scorer: turns batches into class logits.
         extra_loss: further loss terms (the KL of Bayesian adapters).
         special_lrs: learning rates for particular parameters, ``[(parameters, lr), ...]`` (the variance
             parameters of Bayesian adapters); they get no weight decay.
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-
     def __init__(
         self,
         *args,
-        scorer: Scorer,
         extra_loss: ExtraLoss | None = None,
         special_lrs: Sequence[tuple[Sequence[nn.Parameter], float]] = (),
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.scorer = scorer
         self.extra_loss = extra_loss
         self.special_lrs = list(special_lrs)
         self._running: dict[str, list[float]] = defaultdict(list)
 
     def create_optimizer(self, *args, **kwargs):
-        """The Trainer's AdamW, with extra parameter groups for :attr:`special_lrs`. (transformers 5.0 calls it
+        """The Trainer's optimizer, with extra parameter groups for :attr:`special_lrs`. (transformers 5.0 calls it
         without arguments, later releases with the model: both are passed through.)"""
         model = args[0] if args else kwargs.get("model")
         if self.optimizer is None and self.special_lrs:
@@ -91,15 +95,33 @@ class BayesLoraTrainer(Trainer):
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return super().create_optimizer(*args, **kwargs)
 
+    def task_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The loss the extra terms are added to: the base trainer's ``compute_loss``."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _accumulation_share(self, num_items_in_batch) -> float:
+        """1 / accumulation steps if the task loss of a micro-batch is already that micro-batch's share of the
+        accumulated batch's loss (the Trainer then does not divide it), else 1 (the Trainer divides)."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as transformers' training_step decides it
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / steps if scaled else 1.0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``CE(class_logits, labels)`` averaged over the batch, plus the extra terms."""
-        logits = self.scorer.class_logits(model, inputs)  # (B, C)
-        nll = F.cross_entropy(logits, inputs["labels"])
-        terms = {"nll": nll}
+        """The task loss plus, in training mode, the extra terms (see the class docstring for their weight)."""
+        result = self.task_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        if not model.training:
+            return result
+        share = self._accumulation_share(num_items_in_batch)
+        terms = {"nll": loss}
         logs: dict[str, float] = {}
         if self.extra_loss is not None:
             extra = self.extra_loss(model, self)
-            terms.update(extra.terms)
+            terms.update({name: value * share for name, value in extra.terms.items()})
             logs.update(extra.logs)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
@@ -109,10 +131,46 @@ class BayesLoraTrainer(Trainer):
                 f"(non-finite term(s): {', '.join(bad)}). Lower --lr, check the inputs, or for Bayesian "
                 f"methods widen the prior / shrink the initial σ.{self._checkpoint_hint()}"
             )
-        for name, value in terms.items():
-            self._running[name].append(float(value.detach()))
+        for name, value in terms.items():  # logged per optimizer step, as the terms are meant
+            self._running[name].append(float(value.detach()) / share)
         for name, value in logs.items():
             self._running[name].append(value)
+        return (loss, outputs) if return_outputs else loss
+
+    def _checkpoint_hint(self) -> str:
+        """Where the checkpoints saved before a failure are, if any were saved."""
+        if self.args.save_strategy == "no":
+            return ""
+        return f" The checkpoints saved before this step are kept in {self.args.output_dir}."
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the running means of the loss terms to the Trainer's log line."""
+        if "loss" in logs and self._running:
+            for name, values in self._running.items():
+                logs[name] = sum(values) / len(values)
+            self._running.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class BayesLoraTrainer(ExtraTermsMixin, Trainer):
+    """bayeslora's own ``Trainer``: the task loss is the cross-entropy of the scorer's class logits, averaged over the
+    batch; the method's terms come on top (:class:`ExtraTermsMixin`; the command line trains through
+    ``bayeslora.bayesian_trainer(BayesLoraTrainer)``, which adds them for the run's method).
+
+    Args:
+        scorer: turns batches into class logits.
+    """
+
+    loss_is_scaled_for_ga = False  # the task loss is a per-batch mean
+
+    def __init__(self, *args, scorer: Scorer, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scorer = scorer
+
+    def task_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """``CE(class_logits, labels)`` averaged over the batch."""
+        logits = self.scorer.class_logits(model, inputs)  # (B, C)
+        loss = F.cross_entropy(logits, inputs["labels"])
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -133,20 +191,6 @@ class BayesLoraTrainer(Trainer):
             )
         if self.args.should_save:
             torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
-
-    def _checkpoint_hint(self) -> str:
-        """Where the checkpoints saved before a failure are, if any were saved."""
-        if self.args.save_strategy == "no":
-            return ""
-        return f" The checkpoints saved before this step are kept in {self.args.output_dir}."
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the running means of the loss terms to the Trainer's log line."""
-        if "loss" in logs and self._running:
-            for name, values in self._running.items():
-                logs[name] = sum(values) / len(values)
-            self._running.clear()
-        super().log(logs, start_time)
 
 
 def warn_if_weight_decay_vanishes(lr: float, weight_decay: float, dtype: torch.dtype) -> None:

@@ -275,12 +275,50 @@ class BayesianLowRankModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until activated
         self._replace_module(parent, target_name, new_module, target)
 
+    #: training forward passes after which an adapter whose objective was never computed is warned about
+    UNREGULARISED_PASSES: ClassVar[int] = 2
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._regularised = False
+        self._unregularised_passes = 0
+        # on the wrapped model, which every PeftModel class calls (PeftModel.forward bypasses the tuner's forward)
+        self._pass_hook = self.model.register_forward_pre_hook(self._note_training_pass)
+
+    def mark_regularised(self) -> None:
+        """Record that training adds this adapter's own terms (its KL, a gate penalty) to the loss: called by
+        :meth:`kl` and by the trainers that add them, so that no warning is given."""
+        self._regularised = True
+        self._pass_hook.remove()
+
+    def _note_training_pass(self, module: nn.Module, args: Any) -> None:
+        """Warn once when the adapter is trained without its own terms: a plain ``transformers.Trainer`` or TRL
+        trainer trains the posterior's mean and leaves its variance and gates without the prior's pull."""
+        if self._regularised or not (module.training and torch.is_grad_enabled()):
+            return
+        self._unregularised_passes += 1
+        if self._unregularised_passes < self.UNREGULARISED_PASSES:
+            return
+        self._pass_hook.remove()
+        if not any(p.requires_grad for layer in self.bayesian_layers() for p in layer.parameters()):
+            return  # nothing of the adapter trains (or it was unloaded)
+        name = type(next(iter(self.peft_config.values()))).__name__ if self.peft_config else "Bayesian"
+        warnings.warn(
+            f"The {name} adapter is being trained without its own loss terms (the KL of its posterior, or B-LoRA's "
+            f"gate penalty): the trainer's loss omits them, so its variance and gates learn from the data alone. "
+            f"Train with bayeslora.BayesianTrainer or bayeslora.bayesian_trainer(YourTrainer) (e.g. trl.SFTTrainer), "
+            f"or add bayeslora.model_kl(model) / n_train to your loss yourself.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def bayesian_layers(self) -> list[BayesianLowRankLayer]:
         """Every adapter layer of this model."""
         return [m for m in self.model.modules() if isinstance(m, self.layer_cls)]
 
     def kl(self) -> Tensor:
         """KL(q || p) summed over the active adapters of every layer (a float64 scalar)."""
+        self.mark_regularised()
         terms = [
             layer.kl(adapter)
             for layer in self.bayesian_layers()

@@ -35,6 +35,21 @@ def write_word_task(path, n: int):
     return path
 
 
+def train_toy(model_dir, task, out, **options):
+    """A short bayeslora run of the model in ``model_dir`` on the task file ``task``, evaluated on it, into ``out``."""
+    import bayeslora as bl
+
+    defaults = dict(rank=2, max_steps=4, batch_size=4, lr=1e-2, logging_steps=2)
+    return bl.train(
+        model=str(model_dir),
+        task=str(task),
+        eval_tasks=[str(task)],
+        output_dir=str(out),
+        progress=False,
+        **{**defaults, **options},
+    )
+
+
 def tiny_llama_config(vocab_size: int = 64, **overrides):
     """The tests' Llama: 2 layers, 32 wide, 4 heads (2 key/value heads)."""
     from transformers import LlamaConfig

@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import bayeslora as bl
+from _toy_models import train_toy
 from bayeslora.evaluation.predictive import adapter_dropout, predict_batch
 from bayeslora.evaluation.scoring import ClozeScorer
 from bayeslora.tasks import MultipleChoiceExample
@@ -82,18 +83,6 @@ def test_ensemble_members_differ_and_combine_by_probabilities_or_logits(tiny_lla
     by_logits, _ = predict_batch(model, scorer, batch, members=("member0", "member1"), combine="logits")
     expected = per_member.log().mean(0).softmax(-1)  # mean of log-softmax = mean logits up to a per-row shift
     torch.testing.assert_close(by_logits, expected, atol=1e-5, rtol=0)
-
-
-def train_toy(model_dir, task, out, **options):
-    defaults = dict(rank=2, max_steps=4, batch_size=4, lr=1e-2, logging_steps=2)
-    return bl.train(
-        model=str(model_dir),
-        task=str(task),
-        eval_tasks=[str(task)],
-        output_dir=str(out),
-        progress=False,
-        **{**defaults, **options},
-    )
 
 
 def test_ensemble_trains_members_with_their_own_seeds_and_reloads(tiny_llama_dir, toy_task, tmp_path):

@@ -13,6 +13,7 @@ The Python API mirrors the command line::
 
 from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEFT)
 from .config import RunConfig, make_config
+from .evaluation.generation import generate
 from .evaluation.metrics import classification_metrics
 from .evaluation.predictive import Prediction, predict, predict_batch
 from .evaluation.scoring import ClassificationScorer, ClozeScorer, LetterScorer, make_scorer
@@ -20,7 +21,7 @@ from .integrations import BayesianTrainer, bayesian_trainer
 from .methods import METHODS, get_method
 from .methods.variational import model_kl
 from .models import MODEL_ALIASES, load_model, load_tokenizer
-from .pipeline import build_scorer, calibrate, evaluate, export, laplace, train
+from .pipeline import build_scorer, calibrate, evaluate, export, generate_answers, laplace, predict_inputs, train
 from .reporting.bops import bops_report
 from .runs.adapters import AdapterFileError, attach_adapter, load_adapter
 from .runs.export import export_lora, export_packed, load_packed
@@ -57,6 +58,8 @@ __all__ = [
     "export_lora",
     "export_packed",
     "frozen_samples",
+    "generate",
+    "generate_answers",
     "get_method",
     "laplace",
     "load_adapter",
@@ -70,6 +73,7 @@ __all__ = [
     "posterior_mean",
     "predict",
     "predict_batch",
+    "predict_inputs",
     "sampling",
     "train",
 ]

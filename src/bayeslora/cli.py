@@ -1,4 +1,5 @@
-"""The ``bayeslora`` command line: train | eval | calibrate | laplace | export | report | demo | env | tasks | methods.
+"""The ``bayeslora`` command line: train | eval | predict | generate | calibrate | laplace | export | report | demo |
+env | tasks | methods.
 
 ``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
 so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
@@ -120,6 +121,53 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         **options,
     )
     print(format_table([metrics]))
+    return 0
+
+
+def _write_lines(records: list[dict], output: str | None, overwrite: bool) -> None:
+    """JSON lines to ``output`` (atomically, an existing file only with ``overwrite``), or to stdout."""
+    from .pipeline.predict import write_predictions
+
+    if output is None:
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False))
+    else:
+        write_predictions(records, output, overwrite=overwrite)
+        print(f"{len(records)} records written to {output}", file=sys.stderr)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .pipeline import predict_inputs
+
+    options = {"force_base": True} if args.force_base else {}
+    records = predict_inputs(
+        args.run, args.input, samples=args.samples, batch_size=args.batch_size, progress=not args.quiet, **options
+    )
+    _write_lines(records, args.output, args.overwrite)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline.generate import generate_answers, load_prompts
+
+    if not args.prompt and not args.input:
+        raise ValueError("give prompts with --prompt TEXT (repeatable) or --input prompts.jsonl")
+    pairs = [(i, text) for i, text in enumerate(args.prompt or [], start=1)]
+    if args.input:
+        pairs += load_prompts(args.input)
+    decoding = {key: getattr(args, key) for key in ("do_sample", "temperature", "top_p", "num_beams")}
+    records = generate_answers(
+        args.run,
+        [prompt for _, prompt in pairs],
+        ids=[i for i, _ in pairs],
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chat_template=args.chat_template,
+        progress=not args.quiet,
+        **{key: value for key, value in decoding.items() if value is not None},
+    )
+    _write_lines(records, args.output, args.overwrite)
     return 0
 
 
@@ -292,6 +340,54 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="Replace an existing eval/<task>/.")
     _add_config_flags(evaluate, only=EVAL_CONFIG_OPTIONS)
     evaluate.set_defaults(handler=_cmd_eval)
+
+    predictor = command(
+        "predict",
+        "Predict rows without answers (multiple choice or classification JSONL) with a run: per row its class "
+        "probabilities, prediction, confidence, predictive entropy, expected entropy (aleatoric) and mutual "
+        "information (epistemic).",
+    )
+    predictor.add_argument("--run", required=True, help="Run directory written by `bayeslora train`.")
+    predictor.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE.jsonl",
+        help='Rows {"question", "choices"} or {"text"[, "text_pair"]}, each optionally with "id" (else its line '
+        'number) and "answer"/"label" (then also reported).',
+    )
+    predictor.add_argument("--output", metavar="OUT.jsonl", help="Write JSON lines here (default: standard output).")
+    predictor.add_argument("--samples", type=int, help="Posterior samples (default: the method's; 0: posterior mean).")
+    predictor.add_argument("--batch-size", type=int, help="Rows per forward pass (default: the run's).")
+    predictor.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
+    predictor.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
+    predictor.set_defaults(handler=_cmd_predict)
+
+    generator = command(
+        "generate",
+        "Answer free-text prompts with a run: N answers per prompt, each under its own posterior sample, with the "
+        "share that agree and the entropy over distinct answers (JSON lines).",
+    )
+    generator.add_argument("--run", required=True, help="Run directory written by `bayeslora train` (a causal LM).")
+    generator.add_argument("--prompt", action="append", metavar="TEXT", help="A prompt (repeat for more).")
+    generator.add_argument(
+        "--input", metavar="FILE.jsonl", help='Prompts {"prompt": text} or {"messages": [...]}, optionally with "id".'
+    )
+    generator.add_argument("--samples", type=int, help="Answers per prompt (default: the method's; 0: posterior mean).")
+    generator.add_argument("--max-new-tokens", type=int, default=32, help="Longest answer (default: 32).")
+    generator.add_argument("--batch-size", type=int, default=4, help="Prompts per generate call (default: 4).")
+    generator.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Render plain prompts with the tokenizer's chat template (messages always are; default: off).",
+    )
+    generator.add_argument("--do-sample", action="store_true", default=None, help="Sample tokens (default: greedy).")
+    generator.add_argument("--temperature", type=float, help="Decoding temperature (with --do-sample).")
+    generator.add_argument("--top-p", type=float, help="Nucleus sampling (with --do-sample).")
+    generator.add_argument("--num-beams", type=int, help="Beam search per answer (all beams share its sample).")
+    generator.add_argument("--output", metavar="OUT.jsonl", help="Write JSON lines here (default: standard output).")
+    generator.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
+    generator.set_defaults(handler=_cmd_generate)
 
     demo = command("demo", "Fine-tune the embedded default and print the calibration table.")
     _output_dir(demo, "Where the demo runs go (default: runs/demo-<time>).", default=None)

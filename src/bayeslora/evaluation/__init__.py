@@ -2,6 +2,7 @@
 and their intervals, temperature scaling, reliability diagrams, and the files an evaluation writes."""
 
 from .evaluate import (
+    EXAMPLES_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
     RELIABILITY_FILE,
@@ -12,6 +13,7 @@ from .evaluate import (
 )
 
 __all__ = [
+    "EXAMPLES_FILE",
     "METRICS_FILE",
     "PREDICTIONS_FILE",
     "RELIABILITY_FILE",

@@ -1,12 +1,15 @@
 """Evaluation: predictive probabilities on a task's evaluation split, metrics, and the files they go to.
 
 ``eval/<task>/`` of a run holds ``metrics.json`` (accuracy, ECE, NLL, Brier and what produced them),
-``reliability.png`` and ``predictions.safetensors`` (sample-averaged probabilities and labels, and for
-N > 1 posterior samples each sample's probabilities; for reports and post-hoc calibration).
+``reliability.png``, ``predictions.safetensors`` (sample-averaged probabilities and labels, and for
+N > 1 posterior samples each sample's probabilities; for reports and post-hoc calibration) and
+``predictions.jsonl`` (per example, in the evaluated order: probabilities, prediction, confidence, predictive
+entropy, expected entropy, mutual information, label).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,17 +18,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..io import atomic_path, write_json_atomic
+from ..io import atomic_path, write_json_atomic, write_text_atomic
 from ..tasks import DATA_SEED, Task, seeded_subset
 from .metrics import classification_metrics
 from .predictive import Prediction, predict
 from .reliability import save_reliability_diagram
 from .scoring import Scorer
-from .uncertainty import ood_auroc, selective_prediction, uncertainty
+from .uncertainty import example_records, ood_auroc, selective_prediction, uncertainty
 
 METRICS_FILE = "metrics.json"
 RELIABILITY_FILE = "reliability.png"
 PREDICTIONS_FILE = "predictions.safetensors"
+#: Per example, readable: its probabilities, prediction, confidence, uncertainties and label (JSON lines).
+EXAMPLES_FILE = "predictions.jsonl"
 
 
 def eval_examples(task: Task, limit: int | None = None) -> list:
@@ -75,7 +80,8 @@ def evaluate_model(
 
 
 def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], prediction: Prediction, title: str) -> None:
-    """Write metrics.json, reliability.png and predictions.safetensors into ``out_dir`` (each atomically)."""
+    """Write metrics.json, reliability.png, predictions.safetensors and predictions.jsonl (per example: see
+    :func:`~bayeslora.evaluation.uncertainty.example_records`) into ``out_dir`` (each atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
@@ -87,6 +93,8 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], prediction: P
             str(tmp),
             metadata={"task": str(metrics.get("task")), "method": str(metrics.get("method"))},
         )
+    records = example_records(prediction.probs, prediction.sample_probs, labels=prediction.labels)
+    write_text_atomic(out_dir / EXAMPLES_FILE, "".join(json.dumps(record) + "\n" for record in records))
     save_reliability_diagram(out_dir / RELIABILITY_FILE, prediction.probs, prediction.labels, title)
     write_json_atomic(out_dir / METRICS_FILE, metrics)
 

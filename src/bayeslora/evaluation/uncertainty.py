@@ -17,6 +17,8 @@ it over every coverage (lower is better).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
@@ -38,6 +40,36 @@ def uncertainty(probs: Tensor, sample_probs: Tensor | None = None) -> dict[str, 
     total = _entropy(probs)
     expected = total.clone() if sample_probs is None else _entropy(sample_probs).mean(0)
     return {"entropy": total, "expected_entropy": expected, "mutual_information": (total - expected).clamp_min(0)}
+
+
+def example_records(
+    probs: Tensor,
+    sample_probs: Tensor | None = None,
+    *,
+    ids: Sequence[object] | None = None,
+    labels: Tensor | None = None,
+) -> list[dict[str, object]]:
+    """One JSON-ready record per example: ``id`` (default its index), the class ``probs`` (N, C), ``prediction``
+    (the arg max), ``confidence`` (its probability), ``entropy``, ``expected_entropy`` (aleatoric) and
+    ``mutual_information`` (epistemic; see :func:`uncertainty`); with ``labels`` also ``label`` and ``correct``."""
+    spread = uncertainty(probs, sample_probs)
+    confidence, predicted = probs.max(-1)
+    ids = list(range(len(probs))) if ids is None else list(ids)
+    if len(ids) != len(probs):
+        raise ValueError(f"{len(ids)} ids for {len(probs)} examples")
+    records = []
+    for i, example_id in enumerate(ids):
+        record: dict[str, object] = {
+            "id": example_id,
+            "probs": [round(float(p), 6) for p in probs[i]],
+            "prediction": int(predicted[i]),
+            "confidence": float(confidence[i]),
+            **{name: float(values[i]) for name, values in spread.items()},
+        }
+        if labels is not None:
+            record.update(label=int(labels[i]), correct=bool(predicted[i] == labels[i]))
+        records.append(record)
+    return records
 
 
 def ood_auroc(in_scores: Tensor, out_scores: Tensor) -> float:

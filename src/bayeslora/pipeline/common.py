@@ -8,11 +8,13 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..config import RunConfig, option_users
+from ..config import RunConfig, make_config, option_users
 from ..evaluation.scoring import Scorer, make_scorer
 from ..io import write_text_atomic
 from ..methods import get_method
 from ..models import load_model
+from ..runs import ADAPTER_DIR, read_run_config
+from ..runs.adapters import load_adapter
 from ..tasks import Task, load_task
 
 
@@ -108,3 +110,27 @@ def warn_unused_options(config: RunConfig, given: Iterable[str]) -> None:
     if unused:
         ignored = "; ".join(f"--{option.replace('_', '-')} is for {who}" for option, who in unused.items())
         warnings.warn(f"--method {config.method} ignores what it does not use: {ignored}.", stacklevel=3)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run ready to predict: its model (base and adapter, in evaluation mode), tokenizer, resolved options
+    and training task."""
+
+    model: object
+    tokenizer: object
+    config: RunConfig
+    task: Task
+    path: Path
+
+
+def load_run(run: str | Path, *, progress: bool = True, **options) -> LoadedRun:
+    """The model of a run directory written by ``bayeslora train``, its adapter loaded (refused on another base
+    model unless ``force_base``); ``options`` override the run's loading and scoring options (dtype, max_length, ...).
+    """
+    config = make_config(**{**read_run_config(run), **options})
+    task = load_task(config.task)
+    model, tokenizer = load_base(config, task, progress=progress)
+    model = load_adapter(model, Path(run) / ADAPTER_DIR, force=config.force_base)
+    model.eval()
+    return LoadedRun(model, tokenizer, config, task, Path(run))

@@ -14,6 +14,8 @@ A file serves as whichever split it is given for: ``--task file.jsonl`` trains o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .base import ClassificationExample, MultipleChoiceExample, Task
@@ -32,11 +34,17 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_line(row: object) -> MultipleChoiceExample | ClassificationExample:
-    """Validate one decoded JSON line and build its example; ``ValueError`` says what is wrong."""
+def parse_line(row: object, *, labelled: bool = True) -> MultipleChoiceExample | ClassificationExample:
+    """Validate one decoded JSON line and build its example; ``ValueError`` says what is wrong. Without
+    ``labelled``, the answer (label) may be left out: the example then holds 0 in its place."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     keys = set(row)
+    if not labelled:
+        if keys >= _MC_KEYS - {"answer"} and "answer" not in keys:
+            return parse_line({**row, "answer": 0})
+        if keys >= _CLS_KEYS - {"label"} and "label" not in keys:
+            return parse_line({**row, "label": 0})
     if keys >= _MC_KEYS:
         if unknown := keys - _MC_ALLOWED:
             raise ValueError(f"unknown field(s) {sorted(unknown)} for a multiple-choice line")
@@ -110,6 +118,56 @@ def load_jsonl_task(path: str | Path) -> Task:
         source=f"local file {path} ({len(examples)} examples)",
         heldout_eval=False,
     )
+
+
+@dataclass
+class Inputs:
+    """Rows to predict, read from a JSONL file whose lines may lack the answer: their examples (0 where the answer
+    is missing), ids (a line's ``"id"``, else its line number) and answers (None where missing)."""
+
+    kind: str
+    examples: list[MultipleChoiceExample | ClassificationExample]
+    ids: list[object]
+    answers: list[int | None]
+
+
+def inputs_from_rows(rows: Sequence[tuple[int, object]], where: Callable[[int], str] = "row {}".format) -> Inputs:
+    """:class:`Inputs` from ``(number, row)`` pairs, rows of either schema with or without their answers; a row's id is
+    its ``"id"``, else its number. Errors name the row by ``where(number)``."""
+    examples, ids, answers = [], [], []
+    for number, row in rows:
+        try:
+            example = parse_line(row, labelled=False)
+        except ValueError as error:
+            raise TaskFileError(f"{where(number)}: {error}.") from error
+        if examples and type(example) is not type(examples[0]):
+            raise TaskFileError(f"{where(number)}: mixes schemas with the rows before it.")
+        examples.append(example)
+        ids.append(row.get("id", number))
+        answers.append(row.get("answer", row.get("label")))
+    if not examples:
+        raise TaskFileError("no rows to predict")
+    kind = "multiple-choice" if isinstance(examples[0], MultipleChoiceExample) else "classification"
+    return Inputs(kind, examples, ids, answers)
+
+
+def load_inputs(path: str | Path) -> Inputs:
+    """The rows of a JSONL file of either schema (see the module docstring), with or without their answers; ids
+    default to the line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(f"Input file {path} does not exist.")
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise TaskFileError(f"{path}, line {number}: not valid JSON ({error.msg}).") from error
+    if not rows:
+        raise TaskFileError(f"Input file {path} has no rows.")
+    return inputs_from_rows(rows, f"{path}, line {{}}".format)
 
 
 def _kind_of(example) -> str:

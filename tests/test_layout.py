@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bayeslora.runs",),
     ("bayeslora.reporting",),
     ("bayeslora.pipeline",),
-    ("bayeslora.cli", "bayeslora.__main__", "bayeslora.__init__", "bayeslora.exporters"),
+    ("bayeslora.cli", "bayeslora.__main__", "bayeslora.__init__", "bayeslora.exporters", "bayeslora.lm_eval"),
 )
 
 

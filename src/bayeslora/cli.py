@@ -1,5 +1,5 @@
-"""The ``bayeslora`` command line: train | eval | predict | generate | calibrate | laplace | export | report | demo |
-env | tasks | methods.
+"""The ``bayeslora`` command line: train | eval | predict | generate | lm-eval | calibrate | laplace | export | report |
+demo | env | tasks | methods.
 
 ``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
 so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
@@ -169,6 +169,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     _write_lines(records, args.output, args.overwrite)
     return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from .lm_eval import main as lm_eval_main
+    except ImportError as error:
+        raise ValueError(
+            f"`bayeslora lm-eval` needs lm-evaluation-harness ({error}): pip install 'bayeslora[lm-eval]'"
+        ) from error
+    return lm_eval_main(list(args.lm_eval_args))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -389,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     generator.set_defaults(handler=_cmd_generate)
 
+    harness = command(
+        "lm-eval",
+        "lm-evaluation-harness with the `bayeslora` model type: any lm-eval task on a run, Bayesian adapters through "
+        "their posterior predictive. Everything after `lm-eval` is lm-eval's own command line, e.g. "
+        "`bayeslora lm-eval --model bayeslora --model_args run=DIR,samples=10 --tasks arc_easy`.",
+    )
+    harness.add_argument("lm_eval_args", nargs="*", metavar="LM_EVAL_ARGS", help="lm-eval's own arguments.")
+    harness.set_defaults(handler=_cmd_lm_eval)
+
     demo = command("demo", "Fine-tune the embedded default and print the calibration table.")
     _output_dir(demo, "Where the demo runs go (default: runs/demo-<time>).", default=None)
     demo.set_defaults(handler=_cmd_demo)
@@ -444,7 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayeslora`` console script; errors print one clear message and exit 2."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on: list[str] = []
+    at = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)  # the command
+    if at is not None and argv[at] == "lm-eval":  # everything after it is lm-eval's own command line
+        argv, passed_on = argv[: at + 1], argv[at + 1 :]
     args = parser.parse_args(argv)
+    if args.command == "lm-eval":
+        args.lm_eval_args = passed_on
     try:
         return args.handler(args)
     except KeyboardInterrupt:

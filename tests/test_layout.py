@@ -17,7 +17,14 @@ PACKAGE = Path(bayeslora.__file__).parent
 #: modules of its own layer and of lower ones only.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("bayeslora.tuners",),  # PEFT tuners: torch and PEFT only
-    ("bayeslora.io", "bayeslora.system", "bayeslora.assets", "bayeslora.precision", "bayeslora.runs.layout"),
+    (
+        "bayeslora._quiet_imports",
+        "bayeslora.io",
+        "bayeslora.system",
+        "bayeslora.assets",
+        "bayeslora.precision",
+        "bayeslora.runs.layout",
+    ),
     ("bayeslora.runs.__init__", "bayeslora.config", "bayeslora.tasks", "bayeslora.models"),
     ("bayeslora.evaluation",),
     ("bayeslora.training",),

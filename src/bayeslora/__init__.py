@@ -11,7 +11,7 @@ The Python API mirrors the command line::
     metrics = bl.evaluate(run, limit=300)
 """
 
-from . import tuners  # noqa: F401  (registers Me-LoRA, BLoB and B-LoRA with PEFT)
+from . import _quiet_imports, tuners  # noqa: F401  (first: quiet third-party import noise; then register the tuners)
 from .config import RunConfig, make_config
 from .evaluation.generation import generate
 from .evaluation.metrics import classification_metrics

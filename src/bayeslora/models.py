@@ -29,6 +29,7 @@ class ModelAlias:
     name: str
     description: str
     resolve: Callable[[], Path]
+    hub_id: str | None = None  # the Hugging Face model it is (a conversion of): what saved adapters name as their base
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -38,8 +39,14 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "smollm2-135m",
             "SmolLM2-135M-Instruct (Llama, 30 layers, 135M; from the packaged 4-bit GGUF, converted once)",
             assets.converted_smollm2_dir,
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
-        ModelAlias("minilm-l6", "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22.7M)", assets.minilm_dir),
+        ModelAlias(
+            "minilm-l6",
+            "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22.7M)",
+            assets.minilm_dir,
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ),
     )
 }
 
@@ -53,6 +60,12 @@ def resolve_model(name: str) -> str:
     if name in MODEL_ALIASES:
         return str(MODEL_ALIASES[name].resolve())
     return name
+
+
+def hub_name(name: str) -> str:
+    """The name a saved adapter records as its base model: an alias's Hugging Face id, else ``name`` itself."""
+    alias = MODEL_ALIASES.get(name)
+    return alias.hub_id if alias is not None and alias.hub_id else name
 
 
 def default_device() -> torch.device:
@@ -161,6 +174,8 @@ def load_model(
         raise _load_error(name, error) from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if name in MODEL_ALIASES:  # adapters record the base by its Hub id, not the local folder it was loaded from
+        model.name_or_path = model.config._name_or_path = hub_name(name)
     if num_layers is not None:
         truncate_layers(model, num_layers)
     contiguous_linear_inputs(model)  # no strided input reaches a linear layer (BERT's pooler slices one)

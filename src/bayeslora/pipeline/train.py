@@ -37,6 +37,7 @@ from ..runs.checkpoints import (
     trained_member,
     truncate_log,
 )
+from ..runs.model_card import write_model_card
 from ..system import peak_memory_mb, versions
 from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout, seeded_subset
 from ..training import distributed
@@ -46,6 +47,7 @@ from ..training.early_stopping import EarlyStopping
 from ..training.trainer import (
     BayesLoraTrainer,
     ExampleDataset,
+    check_reporting,
     total_steps,
     training_arguments,
     warn_if_weight_decay_vanishes,
@@ -87,6 +89,7 @@ def train(
     elif recipe or overrides:
         raise ValueError("pass either a RunConfig or recipe/overrides, not both")
     config.validate()
+    check_reporting(config.report_to)  # before anything heavy is loaded
     run_dir = config.resolved_output_dir()
     resuming = config.resume
     if resuming:  # the run's own configuration, before anything is resolved from it
@@ -232,6 +235,7 @@ def train(
             evaluate_out_of_distribution(
                 model, tokenizer, resolved, task, eval_dir(run, task.name), ood_tasks, run, summary, progress=progress
             )
+        write_model_card(run)  # the method, the base, the task and the metrics, and how to load the adapter
     return run_dir
 
 

@@ -214,6 +214,31 @@ def warn_if_weight_decay_vanishes(lr: float, weight_decay: float, dtype: torch.d
         )
 
 
+#: The extra of bayeslora that installs an integration's package, where there is one.
+REPORTING_EXTRAS = {"tensorboard": "bayeslora[tensorboard]"}
+
+
+def check_reporting(report_to: Sequence[str]) -> None:
+    """Raise ``ValueError`` (before anything is loaded) naming a ``--report-to`` integration that transformers does
+    not know or whose package is not installed, and how to fix it."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = set(get_available_reporting_integrations())
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ValueError(
+                f"--report-to {name}: unknown; choose from none, all, {', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
+        if name not in available:
+            package = REPORTING_EXTRAS.get(name, name)
+            raise ValueError(
+                f"--report-to {name}: its package is not installed. pip install '{package}', or leave --report-to out."
+            )
+
+
 def training_arguments(config, output_dir: Path, *, progress: bool = True) -> TrainingArguments:
     """The ``TrainingArguments`` of a :class:`~bayeslora.config.RunConfig`: AdamW, linear warm-up then linear
     decay, seeded; a checkpoint every ``save_steps`` steps (the last ``save_total_limit`` kept) if asked."""

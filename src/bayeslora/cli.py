@@ -89,6 +89,7 @@ def _print_run_metrics(run) -> None:
 #: how an ensemble's members are combined or a Laplace posterior predicts.
 EVAL_CONFIG_OPTIONS = (
     "scoring",
+    "chat_template",
     "cloze_normalization",
     "num_layers",
     "max_length",

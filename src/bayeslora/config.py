@@ -106,6 +106,13 @@ class RunConfig:
         section="what to train",
         choices=("cloze", "letter"),
     )
+    chat_template: bool = _opt(
+        False,
+        "Put prompts through the tokenizer's chat template (instruct models): a multiple-choice question as a user "
+        "turn whose choices are the assistant's reply (cloze scoring); plain prompt/completion rows as a user turn "
+        "and the assistant's reply (chat rows always are).",
+        section="what to train",
+    )
     cloze_normalization: str = _opt(
         "mean",
         "Cloze choice score: mean or sum of the continuation's token log-likelihoods.",

@@ -144,6 +144,8 @@ def _length_order(examples: Sequence[Example]) -> list[int]:
     """Example indices sorted by text length, so that batches hold similar lengths (less padding)."""
 
     def size(example: Example) -> int:
+        if hasattr(example, "completion"):
+            return len(example.prompt) + len(example.completion)
         if hasattr(example, "contexts"):
             return len(set(example.contexts)) * len(example.contexts[0]) + sum(map(len, example.continuations))
         return len(example.text) + len(example.text_pair or "")

@@ -32,12 +32,14 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import ClassificationExample, Example, MultipleChoiceExample, Task
+from ..tasks.base import default_cloze_context
 from ..tuners.sampling import rows_of_examples
 
-Scoring = Literal["cloze", "letter", "classification"]
+Scoring = Literal["cloze", "letter", "classification", "completion"]
 ClozeNormalization = Literal["mean", "sum"]
 
 Batch = dict[str, Tensor]
@@ -76,6 +78,12 @@ class Scorer(ABC):
     @abstractmethod
     def class_logits(self, model: nn.Module, batch: Batch) -> Tensor:
         """Class scores ``(B, C)`` of the batch under ``model``; ``-inf`` where ``choice_mask`` is False."""
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """``(loss, class logits)`` of a training batch: the cross-entropy of the class scores, averaged over the
+        batch (other data, such as instruction rows, have their own)."""
+        logits = self.class_logits(model, batch)  # (B, C)
+        return F.cross_entropy(logits, batch["labels"]), logits
 
     def repeat(self, batch: Batch, n: int) -> Batch:
         """The batch tiled ``n`` times: copy ``k`` holds examples ``k·B .. k·B + B - 1``.
@@ -191,12 +199,33 @@ class ClozeScorer(Scorer):
     }
 
     def __init__(
-        self, tokenizer, num_classes: int, max_length: int = 512, normalization: ClozeNormalization = "mean"
+        self,
+        tokenizer,
+        num_classes: int,
+        max_length: int = 512,
+        normalization: ClozeNormalization = "mean",
+        chat_template: bool = False,
     ) -> None:
         super().__init__(tokenizer, num_classes, max_length)
         if normalization not in ("mean", "sum"):
             raise ValueError(f"cloze normalization must be 'mean' or 'sum', got '{normalization}'")
+        if chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("--chat-template: this tokenizer has no chat template (an instruct model's has)")
         self.normalization = normalization
+        self.chat_template = chat_template
+
+    def chat_pair(self, example: MultipleChoiceExample, context: str, continuation: str) -> tuple[str, str]:
+        """With the chat template, a choice is the assistant's reply to the question as a user turn: the context
+        is the rendered chat up to the opened assistant turn (the question itself rather than the default
+        ``Question: ...\nAnswer:`` prompt; a custom context as it is) and the continuation loses its leading
+        space."""
+        if not self.chat_template:
+            return context, continuation
+        user = example.question if context == default_cloze_context(example.question) else context
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        return rendered, continuation.lstrip()
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of ``context`` and of ``continuation`` as it follows the context.
@@ -223,7 +252,10 @@ class ClozeScorer(Scorer):
         it may attend to are its own segment up to itself plus its parent context), the predicting
         positions and targets of each choice, and whether anything was truncated.
         """
-        pairs = [self.encode_pair(c, t) for c, t in zip(example.contexts, example.continuations, strict=True)]
+        pairs = [
+            self.encode_pair(*self.chat_pair(example, c, t))
+            for c, t in zip(example.contexts, example.continuations, strict=True)
+        ]
         heads: list[list[int]] = []
         head_of_choice: list[int] = []
         for head, _ in pairs:
@@ -444,16 +476,26 @@ def make_scorer(
     max_length: int = 512,
     cloze_normalization: ClozeNormalization = "mean",
     num_classes: int | None = None,
+    chat_template: bool = False,
 ) -> Scorer:
     """The scorer for ``task``: ``classification`` for classification tasks; ``cloze`` (default) or
-    ``letter`` for multiple-choice tasks."""
+    ``letter`` for multiple-choice tasks (``chat_template``: cloze prompts through the tokenizer's chat template);
+    ``completion`` for instruction data (see :mod:`bayeslora.evaluation.completion`)."""
     num_classes = num_classes or task.num_classes
+    if task.kind == "instruction":
+        from .completion import CompletionScorer
+
+        if scoring not in (None, "completion"):
+            raise ValueError(f"task '{task.name}' is instruction data; --scoring {scoring} does not apply")
+        return CompletionScorer(tokenizer, max_length, chat_template)
+    if chat_template and scoring == "letter":
+        raise ValueError("--chat-template applies to cloze scoring (letter scoring lists the choices in its prompt)")
     if task.kind == "classification":
         if scoring not in (None, "classification"):
             raise ValueError(f"task '{task.name}' is a classification task; --scoring {scoring} does not apply")
         return ClassificationScorer(tokenizer, num_classes, max_length)
     if scoring in (None, "cloze"):
-        return ClozeScorer(tokenizer, num_classes, max_length, cloze_normalization)
+        return ClozeScorer(tokenizer, num_classes, max_length, cloze_normalization, chat_template)
     if scoring == "letter":
         return LetterScorer(tokenizer, num_classes, max_length)
     raise ValueError(f"Unknown scoring '{scoring}' for multiple-choice task '{task.name}': use cloze or letter.")

@@ -24,9 +24,12 @@ def head_for(task: Task) -> str:
 
 
 def resolved_scoring(task: Task, scoring: str | None) -> str:
-    """The scoring a run uses for ``task``: ``classification``, or ``scoring`` (cloze by default)."""
+    """The scoring a run uses for ``task``: ``classification``, ``completion`` (instruction data), or ``scoring`` (cloze
+    by default)."""
     if task.kind == "classification":
         return "classification"
+    if task.kind == "instruction":
+        return "completion"
     return scoring or "cloze"
 
 
@@ -53,6 +56,7 @@ def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | No
         max_length=config.max_length,
         cloze_normalization=config.cloze_normalization,
         num_classes=num_classes,
+        chat_template=config.chat_template,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,17 @@ import torch
 from torch import nn
 
 from ..config import RunConfig, make_config
-from ..evaluation import METRICS_FILE, eval_examples, evaluate_model, load_predictions, write_evaluation
+from ..evaluation import (
+    EXAMPLES_FILE,
+    METRICS_FILE,
+    eval_examples,
+    evaluate_model,
+    load_predictions,
+    write_evaluation,
+)
+from ..evaluation.completion import evaluate_completions
 from ..evaluation.evaluate import ood_record
-from ..io import read_json, write_json_atomic
+from ..io import read_json, write_json_atomic, write_text_atomic
 from ..methods import get_method
 from ..reporting.structure import structure_record
 from ..runs import ADAPTER_DIR, TRAIN_SUMMARY, RunExistsError, eval_dir, read_run_config
@@ -61,6 +70,11 @@ def evaluate_and_write(
     """Evaluate ``model`` on ``eval_task`` and write ``eval/<task>/`` of ``run_dir`` (or ``out_dir``)."""
     method = get_method(config.method)
     n_samples = resolve_samples(config, samples)
+    if eval_task.kind == "instruction":
+        return _evaluate_completions_and_write(
+            model, tokenizer, config, train_task, eval_task, run_dir, summary, n_samples, limit, batch_size, out_dir,
+            progress,
+        )  # fmt: skip
     num_classes = train_task.num_classes if eval_task.kind == "classification" else None
     scorer = build_scorer(eval_task, tokenizer, config, num_classes=num_classes)
     limit = limit if limit is not None else config.limit
@@ -98,6 +112,62 @@ def evaluate_and_write(
     out_dir = out_dir or eval_dir(run_dir, eval_task.name)
     title = f"{config.method} on {eval_task.name} ({scorer.name}, N={n_samples})"
     write_evaluation(out_dir, record, prediction, title)
+    return record
+
+
+def _evaluate_completions_and_write(
+    model: nn.Module,
+    tokenizer,
+    config: RunConfig,
+    train_task: Task,
+    eval_task: Task,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    n_samples: int,
+    limit: int | None,
+    batch_size: int | None,
+    out_dir: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Instruction data: the completions' per-token NLL and perplexity under the posterior predictive, into
+    ``metrics.json`` and, per example, ``predictions.jsonl`` (see :mod:`bayeslora.evaluation.completion`)."""
+    method = get_method(config.method)
+    predictive = method.predictive(config, n_samples, run_dir)
+    if "sampler" in predictive:
+        raise ValueError(f"--method {config.method} predicts class scores only; instruction data has none")
+    scorer = build_scorer(eval_task, tokenizer, config)
+    limit = limit if limit is not None else config.limit
+    torch.manual_seed(config.seed)
+    metrics, per_example = evaluate_completions(
+        model,
+        scorer,
+        eval_examples(eval_task, limit),
+        n_samples=n_samples,
+        batch_size=batch_size or config.eval_batch_size,
+        progress=progress,
+        dropout=predictive.get("dropout", False),
+        members=predictive.get("members", ()),
+    )
+    record: dict[str, Any] = {
+        "task": eval_task.name,
+        "method": config.method,
+        "model": config.model,
+        "scoring": scorer.name,
+        "chat_template": config.chat_template,
+        **method.predictive_record(config),
+        **metrics,
+        "limit": limit,
+        "seed": config.seed,
+        "run": str(run_dir),
+        "task_source": eval_task.source,
+    }
+    if summary:
+        record["train_task"] = train_task.name
+        record.update({key: summary[key] for key in SUMMARY_KEYS_IN_METRICS if key in summary})
+    out_dir = out_dir or eval_dir(run_dir, eval_task.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / EXAMPLES_FILE, "".join(json.dumps(row) + "\n" for row in per_example))
+    write_json_atomic(out_dir / METRICS_FILE, record)
     return record
 
 

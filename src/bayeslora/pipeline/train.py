@@ -110,6 +110,8 @@ def train(
     task = load_task(config.task)
     config = method.check_inputs(config, task)
     train_examples = seeded_subset(task.split("train"), config.train_size, DATA_SEED)
+    if task.kind == "instruction" and config.early_stopping:
+        raise ValueError("--early-stopping chooses the epoch by held-out class NLL; instruction data has no classes")
     heldout = None
     if config.early_stopping:  # the examples after the training subset in the same seeded order (an error if none)
         heldout = seeded_heldout(task.split("train"), config.train_size, HELDOUT_EXAMPLES, DATA_SEED)
@@ -154,7 +156,7 @@ def train(
         resolved = dataclasses.replace(
             config,
             target_modules=targets,
-            scoring=None if task.kind == "classification" else resolved_scoring(task, config.scoring),
+            scoring=None if task.kind != "multiple-choice" else resolved_scoring(task, config.scoring),
             output_dir=str(run_dir),
             overwrite=False,
             eval_tasks=eval_names,

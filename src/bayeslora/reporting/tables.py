@@ -14,6 +14,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ECE %", "ece", "{:.1f}"),
     ("NLL", "nll", "{:.3f}"),
     ("Brier", "brier", "{:.3f}"),
+    ("token NLL", "token_nll", "{:.3f}"),  # instruction data: per completion token, under the posterior predictive
+    ("perplexity", "perplexity", "{:.2f}"),
     ("examples", "n_examples", "{}"),
     ("trainable", "trainable_params", "{:,}"),
     ("step s", "step_time_s", "{:.2f}"),
@@ -40,14 +42,14 @@ OOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
 REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     *COLUMNS[:2],
     ("seed", "seed", "{}"),
-    *COLUMNS[2:7],
+    *COLUMNS[2:9],
     ("AURC", "aurc", "{:.3f}"),
     ("acc@80% %", "accuracy_at_coverage.0.8", "{:.1f}"),
-    *COLUMNS[7:10],
+    *COLUMNS[9:12],
     ("train s", "train_runtime_s", "{:.0f}"),
     ("post-hoc fit s", "laplace_fit_s", "{:.0f}"),
     ("eval s", "eval_time_s", "{:.0f}"),
-    *COLUMNS[10:],
+    *COLUMNS[12:],
 )
 
 

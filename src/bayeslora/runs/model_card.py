@@ -15,21 +15,27 @@ from .layout import ADAPTER_DIR, EVAL_DIR, TRAIN_SUMMARY, read_run_config
 CARD_FILE = "README.md"
 
 _METRICS = (("accuracy", "accuracy", 100, "{:.1f}"), ("ece", "ECE", 100, "{:.1f}"), ("nll", "NLL", 1, "{:.3f}"),
-            ("brier", "Brier", 1, "{:.3f}"))  # fmt: skip
+            ("brier", "Brier", 1, "{:.3f}"), ("token_nll", "token NLL", 1, "{:.3f}"),
+            ("perplexity", "perplexity", 1, "{:.2f}"))  # fmt: skip
 
 
 def _results_table(evaluations: list[dict[str, Any]]) -> str:
     if not evaluations:
         return "No evaluation was run.\n"
+    shown = [m for m in _METRICS if any(m[0] in record for record in evaluations)]
     lines = [
-        "| task | samples | " + " | ".join(label for _, label, _, _ in _METRICS) + " |",
-        "|---" * (2 + len(_METRICS)) + "|",
+        "| task | samples | " + " | ".join(label for _, label, _, _ in shown) + " |",
+        "|---" * (2 + len(shown)) + "|",
     ]
     for record in evaluations:
         cells = [str(record.get("task")), str(record.get("n_samples", ""))]
-        cells += [form.format(scale * record[key]) if key in record else "" for key, _, scale, form in _METRICS]
+        cells += [form.format(scale * record[key]) if key in record else "" for key, _, scale, form in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nAccuracy and ECE (15 bins) in %; ECE, NLL and Brier: lower is better.\n"
+    return (
+        "\n".join(lines)
+        + "\n\nAccuracy and ECE (15 bins) in %; NLL (per question, or per completion token), ECE and Brier: lower "
+        "is better.\n"
+    )
 
 
 def _base_note(model: str) -> str:

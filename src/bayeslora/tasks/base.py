@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-TaskKind = Literal["multiple-choice", "classification"]
+TaskKind = Literal["multiple-choice", "classification", "instruction"]
 
 
 def default_cloze_context(question: str) -> str:
@@ -99,7 +99,40 @@ class ClassificationExample:
         return cls(text=row["text"], label=row["label"], text_pair=row.get("text_pair"))
 
 
-Example = MultipleChoiceExample | ClassificationExample
+@dataclass(frozen=True)
+class InstructionExample:
+    """Free text for causal language models: a prompt and the completion the model should write (the loss and the
+    evaluation cover the completion's tokens only). Given as ``messages`` (a chat, rendered with the tokenizer's chat
+    template), the completion is the last assistant turn and the prompt every turn before it."""
+
+    prompt: str
+    completion: str
+    messages: tuple[tuple[str, str], ...] | None = None  # ((role, content), ...) of a chat, completion last
+
+    label = 0  # no classes: evaluation measures the completion's likelihood
+    num_classes = 0
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[dict]) -> InstructionExample:
+        """A chat whose last turn is the assistant's completion."""
+        turns = tuple((str(m["role"]), str(m["content"])) for m in messages)
+        if len(turns) < 2 or turns[-1][0] != "assistant":
+            raise ValueError('"messages" needs at least one turn before a last "assistant" turn (the completion)')
+        return cls(prompt=turns[-2][1], completion=turns[-1][1], messages=turns)
+
+    def chat(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        """``(prompt turns, all turns)`` as chat-template messages (a plain prompt is one user turn)."""
+        turns = self.messages or (("user", self.prompt), ("assistant", self.completion))
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return messages[:-1], messages
+
+    def to_dict(self) -> dict:
+        if self.messages:
+            return {"messages": [{"role": r, "content": c} for r, c in self.messages]}
+        return {"prompt": self.prompt, "completion": self.completion}
+
+
+Example = MultipleChoiceExample | ClassificationExample | InstructionExample
 
 
 @dataclass

@@ -5,7 +5,10 @@ Two schemas, one JSON object per line (blank lines are skipped); every line of a
 * multiple choice: ``{"question": str, "choices": [str, ...], "answer": int}`` (at least two choices,
   ``answer`` indexes ``choices``), optionally ``"context": str``, the cloze prompt the choices continue
   (default ``"Question: <question>\\nAnswer:"``);
-* classification: ``{"text": str, "text_pair": str (optional), "label": int}`` (labels 0..K-1).
+* classification: ``{"text": str, "text_pair": str (optional), "label": int}`` (labels 0..K-1);
+* instruction (free text): ``{"prompt": str, "completion": str}``, or ``{"messages": [{"role", "content"}, ...]}``
+  whose last turn is the assistant's (rendered with the tokenizer's chat template); the loss and the evaluation
+  (per-token NLL and perplexity of the completions) cover the completion's tokens only.
 
 A file serves as whichever split it is given for: ``--task file.jsonl`` trains on all of it,
 ``--eval-tasks file.jsonl`` or ``bayeslora eval --task file.jsonl`` evaluates on all of it.
@@ -18,12 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import ClassificationExample, MultipleChoiceExample, Task
+from .base import ClassificationExample, InstructionExample, MultipleChoiceExample, Task
 
 _MC_KEYS = {"question", "choices", "answer"}
 _CLS_KEYS = {"text", "label"}
 _MC_ALLOWED = _MC_KEYS | {"context", "id"}
 _CLS_ALLOWED = _CLS_KEYS | {"text_pair", "id"}
+_PROMPT_KEYS = {"prompt", "completion"}
+_CHAT_KEYS = {"messages"}
 
 
 class TaskFileError(ValueError):
@@ -72,10 +77,33 @@ def parse_line(row: object, *, labelled: bool = True) -> MultipleChoiceExample |
         if not _is_int(label) or label < 0:
             raise ValueError(f'"label" must be a non-negative integer, got {label!r}')
         return ClassificationExample(text=text, label=label, text_pair=pair)
+    if keys >= _PROMPT_KEYS or keys >= _CHAT_KEYS:
+        return _instruction(row, keys)
     raise ValueError(
-        f"fields {sorted(keys)} fit neither schema: multiple choice needs question, choices, answer; "
-        f"classification needs text, label"
+        f"fields {sorted(keys)} fit no schema: multiple choice needs question, choices, answer; classification "
+        f"needs text, label; instruction data needs prompt, completion (or messages)"
     )
+
+
+def _instruction(row: dict, keys: set[str]) -> InstructionExample:
+    """An instruction line: ``{"prompt", "completion"}`` or ``{"messages"}`` (and optionally ``"id"``)."""
+    if keys >= _CHAT_KEYS:
+        if unknown := keys - _CHAT_KEYS - {"id"}:
+            raise ValueError(f"unknown field(s) {sorted(unknown)} for a chat line")
+        messages = row["messages"]
+        valid = isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not valid:
+            raise ValueError('"messages" must be a list of {"role": str, "content": str}')
+        return InstructionExample.from_messages(messages)
+    if unknown := keys - _PROMPT_KEYS - {"id"}:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} for a prompt/completion line")
+    prompt, completion = row["prompt"], row["completion"]
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+        raise ValueError('"prompt" must be a string and "completion" a non-empty string')
+    return InstructionExample(prompt=prompt, completion=completion)
 
 
 def load_jsonl_task(path: str | Path) -> Task:
@@ -104,6 +132,8 @@ def load_jsonl_task(path: str | Path) -> Task:
         raise TaskFileError(f"Task file {path} has no examples.")
     if isinstance(examples[0], MultipleChoiceExample):
         kind, num_classes = "multiple-choice", max(e.num_classes for e in examples)
+    elif isinstance(examples[0], InstructionExample):
+        kind, num_classes = "instruction", 0
     else:
         kind = "classification"
         num_classes = max(e.label for e in examples) + 1
@@ -171,4 +201,6 @@ def load_inputs(path: str | Path) -> Inputs:
 
 
 def _kind_of(example) -> str:
+    if isinstance(example, InstructionExample):
+        return "instruction"
     return "multiple choice" if isinstance(example, MultipleChoiceExample) else "classification"

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import Dataset
@@ -168,9 +167,9 @@ class BayesLoraTrainer(ExtraTermsMixin, Trainer):
         self.scorer = scorer
 
     def task_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        """``CE(class_logits, labels)`` averaged over the batch."""
-        logits = self.scorer.class_logits(model, inputs)  # (B, C)
-        loss = F.cross_entropy(logits, inputs["labels"])
+        """The scorer's training loss: ``CE(class_logits, labels)`` averaged over the batch, or for instruction data
+        the mean NLL of the completion tokens."""
+        loss, logits = self.scorer.training_loss(model, inputs)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

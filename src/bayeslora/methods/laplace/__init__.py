@@ -45,6 +45,11 @@ class Laplace(Lora):
         """The prior rule resolved against ``task``'s training split (``auto`` becomes ``heldout`` or ``marglik``,
         see :func:`resolve_prior`), so that ``config.yaml`` records the rule used and a held-out prior with no
         held-out examples is refused now."""
+        if task.kind == "instruction":
+            raise ValueError(
+                "--method laplace fits its posterior to class scores; instruction data has none: train a Bayesian "
+                "adapter (melora, blob) for a posterior over free text"
+            )
         prior = resolve_prior(config.laplace_prior, len(task.split("train")), config.train_size)
         return dataclasses.replace(config, laplace_prior=prior)
 

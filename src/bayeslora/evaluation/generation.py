@@ -84,8 +84,8 @@ def answer_agreement(normalised: Sequence[str]) -> tuple[str, float, float, int]
     counts = Counter(normalised)  # insertion-ordered: ties go to the first generated
     majority, top = counts.most_common(1)[0]
     n = len(normalised)
-    entropy = -sum(c / n * math.log(c / n) for c in counts.values())
-    return majority, top / n, max(entropy, 0.0), len(counts)
+    entropy = sum(c / n * math.log(n / c) for c in counts.values())  # = −Σ p log p, exactly 0.0 when all agree
+    return majority, top / n, entropy, len(counts)
 
 
 def render_prompts(tokenizer, prompts: Sequence[Prompt], chat_template: bool | None = None) -> list[str]:

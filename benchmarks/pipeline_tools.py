@@ -93,7 +93,8 @@ def main() -> None:
     write_text_atomic(prompts, "".join(json.dumps({"id": i, "prompt": q.contexts[0]}) + "\n"
                                        for i, q in enumerate(questions[: options.generate])))  # fmt: skip
     _cli("generate", "--run", str(options.run), "--input", str(prompts), "--samples", str(options.samples),
-         "--max-new-tokens", str(options.max_new_tokens), "--output", str(out / "generate.jsonl"), "--overwrite")  # fmt: skip
+         "--max-new-tokens", str(options.max_new_tokens), "--output", str(out / "generate.jsonl"),
+         "--overwrite")  # fmt: skip
     generated = _rows(out / "generate.jsonl")
     record["generate"] = [
         {
@@ -110,8 +111,8 @@ def main() -> None:
     # 2. prediction on unlabelled questions, answers joined afterwards
     unlabelled = out / "predict_input.jsonl"
     chosen = questions[: options.predict]
-    write_text_atomic(unlabelled, "".join(json.dumps({"id": f"q{i}", "question": q.question, "choices": list(q.choices)})
-                                          + "\n" for i, q in enumerate(chosen)))  # fmt: skip
+    rows = [{"id": f"q{i}", "question": q.question, "choices": list(q.choices)} for i, q in enumerate(chosen)]
+    write_text_atomic(unlabelled, "".join(json.dumps(row) + "\n" for row in rows))
     _cli("predict", "--run", str(options.run), "--input", str(unlabelled), "--samples", str(options.samples),
          "--output", str(out / "predict.jsonl"), "--overwrite")  # fmt: skip
     predicted = _rows(out / "predict.jsonl")
@@ -174,7 +175,8 @@ def _markdown(record: dict, options) -> str:
               f"| lm-eval acc (sum log-likelihood) | {100 * lm['acc']:.1f} |",
               f"| lm-eval acc_norm (per byte) | {100 * lm['acc_norm']:.1f} |",
               f"| bayeslora eval, cloze sum | {100 * lm['bayeslora_eval_sum']['accuracy']:.1f} |",
-              f"| bayeslora eval, cloze mean (the run's) | {100 * lm['bayeslora_eval_mean']['accuracy']:.1f} |", ""]  # fmt: skip
+              f"| bayeslora eval, cloze mean (the run's) | {100 * lm['bayeslora_eval_mean']['accuracy']:.1f} |",
+              ""]  # fmt: skip
     return "\n".join(lines)
 
 

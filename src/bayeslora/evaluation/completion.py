@@ -121,8 +121,9 @@ def completion_log_likelihoods(
     dropout: bool = False,
     members: Sequence[str] = (),
 ) -> tuple[Tensor, Tensor]:
-    """``(log p̄(y_t | ...), mask)`` of one batch, each ``(B, L − 1)`` (float64): per token, the probability averaged over
-    ``n_samples`` posterior samples (0: the posterior mean), over MC dropout masks, or over an ensemble's members."""
+    """``(log p̄(y_t | ...), mask)`` of one batch, each ``(B, L − 1)`` (float64): per token, the probability averaged
+    over ``n_samples`` posterior samples (0: the posterior mean), over MC dropout masks, or over an ensemble's
+    members."""
     batch = move_batch(batch, model_device(model))
     rows = batch["input_ids"].shape[0]
     if members:

@@ -90,3 +90,15 @@ def test_generate_with_the_packaged_smollm2():
     assert all(a.tokens >= 1 and a.log_likelihood < 0 for a in results[0].answers)
     # an untrained adapter (B = 0) is the base model: every sample answers alike
     assert results[0].agreement == 1.0 and results[0].distinct == 1
+
+
+PREDICTIVES = [("ensemble", {"ensemble_size": 2}, 2), ("mcdropout", {"dropout": 0.3, "samples": 3}, 3)]
+
+
+@pytest.mark.parametrize(("method", "options", "answers"), PREDICTIVES)
+def test_ensembles_and_mc_dropout_answer_once_per_member_or_mask(
+    method, options, answers, tiny_llama_dir, toy_task, tmp_path
+):
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / method, method=method, **options)
+    records = bl.generate_answers(run, ["Item 1: pick"], max_new_tokens=3, progress=False)
+    assert records[0]["samples"] == answers and len(records[0]["answers"]) == answers

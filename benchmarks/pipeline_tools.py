@@ -93,7 +93,7 @@ def main() -> None:
     write_text_atomic(prompts, "".join(json.dumps({"id": i, "prompt": q.contexts[0]}) + "\n"
                                        for i, q in enumerate(questions[: options.generate])))  # fmt: skip
     _cli("generate", "--run", str(options.run), "--input", str(prompts), "--samples", str(options.samples),
-         "--max-new-tokens", str(options.max_new_tokens), "--output", str(out / "generate.jsonl"),
+         "--max-new-tokens", str(options.max_new_tokens), "--stop", "\\n", "--output", str(out / "generate.jsonl"),
          "--overwrite")  # fmt: skip
     generated = _rows(out / "generate.jsonl")
     record["generate"] = [
@@ -158,7 +158,8 @@ def main() -> None:
 def _markdown(record: dict, options) -> str:
     p, lm = record["predict"], record["lm_eval"]
     lines = [f"# Tools around a run: {record['method']} on {record['task']} ({record['run']})", "",
-             f"## bayeslora generate ({options.samples} samples, greedy, ≤ {options.max_new_tokens} tokens)", "",
+             f"## bayeslora generate ({options.samples} samples, greedy, one line, ≤ {options.max_new_tokens} tokens)",
+             "",
              "| question | answer key | most common answer | agreement | answer entropy (nats) | distinct |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for g in record["generate"]:

@@ -113,3 +113,13 @@ def test_chat_prompts_use_the_template_and_bad_arguments_are_named(smol_tokenize
         bl.generate(model, smol_tokenizer, PROMPTS, samples=-1)
     with pytest.raises(ValueError, match="num_return_sequences must be 1"):
         bl.generate(model, smol_tokenizer, PROMPTS, samples=2, num_return_sequences=2)
+
+
+def test_a_stop_string_ends_each_answer(smol_tokenizer):
+    model = _melora_model(smol_tokenizer, sigma=0.5)
+    free = bl.generate(model, smol_tokenizer, PROMPTS[:2], samples=0, max_new_tokens=12)  # the same weights twice
+    cut = bl.generate(model, smol_tokenizer, PROMPTS[:2], samples=0, max_new_tokens=12, stop=[" "])
+    for long, short in zip(free, cut, strict=True):
+        for whole, first in zip(long.answers, short.answers, strict=True):
+            assert " " not in first.text and whole.text.startswith(first.text)
+            assert first.tokens <= whole.tokens

@@ -9,6 +9,7 @@ recipe < flags.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import sys
@@ -157,6 +158,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.input:
         pairs += load_prompts(args.input)
     decoding = {key: getattr(args, key) for key in ("do_sample", "temperature", "top_p", "num_beams")}
+    if args.stop:
+        decoding["stop"] = [codecs.decode(text, "unicode_escape") for text in args.stop]
     records = generate_answers(
         args.run,
         [prompt for _, prompt in pairs],
@@ -396,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--temperature", type=float, help="Decoding temperature (with --do-sample).")
     generator.add_argument("--top-p", type=float, help="Nucleus sampling (with --do-sample).")
     generator.add_argument("--num-beams", type=int, help="Beam search per answer (all beams share its sample).")
+    generator.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="End an answer at this string (repeatable; escapes such as \\n are read): e.g. --stop '\\n' for "
+        "one-line answers.",
+    )
     generator.add_argument("--output", metavar="OUT.jsonl", help="Write JSON lines here (default: standard output).")
     generator.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     generator.set_defaults(handler=_cmd_generate)

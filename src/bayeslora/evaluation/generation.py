@@ -118,6 +118,7 @@ def generate(
     chat_template: bool | None = None,
     dropout: bool = False,
     members: Sequence[str] = (),
+    stop: Sequence[str] = (),
     **generate_kwargs: Any,
 ) -> list[PromptAnswers]:
     """N answers per prompt, each under its own posterior sample, with their agreement (see the module docstring).
@@ -132,6 +133,8 @@ def generate(
         chat_template: render plain strings with the tokenizer's chat template (messages always are).
         dropout: MC dropout: the adapters' dropout on while generating.
         members: an ensemble's member adapters: one answer each (``samples`` is then ignored).
+        stop: strings that end an answer (e.g. ``"\n"`` for one-line answers): generation of a sequence stops once
+            one appears, and the answer's text ends before it.
         generate_kwargs: passed to ``model.generate`` (default greedy decoding, so that the answers differ only
             through the weights; ``do_sample=True`` adds the decoder's own randomness).
 
@@ -147,6 +150,8 @@ def generate(
     if not prompts:
         raise ValueError("no prompts to answer")
     texts = render_prompts(tokenizer, prompts, chat_template)
+    if stop:
+        generate_kwargs = {**generate_kwargs, "stop_strings": list(stop), "tokenizer": tokenizer}
     was_training = model.training
     model.eval()
     results = []
@@ -220,11 +225,20 @@ def _answer_batch(
             sequences = model.generate(input_ids=input_ids, attention_mask=attention, **options)  # (B·N, L + T)
         generated = sequences[:, input_ids.shape[1] :]  # (B·N, T)
         log_likelihood, lengths = _sequence_log_likelihood(model, sequences, attention, generated, tokenizer)
-    texts_out = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    texts_out = [_before_stop(text, generate_kwargs.get("stop_strings", ())) for text in
+                 tokenizer.batch_decode(generated, skip_special_tokens=True)]  # fmt: skip
     return [
         Answer(text.strip(), normalise_answer(text), int(n), float(ll))
         for text, n, ll in zip(texts_out, lengths.tolist(), log_likelihood.tolist(), strict=True)
     ]
+
+
+def _before_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first of ``stops`` in it (leading whitespace skipped first: an answer starting on a new line
+    is not empty)."""
+    body = text.lstrip()
+    cut = min((i for i in (body.find(s) for s in stops) if i >= 0), default=len(body))
+    return body[:cut]
 
 
 def _answer_mask(generated: Tensor, tokenizer) -> Tensor:

@@ -12,8 +12,8 @@ import torch
 from peft import get_peft_model
 
 import bayeslora as bl
-from bayeslora.evaluation.completion import IGNORE, CompletionScorer, completion_log_likelihoods
-from bayeslora.evaluation.scoring import ClozeScorer
+from bayeslora.evaluation.completion_metrics import completion_log_likelihoods
+from bayeslora.evaluation.scoring import IGNORE, ClozeScorer, CompletionScorer
 from bayeslora.tasks import InstructionExample, MultipleChoiceExample
 from bayeslora.tasks.files import TaskFileError, load_jsonl_task
 from bayeslora.tuners.sampling import sample_copies, sampling

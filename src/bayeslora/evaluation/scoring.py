@@ -16,6 +16,10 @@ Three scorings:
 * ``letter`` (causal LMs, the BLoB protocol): the prompt lists the choices as ``A. ...`` and ends with
   ``Answer:``; the class scores are the next-token logits of `` A``, `` B``, ... at the last position.
 * ``classification`` (sequence-classification heads): the head's logits.
+* ``completion`` (instruction data, causal LMs): no classes; a prompt and its completion are rendered as the model
+  sees them (plain, or through the tokenizer's chat template), the loss is the mean NLL of the completion's tokens
+  (an end-of-sequence token closes a plain completion), the prompt is context only (:class:`CompletionScorer`; its
+  evaluation: :mod:`bayeslora.evaluation.completion_metrics`).
 
 Every batch carries ``sequence_example``: for each model input row, the index of the example it belongs
 to. Bayesian adapters use it to give each example its own weight sample, shared by the example's
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tasks import ClassificationExample, Example, MultipleChoiceExample, Task
+from ..tasks import ClassificationExample, Example, InstructionExample, MultipleChoiceExample, Task
 from ..tasks.base import default_cloze_context
 from ..tuners.sampling import rows_of_examples
 
@@ -468,6 +472,88 @@ class ClassificationScorer(Scorer):
             return model(**inputs).logits.float()  # (B, C)
 
 
+IGNORE = -100  # the label of a token that is not predicted (prompt, padding)
+
+
+class CompletionScorer(Scorer):
+    """Collates prompt + completion rows with labels on the completion's tokens only (see the module docstring).
+
+    Args:
+        chat_template: render plain ``prompt``/``completion`` rows with the tokenizer's chat template too (chat rows
+            always are).
+    """
+
+    name = "completion"
+    row_groups: ClassVar[dict[str, str]] = {
+        "input_ids": "sequence",
+        "attention_mask": "sequence",
+        "sequence_example": "sequence",
+        "labels": "sequence",
+    }
+    index_keys: ClassVar[dict[str, str]] = {"sequence_example": "sequence"}  # one row per example
+
+    def __init__(self, tokenizer, max_length: int = 512, chat_template: bool = False) -> None:
+        super().__init__(tokenizer, num_classes=0, max_length=max_length)
+        self.chat_template = chat_template
+
+    def render(self, example: InstructionExample) -> tuple[str, str]:
+        """``(prompt text, completion text)`` as the model sees them."""
+        if example.messages is None and not self.chat_template:
+            return example.prompt, example.completion + (self.tokenizer.eos_token or "")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("chat rows (or --chat-template) need a tokenizer with a chat template")
+        prompt_turns, all_turns = example.chat()
+        prompt = self.tokenizer.apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True)
+        whole = self.tokenizer.apply_chat_template(all_turns, tokenize=False)
+        if not whole.startswith(prompt):  # a template that renders the last turn differently: keep its own text
+            return prompt, example.completion + (self.tokenizer.eos_token or "")
+        return prompt, whole[len(prompt) :]
+
+    def encode(self, example: InstructionExample) -> tuple[list[int], list[int], bool]:
+        """Prompt and completion token ids, cut to ``max_length`` (the prompt's start first), and whether cut."""
+        prompt, completion = self.render(example)
+        head = self.tokenizer(prompt).input_ids if prompt else []
+        tail = self.tokenizer(completion, add_special_tokens=False).input_ids
+        if not tail:
+            raise ValueError(f"completion {example.completion!r} encodes to no tokens")
+        truncated = len(head) + len(tail) > self.max_length
+        if truncated:
+            tail = tail[: self.max_length - 1]
+            head = head[-(self.max_length - len(tail)) :] if len(tail) < self.max_length else []
+        return head, tail, truncated
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        if not all(isinstance(e, InstructionExample) for e in examples):
+            raise TypeError("completion scoring needs instruction examples (prompt/completion or messages)")
+        encoded = [self.encode(e) for e in examples]
+        self._note_truncation(sum(cut for _, _, cut in encoded))
+        rows = [head + tail for head, tail, _ in encoded]
+        ids, mask = _pad(rows, self.tokenizer.pad_token_id, side="right")  # (B, L)
+        labels = torch.full_like(ids, IGNORE)
+        for i, (head, tail, _) in enumerate(encoded):
+            labels[i, len(head) : len(head) + len(tail)] = torch.tensor(tail)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "sequence_example": torch.arange(len(rows))}
+
+    def token_log_likelihoods(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        """``(log p(y_t | y_<t), mask)``, each ``(R, L − 1)``: the log-probability of every next token and whether it
+        is a completion token (0 elsewhere)."""
+        with rows_of_examples(batch["sequence_example"]):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (R, L, V)
+        targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+        mask = targets != IGNORE
+        log_probs = logits[:, :-1].float().log_softmax(-1)  # (R, L - 1, V)
+        picked = log_probs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)  # (R, L - 1)
+        return picked * mask, mask
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """The mean negative log-likelihood of the batch's completion tokens."""
+        log_likelihood, mask = self.token_log_likelihoods(model, batch)
+        return -log_likelihood.sum() / mask.sum().clamp_min(1), None
+
+    def class_logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        raise TypeError("instruction data has no classes: its evaluation is the completions' likelihood")
+
+
 def make_scorer(
     task: Task,
     tokenizer,
@@ -483,8 +569,6 @@ def make_scorer(
     ``completion`` for instruction data (see :mod:`bayeslora.evaluation.completion`)."""
     num_classes = num_classes or task.num_classes
     if task.kind == "instruction":
-        from .completion import CompletionScorer
-
         if scoring not in (None, "completion"):
             raise ValueError(f"task '{task.name}' is instruction data; --scoring {scoring} does not apply")
         return CompletionScorer(tokenizer, max_length, chat_template)

@@ -20,7 +20,7 @@ from ..evaluation import (
     load_predictions,
     write_evaluation,
 )
-from ..evaluation.completion import evaluate_completions
+from ..evaluation.completion_metrics import evaluate_completions
 from ..evaluation.evaluate import ood_record
 from ..io import read_json, write_json_atomic, write_text_atomic
 from ..methods import get_method

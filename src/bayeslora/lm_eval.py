@@ -46,6 +46,7 @@ class BayesLoraLM(HFLM):
         run: the run directory written by ``bayeslora train``.
         samples: posterior samples (default: the method's; 0: the posterior mean).
         dtype: the base model's dtype (default: the run's).
+        softmax_dtype: the dtype of the log-softmax (default float32).
         force_base: load the adapter even onto another base model than it was trained on.
         Others (``batch_size``, ``max_length``, ...) as lm-eval's ``hf`` model.
     """
@@ -67,6 +68,10 @@ class BayesLoraLM(HFLM):
                 f"log-likelihood requests cannot use"
             )
         kwargs.pop("pretrained", None)
+        # log-probabilities in float32 as bayeslora's own scorers compute them: with a bf16 base (what dtype=auto picks
+        # on CPUs with bf16 units, and on GPUs) lm-eval would otherwise take the log-softmax in bf16, whose 8-bit
+        # mantissa rounds a continuation's log-likelihood to steps of 1/16 nat and more
+        kwargs.setdefault("softmax_dtype", "float32")
         model = loaded.model
         # HFLM re-ties the input and output embeddings; loading tied them already, and an adapted lm_head (a wrapper
         # whose `weight` is its base layer's) cannot be re-tied by assignment

@@ -72,6 +72,34 @@ def test_adapter_records_its_base_and_refuses_another(finished_run, other_llama_
     assert 0.0 <= forced["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_an_adapter_loads_onto_its_base_in_another_precision(tiny_llama_dir, legacy):
+    """A run trained on a bf16 base (what dtype=auto picks on CPUs with bf16 units) evaluates on the same base loaded
+    in float32 and back; a fingerprint of an earlier version (its hash as loaded only) too."""
+    from peft import get_peft_model
+
+    from bayeslora.runs.fingerprint import base_fingerprint, check_fingerprint
+
+    half, _ = bl.load_model(str(tiny_llama_dir), dtype="bfloat16", device="cpu")
+    full, _ = bl.load_model(str(tiny_llama_dir), dtype="float32", device="cpu")
+    for trained, other in ((half, full), (full, half)):
+        stored = base_fingerprint(get_peft_model(trained, bl.MeLoraConfig(r=2, target_modules=["q_proj"])))
+        if legacy:
+            del stored["embedding_sha256_bf16"]
+        folder = tiny_llama_dir.parent / f"fingerprint-{legacy}-{trained.dtype}"
+        folder.mkdir(exist_ok=True)
+        (folder / FINGERPRINT_FILE).write_text(json.dumps(stored))
+        if legacy and trained is full:  # an old fp32 hash cannot be recomputed from bf16 weights
+            with pytest.raises(AdapterMismatchError, match="different weights"):
+                check_fingerprint(other, folder)
+            continue
+        check_fingerprint(other, folder)  # no error
+        stored["embedding_sha256_bf16" if not legacy else "embedding_sha256"] = "0" * 64  # other weights
+        (folder / FINGERPRINT_FILE).write_text(json.dumps(stored))
+        with pytest.raises(AdapterMismatchError, match="different weights"):
+            check_fingerprint(other, folder)
+
+
 def test_adapter_without_fingerprint_loads(finished_run, tmp_path):
     """Adapters written by PEFT itself carry no fingerprint: they load as before."""
     (finished_run / "adapter" / FINGERPRINT_FILE).unlink()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..io import read_json, write_json_atomic
 
@@ -48,20 +48,46 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _embedding_sample(model: nn.Module) -> Tensor:
+    """``_ROWS`` rows of the base's input embedding at indices ⌊k·V/_ROWS⌋, in the model's dtype, on the CPU."""
+    embedding = base_model_of(model).get_input_embeddings().weight  # (V, d)
+    rows = torch.linspace(0, embedding.shape[0] - 1, steps=min(_ROWS, embedding.shape[0])).long()
+    return embedding.detach()[rows].to("cpu")  # (_ROWS, d)
+
+
+def _sha256(sample: Tensor, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 of ``sample`` (rounded to ``dtype`` first, if given) as contiguous float32 bytes."""
+    rounded = sample if dtype is None else sample.to(dtype)
+    return hashlib.sha256(rounded.to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """``{"name", "architecture", "config": {shape values}, "embedding_sha256"}`` of a (possibly PEFT-wrapped)
-    transformers model. The hash covers ``_ROWS`` embedding rows at indices ⌊k·V/_ROWS⌋, as float32."""
+    """``{"name", "architecture", "config": {shape values}, "embedding_sha256", "embedding_sha256_bf16"}`` of a
+    (possibly PEFT-wrapped) transformers model. The hashes cover ``_ROWS`` embedding rows at indices ⌊k·V/_ROWS⌋ as
+    float32: as loaded, and rounded to bfloat16, which the same weights loaded in float32 or bfloat16 share (a run
+    trained on a bf16 base evaluates on the fp32 one, and back)."""
     base = base_model_of(model)
     config = base.config
-    embedding = base.get_input_embeddings().weight  # (V, d)
-    rows = torch.linspace(0, embedding.shape[0] - 1, steps=min(_ROWS, embedding.shape[0])).long()
-    sample = embedding.detach()[rows].to(device="cpu", dtype=torch.float32).contiguous()  # (_ROWS, d)
+    sample = _embedding_sample(model)
     return {
         "name": getattr(config, "_name_or_path", "") or type(base).__name__,
         "architecture": type(base).__name__,
         "config": {key: getattr(config, key) for key in _SHAPE_KEYS if getattr(config, key, None) is not None},
-        "embedding_sha256": hashlib.sha256(sample.numpy().tobytes()).hexdigest(),
+        "embedding_sha256": _sha256(sample),
+        "embedding_sha256_bf16": _sha256(sample, torch.bfloat16),
     }
+
+
+def same_weights(stored: dict[str, Any], model: nn.Module) -> bool:
+    """Whether the fingerprint ``stored`` and ``model`` hold the same embedding weights, whatever the precision either
+    was loaded in: equal hashes as loaded, or as rounded to bfloat16. (Fingerprints of earlier versions have only
+    the first; the current weights rounded to bfloat16 or float16 then match one taken of a half-precision load.)"""
+    sample = _embedding_sample(model)
+    if stored.get("embedding_sha256") == _sha256(sample):
+        return True
+    if "embedding_sha256_bf16" in stored:
+        return stored["embedding_sha256_bf16"] == _sha256(sample, torch.bfloat16)
+    return stored.get("embedding_sha256") in {_sha256(sample, torch.bfloat16), _sha256(sample, torch.float16)}
 
 
 def write_fingerprint(model: nn.Module, adapter_dir: str | Path) -> None:
@@ -88,7 +114,7 @@ def check_fingerprint(model: nn.Module, adapter_dir: str | Path, *, force: bool 
     ]
     if stored.get("architecture") != current["architecture"]:
         differences.insert(0, f"architecture: {stored.get('architecture')} vs {current['architecture']}")
-    if not differences and stored.get("embedding_sha256") != current["embedding_sha256"]:
+    if not differences and not same_weights(stored, model):
         differences.append("same shapes, different weights (embedding hash)")
     if differences:
         raise AdapterMismatchError(

@@ -119,3 +119,10 @@ def test_method_defaults_fill_only_the_options_left_unset():
     assert (blob.sigma_lr, blob.prior_std, blob.sigma_init) == (None, 0.2, 0.05)  # BLoB's G trains at --lr
     lora = make_config(method="lora")
     assert get_method("lora").resolve(lora) is lora
+
+
+def test_a_gate_warm_up_of_zero_is_refused_with_the_reason():
+    """With no warm-up, B-LoRA's quantizer ranges would be set from the untrained weights (B = 0), capping B."""
+    with pytest.raises(ValueError, match=r"--gate-warmup 0 .* B starts at zero"):
+        make_config(method="blora", gate_warmup=0.0).validate()
+    make_config(method="blora", gate_warmup=0.05).validate()

@@ -203,7 +203,11 @@ class RunConfig:
         0.05, "Learning rate of the gate logits (they need larger steps than weights).", group="gates", check="> 0"
     )
     gate_warmup: float = _opt(
-        0.1, "Fraction of the steps with gates open and nothing quantized.", group="gates", check=">= 0"
+        0.1,
+        "Fraction of the steps with gates open and nothing quantized; > 0, since the quantizers' ranges are set from "
+        "the weights trained in it.",
+        group="gates",
+        check=">= 0",
     )
     gate_fix: float = _opt(
         0.1, "Final fraction of the steps with the gates fixed at their chosen values.", group="gates", check=">= 0"
@@ -369,6 +373,13 @@ class RunConfig:
         if self.base_min_bits > self.base_max_bits:
             problems.append(
                 f"--base-min-bits ({self.base_min_bits}) must not exceed --base-max-bits ({self.base_max_bits})"
+            )
+        if self.gate_warmup == 0:
+            problems.append(
+                "--gate-warmup 0 would quantize from the first step, setting each quantizer's range from the untrained "
+                "weights: B starts at zero, so its range would be the narrowest one ([-0.05, 0.05]), capping B there "
+                "(no gradient reaches B past its range). Give the warm-up a fraction > 0 (default 0.1): its end sets "
+                "the ranges from the trained weights"
             )
         if self.gate_warmup + self.gate_fix >= 1:
             problems.append(

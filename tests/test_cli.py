@@ -289,6 +289,8 @@ def test_blora_train_export_and_report_end_to_end(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "the 16-bit LoRA of the same rank" in printed
+    packed_files = [tmp_path / "packed" / name for name in ("packed_adapter.safetensors", "packed_adapter.json")]
+    assert f"{sum(f.stat().st_size for f in packed_files):,} bytes" in printed  # the config that decodes them too
     assert (
         run_cli("--quiet", "export", "--run", str(run), "--to", "packed", "--output-dir", str(tmp_path / "packed")) == 2
     )

@@ -197,7 +197,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     written = export(args.run, args.to, args.output_dir, force_base=args.force_base, progress=not args.quiet)
     print(
-        f"Exported {args.run} as {written['format']} to {written['out']}: {written['bytes']:,} bytes of tensors "
+        f"Exported {args.run} as {written['format']} to {written['out']}: {written['bytes']:,} bytes (tensors and "
+        f"the config that decodes them) "
         f"({written['ratio']:.2f}x the {written['reference_16bit_lora_bytes']:,} bytes of the 16-bit LoRA of the "
         f"same rank)"
     )

@@ -28,27 +28,9 @@ import torch
 from bayeslora.evaluation import eval_examples
 from bayeslora.evaluation.uncertainty import ood_auroc
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
+from bayeslora.lm_eval import local_multiple_choice_task
 from bayeslora.runs import read_run_config
 from bayeslora.tasks import load_task
-
-LM_EVAL_TASK = """task: bayeslora_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def _cli(*args: str) -> str:
@@ -137,7 +119,7 @@ def main() -> None:
                                     + "\n" for q in questions))  # fmt: skip
     tasks = out / "lm_eval_tasks"
     tasks.mkdir(exist_ok=True)
-    write_text_atomic(tasks / "local.yaml", LM_EVAL_TASK.format(data=data.resolve()))
+    write_text_atomic(tasks / "local.yaml", local_multiple_choice_task("bayeslora_local_mc", data))
     _cli("lm-eval", "--model", "bayeslora", "--model_args", f"run={options.run},samples={options.samples}",
          "--tasks", "bayeslora_local_mc", "--include_path", str(tasks), "--output_path", str(out / "lm_eval"),
          "--batch_size", "8")  # fmt: skip

@@ -15,30 +15,14 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from bayeslora.cli import main  # noqa: E402
-from bayeslora.lm_eval import BayesLoraLM  # noqa: E402
-
-TASK_YAML = """task: toy_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+from bayeslora.lm_eval import BayesLoraLM, local_multiple_choice_task  # noqa: E402
 
 
 @pytest.fixture()
 def task_dir(toy_task, tmp_path):
     folder = tmp_path / "lm-eval-tasks"
     folder.mkdir()
-    (folder / "toy.yaml").write_text(TASK_YAML.format(data=toy_task))
+    (folder / "toy.yaml").write_text(local_multiple_choice_task("toy_mc", toy_task))
     return folder
 
 

@@ -30,7 +30,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .evaluation.predictive import adapter_dropout
+from .evaluation.predictive import adapter_dropout, using_adapter
 from .methods import get_method
 from .pipeline.common import load_run
 from .pipeline.evaluate import resolve_samples
@@ -100,9 +100,7 @@ class BayesLoraLM(HFLM):
         by every row of every pass, or (MC dropout) new dropout masks at every pass."""
         with ExitStack() as stack:
             if self.members:
-                previous = self.model.active_adapter
-                self.model.set_adapter(self.members[index])
-                stack.callback(self.model.set_adapter, previous)
+                stack.enter_context(using_adapter(self.model, self.members[index]))
             elif self.dropout:
                 stack.enter_context(sampling())
                 stack.enter_context(adapter_dropout(self.model))
@@ -136,6 +134,30 @@ class BayesLoraLM(HFLM):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
 
+def local_multiple_choice_task(name: str, data_file: str | Path) -> str:
+    """An lm-eval task YAML (for ``--include_path``) over a local JSONL file of bayeslora's multiple-choice schema
+    (``question``, ``choices``, ``answer``), prompted as bayeslora's cloze scoring does (``Question: ...\nAnswer:``),
+    scored by ``acc`` (summed log-likelihood) and ``acc_norm`` (per byte): an lm-eval task that needs no network."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {Path(data_file).resolve()}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
 def main(argv: list[str]) -> int:
     """``bayeslora lm-eval ARGS``: lm-eval's command line with the ``bayeslora`` model type registered."""
     import sys
@@ -151,4 +173,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["BayesLoraLM", "main"]
+__all__ = ["BayesLoraLM", "local_multiple_choice_task", "main"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..tasks import InstructionExample
 from ..tuners.sampling import posterior_mean, sample_copies, sampling
-from .predictive import adapter_dropout, iterate_batches, model_device, move_batch
+from .predictive import adapter_dropout, iterate_batches, model_device, move_batch, using_adapter
 from .scoring import IGNORE, Batch, CompletionScorer
 
 
@@ -41,13 +41,9 @@ def completion_log_likelihoods(
     rows = batch["input_ids"].shape[0]
     if members:
         per_member = []
-        previous = model.active_adapter
-        try:
-            for member in members:
-                model.set_adapter(member)
+        for member in members:
+            with using_adapter(model, member):
                 per_member.append(scorer.token_log_likelihoods(model, batch)[0])
-        finally:
-            model.set_adapter(previous)
         draws = torch.stack(per_member)  # (K, B, L - 1)
     elif n_samples == 0:
         with posterior_mean():

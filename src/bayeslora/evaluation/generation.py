@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tuners.sampling import frozen_samples, posterior_mean, rows_of_examples
-from .predictive import adapter_dropout, model_device
+from .predictive import adapter_dropout, model_device, using_adapter
 
 #: A prompt: plain text, or chat messages ``[{"role": ..., "content": ...}, ...]``.
 Prompt = str | Sequence[dict[str, str]]
@@ -181,12 +181,8 @@ def _answer_with_member(
     model: nn.Module, tokenizer, texts: list[str], member: str, max_new_tokens: int, generate_kwargs: dict[str, Any]
 ) -> list[list[Answer]]:
     """One answer per prompt from ensemble member ``member``."""
-    previous = model.active_adapter
-    model.set_adapter(member)
-    try:
+    with using_adapter(model, member):
         flat = _answer_batch(model, tokenizer, texts, 1, False, False, max_new_tokens, generate_kwargs)
-    finally:
-        model.set_adapter(previous)
     return [[answer] for answer in flat]
 
 

@@ -102,14 +102,21 @@ BatchPredictor = Callable[[nn.Module, Scorer, Batch], tuple[Tensor, Tensor]]
 COMBINE = ("probs", "logits")
 
 
-def _member_logits(model: nn.Module, scorer: Scorer, batch: Batch, member: str) -> Tensor:
-    """Class scores (B, C) of the batch under ensemble member ``member`` (a named adapter of the model)."""
+@contextmanager
+def using_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Within the block the PEFT model's active adapter is ``name`` (an ensemble member); the previous one after."""
     previous = model.active_adapter
-    model.set_adapter(member)
+    model.set_adapter(name)
     try:
-        return scorer.class_logits(model, batch).float()
+        yield
     finally:
         model.set_adapter(previous)
+
+
+def _member_logits(model: nn.Module, scorer: Scorer, batch: Batch, member: str) -> Tensor:
+    """Class scores (B, C) of the batch under ensemble member ``member`` (a named adapter of the model)."""
+    with using_adapter(model, member):
+        return scorer.class_logits(model, batch).float()
 
 
 @contextmanager

@@ -566,7 +566,7 @@ def make_scorer(
 ) -> Scorer:
     """The scorer for ``task``: ``classification`` for classification tasks; ``cloze`` (default) or
     ``letter`` for multiple-choice tasks (``chat_template``: cloze prompts through the tokenizer's chat template);
-    ``completion`` for instruction data (see :mod:`bayeslora.evaluation.completion`)."""
+    ``completion`` for instruction data (:class:`CompletionScorer`)."""
     num_classes = num_classes or task.num_classes
     if task.kind == "instruction":
         if scoring not in (None, "completion"):

@@ -89,29 +89,44 @@ def evaluate_and_write(
         progress=progress,
         **method.predictive(config, n_samples, run_dir),
     )
+    record = _record(config, train_task, eval_task, scorer.name, metrics, limit, run_dir, summary)
+    if method.trains:
+        record.update(structure_record(model))
+    out_dir = out_dir or eval_dir(run_dir, eval_task.name)
+    title = f"{config.method} on {eval_task.name} ({scorer.name}, N={n_samples})"
+    write_evaluation(out_dir, record, prediction, title)
+    return record
+
+
+def _record(
+    config: RunConfig,
+    train_task: Task,
+    eval_task: Task,
+    scoring: str,
+    metrics: dict[str, Any],
+    limit: int | None,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What an evaluation's ``metrics.json`` records: the task, method, model and scoring, the metrics, the subset
+    and seed, and what it repeats from the run's training summary."""
     record: dict[str, Any] = {
         "task": eval_task.name,
         "method": config.method,
         "model": config.model,
-        "scoring": scorer.name,
-        **({"cloze_normalization": config.cloze_normalization} if scorer.name == "cloze" else {}),
-        **method.predictive_record(config),
+        "scoring": scoring,
+        **({"cloze_normalization": config.cloze_normalization} if scoring == "cloze" else {}),
+        **({"chat_template": True} if config.chat_template else {}),
+        **get_method(config.method).predictive_record(config),
         **metrics,
         "limit": limit,
         "seed": config.seed,
         "run": str(run_dir),
         "task_source": eval_task.source,
     }
-    if method.trains:
-        record.update(structure_record(model))
     if summary:
         record["train_task"] = train_task.name
-        for key in SUMMARY_KEYS_IN_METRICS:
-            if key in summary:
-                record[key] = summary[key]
-    out_dir = out_dir or eval_dir(run_dir, eval_task.name)
-    title = f"{config.method} on {eval_task.name} ({scorer.name}, N={n_samples})"
-    write_evaluation(out_dir, record, prediction, title)
+        record.update({key: summary[key] for key in SUMMARY_KEYS_IN_METRICS if key in summary})
     return record
 
 
@@ -130,7 +145,7 @@ def _evaluate_completions_and_write(
     progress: bool,
 ) -> dict[str, Any]:
     """Instruction data: the completions' per-token NLL and perplexity under the posterior predictive, into
-    ``metrics.json`` and, per example, ``predictions.jsonl`` (see :mod:`bayeslora.evaluation.completion`)."""
+    ``metrics.json`` and, per example, ``predictions.jsonl`` (see :mod:`bayeslora.evaluation.completion_metrics`)."""
     method = get_method(config.method)
     predictive = method.predictive(config, n_samples, run_dir)
     if "sampler" in predictive:
@@ -148,22 +163,7 @@ def _evaluate_completions_and_write(
         dropout=predictive.get("dropout", False),
         members=predictive.get("members", ()),
     )
-    record: dict[str, Any] = {
-        "task": eval_task.name,
-        "method": config.method,
-        "model": config.model,
-        "scoring": scorer.name,
-        "chat_template": config.chat_template,
-        **method.predictive_record(config),
-        **metrics,
-        "limit": limit,
-        "seed": config.seed,
-        "run": str(run_dir),
-        "task_source": eval_task.source,
-    }
-    if summary:
-        record["train_task"] = train_task.name
-        record.update({key: summary[key] for key in SUMMARY_KEYS_IN_METRICS if key in summary})
+    record = _record(config, train_task, eval_task, scorer.name, metrics, limit, run_dir, summary)
     out_dir = out_dir or eval_dir(run_dir, eval_task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / EXAMPLES_FILE, "".join(json.dumps(row) + "\n" for row in per_example))

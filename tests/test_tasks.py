@@ -139,7 +139,7 @@ def test_jsonl_multiple_choice_and_classification(tmp_path):
         ({"question": "q", "choices": "ab", "answer": 0}, "list of non-empty strings"),
         ({"text": "t", "label": 0}, "mixes schemas"),
         ({"question": "q", "choices": ["a", "b"], "answer": 0, "extra": 1}, "unknown field"),
-        ({"prompt": "q"}, "fit neither schema"),
+        ({"prompt": "q"}, "fit no schema"),
         ([1, 2], "expected a JSON object"),
     ],
 )

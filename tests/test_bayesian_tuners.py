@@ -375,3 +375,31 @@ def test_a_unit_core_resolves_its_own_prior_and_core_learning_rate():
     free = bl.get_method("melora").resolve(bl.RunConfig(method="melora"))
     assert (free.factor_norm, free.prior_mean, free.core_lr) == ("free", "identity", None)
     assert MeLoraConfig(r=2, factor_norm="unit").prior_mean == "zero"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blob_keeps_its_flipout_signs_in_one_byte(dtype):
+    """What autograd keeps for BLoB's backward pass: the two sign tensors in int8 by default, in the input's dtype
+    in the reference layout; the rest is the same, and both draw fair ±1 signs."""
+    from bayeslora.tuners import BlobConfig
+    from bayeslora.tuners.blob.layer import _random_signs
+
+    saved = {}
+    for layout in ("int8", "reference"):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            nn.Sequential(nn.Linear(64, 32)), BlobConfig(r=4, target_modules=["0"], flipout_signs=layout)
+        )
+        model.to(dtype).train()
+        x = torch.randn(3, 10, 64, dtype=dtype, requires_grad=True)
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(kept.append, lambda t: t):  # pack returns None: not unpacked
+            model(x).sum()
+        saved[layout] = {(tuple(t.shape), t.dtype) for t in kept}
+    signs = {((3, 10, 64), torch.int8), ((3, 10, 4), torch.int8)}
+    assert signs <= saved["int8"]
+    assert {((3, 10, 64), dtype), ((3, 10, 4), dtype)} <= saved["reference"]
+    assert saved["int8"] - signs == saved["reference"] - {((3, 10, 64), dtype), ((3, 10, 4), dtype)}
+    draws = _random_signs(torch.Size([100_000]), torch.zeros(1))
+    assert draws.dtype == torch.int8 and set(draws.unique().tolist()) == {-1, 1}
+    assert abs(float(draws.float().mean())) < 0.02  # fair: 4.5 standard errors

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .io import read_yaml
+from .tuners.base import LowRankBayesConfig
+from .tuners.blocks import parse_bayesian_layers
 from .tuners.blora.config import BLoraConfig
 from .tuners.melora.config import MeLoraCoreOptions
 
@@ -146,6 +148,14 @@ class RunConfig:
         "blob ε = 0.05, σ = G² with G ~ U(ε/√2, ε)).",
         group="posterior",
         check="> 0",
+    )
+    bayesian_layers: str = _tuner_option(
+        LowRankBayesConfig,
+        "bayesian_layers",
+        group="posterior",
+        help="Which adapted layers carry the posterior: all, or last:K (the top K blocks and the head, e.g. lm_head; "
+        "the adapters below are deterministic, and N posterior samples share one pass through those blocks). "
+        "last:0 leaves it in the head only.",
     )
     factor_norm: str = _tuner_option(MeLoraCoreOptions, "factor_norm", group="core")
     core_lr: float | None = _opt(
@@ -395,6 +405,10 @@ class RunConfig:
             )
         if self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules is empty")
+        try:
+            parse_bayesian_layers(self.bayesian_layers)
+        except ValueError as error:
+            problems.append(f"--{str(error).replace('_', '-', 1)}")
         if problems:
             raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

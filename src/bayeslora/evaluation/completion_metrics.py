@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..tasks import InstructionExample
-from ..tuners.sampling import posterior_mean, sample_copies, sampling
-from .predictive import adapter_dropout, iterate_batches, model_device, move_batch, using_adapter
+from ..tuners.sampling import posterior_mean
+from .predictive import iterate_batches, model_device, move_batch, posterior_copies, using_adapter
 from .scoring import IGNORE, Batch, CompletionScorer
 
 
@@ -51,7 +51,7 @@ def completion_log_likelihoods(
         return log_likelihood.double(), mask
     else:
         tiled = scorer.repeat(batch, n_samples) if n_samples > 1 else batch
-        with sampling(), sample_copies(rows), adapter_dropout(model, active=dropout):
+        with posterior_copies(model, n_samples, rows, dropout=dropout):
             log_likelihood, _ = scorer.token_log_likelihoods(model, tiled)  # (N·B, L - 1)
         draws = log_likelihood.view(n_samples, rows, -1)  # (N, B, L - 1)
     mask = batch["labels"][:, 1:] != IGNORE

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..tasks import Example
 from ..tuners.sampling import posterior_mean, sample_copies, sampling
+from ..tuners.trunk import shared_trunk
 from .scoring import Batch, Scorer
 
 
@@ -56,6 +57,7 @@ def predict_batch(
     dropout: bool = False,
     members: Sequence[str] = (),
     combine: str = "probs",
+    share_trunk: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Predictive probabilities of one collated batch.
 
@@ -69,6 +71,8 @@ def predict_batch(
         members: an ensemble: one pass per member adapter of the PEFT model (``n_samples`` is ignored).
         combine: how an ensemble's members are combined: ``probs`` (mean of their softmax probabilities)
             or ``logits`` (softmax of their mean class scores, as the BLoB code does).
+        share_trunk: when only the top blocks carry the posterior, the blocks below run once for all samples
+            (:func:`~bayeslora.tuners.trunk.shared_trunk`; the same result as the fully tiled pass).
 
     Returns:
         ``(probs (B, C), sample_probs (S, B, C))`` with S = max(n_samples, 1), or the number of members.
@@ -89,7 +93,7 @@ def predict_batch(
             probs = scorer.class_logits(model, batch).float().softmax(-1)  # (B, C)
         return probs, probs[None]
     tiled = scorer.repeat(batch, n_samples) if n_samples > 1 else batch
-    with sampling(), sample_copies(num_examples), adapter_dropout(model, active=dropout):
+    with posterior_copies(model, n_samples, num_examples, dropout=dropout, share_trunk=share_trunk):
         logits = scorer.class_logits(model, tiled)  # (n_samples·B, C)
     sample_probs = logits.float().softmax(-1).view(n_samples, num_examples, -1)  # (n_samples, B, C)
     return sample_probs.mean(0), sample_probs
@@ -117,6 +121,23 @@ def _member_logits(model: nn.Module, scorer: Scorer, batch: Batch, member: str) 
     """Class scores (B, C) of the batch under ensemble member ``member`` (a named adapter of the model)."""
     with using_adapter(model, member):
         return scorer.class_logits(model, batch).float()
+
+
+@contextmanager
+def posterior_copies(
+    model: nn.Module, n_samples: int, examples_per_copy: int, *, dropout: bool = False, share_trunk: bool = True
+) -> Iterator[None]:
+    """Within the block, a forward pass over a batch tiled ``n_samples`` times (copies of ``examples_per_copy``
+    examples) draws its own posterior sample per example of each copy, or its own dropout masks with ``dropout``;
+    with ``share_trunk`` the deterministic blocks below the posterior run once for all copies
+    (:func:`~bayeslora.tuners.trunk.shared_trunk`)."""
+    with (
+        sampling(),
+        sample_copies(examples_per_copy),
+        adapter_dropout(model, active=dropout),
+        shared_trunk(model, n_samples, enabled=share_trunk and not dropout),
+    ):
+        yield
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .base import register_method, shared_options
-from .variational import VariationalMethod
+from .variational import VariationalMethod, posterior_options
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -30,7 +30,10 @@ class Blob(VariationalMethod):
         from ..tuners import BlobConfig
 
         return BlobConfig(
-            **shared_options(config, targets, task_type), init_eps=config.sigma_init, prior_std=config.prior_std
+            **shared_options(config, targets, task_type),
+            init_eps=config.sigma_init,
+            prior_std=config.prior_std,
+            **posterior_options(config),
         )
 
 

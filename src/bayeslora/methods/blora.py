@@ -31,7 +31,7 @@ from ..tuners.blora.gates import OFF_THRESHOLD, gate_logit_for
 from ..tuners.costs import DEFAULT_BITS, adapter_bops, base_bops, reference_adapter_bops
 from .base import Method, TrainingExtras, register_method, shared_options
 from .melora import MELORA_DEFAULTS, core_options, resolve_core
-from .variational import variational_extras
+from .variational import posterior_options, variational_extras
 
 GATE_COSTS = ("bops", "gates")
 
@@ -263,6 +263,7 @@ class BLora(Method):
             base_max_bits=config.base_max_bits,
             base_min_bits=config.base_min_bits,
             **core_options(config),
+            **posterior_options(config),
         )
 
     def training_extras(self, model: nn.Module, config, n_train: int) -> TrainingExtras:

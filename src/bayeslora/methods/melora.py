@@ -7,7 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .base import register_method, shared_options
-from .variational import VariationalMethod
+from .variational import VariationalMethod, posterior_options
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -68,7 +68,9 @@ class MeLora(VariationalMethod):
     def peft_config(self, config: RunConfig, targets: list[str], task_type: str, total_steps: int) -> PeftConfig:
         from ..tuners import MeLoraConfig
 
-        return MeLoraConfig(**shared_options(config, targets, task_type), **core_options(config))
+        return MeLoraConfig(
+            **shared_options(config, targets, task_type), **core_options(config), **posterior_options(config)
+        )
 
 
 METHOD = register_method(MeLora())

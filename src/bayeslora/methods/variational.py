@@ -13,6 +13,7 @@ term and a callback for the transformers Trainer, and the :class:`VariationalMet
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,11 @@ def model_kl(model: nn.Module) -> Tensor:
     if tuner is None:
         raise ValueError("the model has no Bayesian adapter (melora, blob)")
     return tuner.kl()
+
+
+def posterior_options(config) -> dict[str, Any]:
+    """The options every variational tuner's config takes from a run: which layers carry the posterior."""
+    return {"bayesian_layers": config.bayesian_layers}
 
 
 def variance_parameters(model: nn.Module) -> list[nn.Parameter]:

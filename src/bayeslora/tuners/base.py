@@ -23,7 +23,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
+from .blocks import is_bayesian_module, parse_bayesian_layers
 from .costs import DEFAULT_BITS, AdapterStructure
+from .sampling import should_sample
 
 SigmaParam = Literal["softplus", "exp", "square"]
 _MIN_STD = 1e-8  # σ never reaches 0, so log σ in the KL stays finite
@@ -87,6 +89,13 @@ class LowRankBayesConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved (a classifier head, for instance)."}
     )
+    bayesian_layers: str = field(
+        default="all",
+        metadata={
+            "help": "Which adapted layers carry the posterior: all, or last:K (the top K blocks and the head; the "
+            "adapters below are deterministic, and N posterior samples share one pass through them)."
+        },
+    )
 
     #: subclasses set the PEFT method name
     method_name: ClassVar[str] = ""
@@ -122,6 +131,7 @@ class LowRankBayesConfig(PeftConfig):
             )
         if self.target_parameters:
             raise TypeError(f"{self.method_name} adapts linear modules only; target_parameters must be None")
+        parse_bayesian_layers(self.bayesian_layers)
 
 
 class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
@@ -129,7 +139,7 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
 
     #: names of the ParameterDicts holding the variance parameters (for their own learning rate)
     variance_parameter_names: ClassVar[tuple[str, ...]] = ()
-    other_param_names = ("r", "lora_alpha", "scaling", "adapter_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "adapter_dropout", "stochastic")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         nn.Module.__init__(self)
@@ -137,6 +147,7 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.stochastic: dict[str, bool] = {}  # False: a deterministic adapter (below bayesian_layers' blocks)
         self.adapter_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -179,9 +190,12 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         return AdapterStructure(self.r[adapter], {"A": DEFAULT_BITS, "B": DEFAULT_BITS}, core=core)
 
     # --- shared ---
-    def _register_common(self, adapter_name: str, r: int, lora_alpha: float, dropout: float) -> None:
+    def _register_common(
+        self, adapter_name: str, r: int, lora_alpha: float, dropout: float, bayesian: bool = True
+    ) -> None:
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r}")
+        self.stochastic[adapter_name] = bayesian
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -191,6 +205,11 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
     def _finish_update(self, adapter_name: str, inference_mode: bool) -> None:
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def samples(self, adapter: str) -> bool:
+        """Whether the adapter draws its weights in the forward pass in progress: a Bayesian (not deterministic)
+        adapter, in training mode or when sampling is asked for (:func:`~bayeslora.sampling.should_sample`)."""
+        return self.stochastic.get(adapter, True) and should_sample(self.training)
 
     def _has(self, adapter: str) -> bool:
         return adapter in getattr(self, self.adapter_layer_names[0])
@@ -260,8 +279,9 @@ class BayesianLowRankModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        bayesian = is_bayesian_module(current_key, self.model, config.bayesian_layers)
         if isinstance(target, self.layer_cls):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, bayesian=bayesian)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
@@ -269,7 +289,7 @@ class BayesianLowRankModel(BaseTuner):
                 f"Target module {current_key} is a {type(base).__name__}; {config.method_name} adapts "
                 f"torch.nn.Linear layers only."
             )
-        new_module = self.layer_cls(target, adapter_name, config)
+        new_module = self.layer_cls(target, adapter_name, config, bayesian=bayesian)
         new_module.train(target.training)  # a layer added to a model in evaluation mode evaluates too
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until activated

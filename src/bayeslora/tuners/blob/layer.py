@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import BayesianLowRankLayer, gaussian_kl, positive
-from ..sampling import current_row_copies, current_row_examples, frozen, frozen_noise, should_sample
+from ..sampling import current_row_copies, current_row_examples, frozen, frozen_noise
 from .config import BlobConfig
 
 
@@ -43,7 +43,9 @@ class BlobLayer(BayesianLowRankLayer):
     variance_parameter_names = ("blob_A_g",)
     other_param_names = (*BayesianLowRankLayer.other_param_names, "prior_std", "flipout_signs")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BlobConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: BlobConfig, bayesian: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(base_layer, **kwargs)
         self.blob_A = nn.ParameterDict({})
         self.blob_B = nn.ParameterDict({})
@@ -51,29 +53,33 @@ class BlobLayer(BayesianLowRankLayer):
         self.prior_std: dict[str, float] = {}
         self.flipout_signs: dict[str, str] = {}
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, bayesian=bayesian)
 
-    def update_layer(self, adapter_name: str, config: BlobConfig, **kwargs: Any) -> None:
-        """Create adapter ``adapter_name``: M Kaiming-uniform (LoRA's A), B = 0, G ~ U(ε/√2, ε)."""
+    def update_layer(self, adapter_name: str, config: BlobConfig, bayesian: bool = True, **kwargs: Any) -> None:
+        """Create adapter ``adapter_name``: M Kaiming-uniform (LoRA's A), B = 0, G ~ U(ε/√2, ε) (``bayesian=False``:
+        no G, A is its mean: LoRA)."""
         r = config.r
-        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout, bayesian)
         self.prior_std[adapter_name] = config.prior_std
         self.flipout_signs[adapter_name] = config.flipout_signs
         self.blob_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.blob_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
-        self.blob_A_g[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         nn.init.kaiming_uniform_(self.blob_A[adapter_name], a=math.sqrt(5))
-        nn.init.uniform_(self.blob_A_g[adapter_name], config.init_eps / math.sqrt(2), config.init_eps)
+        if bayesian:
+            self.blob_A_g[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+            nn.init.uniform_(self.blob_A_g[adapter_name], config.init_eps / math.sqrt(2), config.init_eps)
         self._finish_update(adapter_name, config.inference_mode)
 
     def posterior_std(self, adapter: str) -> Tensor:
-        """σ = G², the standard deviation of each entry of A."""
+        """σ = G², the standard deviation of each entry of A (empty for a deterministic adapter)."""
+        if adapter not in self.blob_A_g:
+            return self.blob_A[adapter].new_zeros(0)
         return positive(self.blob_A_g[adapter], "square")
 
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         mean, B = self.blob_A[adapter], self.blob_B[adapter]
         h = x @ mean.T  # (R, T, n) @ (n, r) -> (R, T, r)
-        if should_sample(self.training):
+        if self.samples(adapter):
             h = h + (self._sequence_noise(x, adapter) if frozen() else self._flipout_noise(x, adapter))
         return h @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
 
@@ -113,4 +119,6 @@ class BlobLayer(BayesianLowRankLayer):
         return self.blob_A[adapter], self.scaling[adapter] * self.blob_B[adapter]
 
     def kl(self, adapter: str) -> Tensor:
+        if adapter not in self.blob_A_g:  # deterministic: no posterior, no KL
+            return torch.zeros((), dtype=torch.float64, device=self.blob_A[adapter].device)
         return gaussian_kl(self.blob_A[adapter], self.posterior_std(adapter), 0.0, self.prior_std[adapter])

@@ -99,7 +99,9 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     core_mean_name = "blora_core"
     core_rho_name = "blora_core_rho"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BLoraConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: BLoraConfig, bayesian: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(base_layer, **kwargs)
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict({}))
@@ -118,14 +120,15 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         # state saved in checkpoints, so that a run resumed in the warm-up sets the range an uninterrupted one would
         self.blora_x_seen = BufferDict({}, persistent=True)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, bayesian=bayesian)
 
     # --- construction ---
-    def update_layer(self, adapter_name: str, config: BLoraConfig, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, config: BLoraConfig, bayesian: bool = True, **kwargs: Any) -> None:
         """Create adapter ``adapter_name``: LoRA's initialisation for A (Kaiming-uniform) and B (zero), e = 1
-        (or Me-LoRA's core), gate logits from the config, ranges from the initial tensors."""
+        (or Me-LoRA's core, deterministic with ``bayesian=False``), gate logits from the config, ranges from the
+        initial tensors."""
         r = config.r
-        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout, bayesian)
         self.bayesian_core[adapter_name] = config.bayesian_core
         self.max_bits[adapter_name] = config.max_bits
         self.base_max_bits[adapter_name] = config.base_max_bits

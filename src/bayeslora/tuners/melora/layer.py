@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, positive
-from ..sampling import current_row_examples, frozen_noise, should_sample
+from ..sampling import current_row_examples, frozen_noise
 from .config import MeLoraConfig, MeLoraCoreOptions
 
 #: A factor's rows (columns) shorter than this are not normalised further (a zero row stays zero).
@@ -43,7 +43,7 @@ class SampledCoreMixin:
 
     def _create_core(self, adapter_name: str, config: MeLoraCoreOptions, r: int) -> None:
         """M_S at zero (``factor_norm="unit"``) or at the identity (or a random orthogonal matrix), Σ_S =
-        sigma_init everywhere."""
+        sigma_init everywhere (no Σ_S for a deterministic adapter: call after ``_register_common``)."""
         self.core[adapter_name] = config.core
         self.sigma_param[adapter_name] = config.sigma_param
         self.prior_mean[adapter_name] = config.prior_mean
@@ -54,9 +54,10 @@ class SampledCoreMixin:
             mean = nn.Parameter(torch.zeros(shape))
         else:
             mean = nn.Parameter(initial_core(config.core, config.core_init, r))
-        rho = nn.Parameter(torch.full(shape, inverse_positive(config.sigma_init, config.sigma_param)))
         getattr(self, self.core_mean_name)[adapter_name] = mean
-        getattr(self, self.core_rho_name)[adapter_name] = rho
+        if self.stochastic.get(adapter_name, True):  # a deterministic core has its mean only
+            rho = nn.Parameter(torch.full(shape, inverse_positive(config.sigma_init, config.sigma_param)))
+            getattr(self, self.core_rho_name)[adapter_name] = rho
 
     def initial_b(self, adapter_name: str, config: MeLoraCoreOptions, out_features: int, r: int) -> nn.Parameter:
         """B at the start: zero with free factors (LoRA's initialisation), random unit directions with unit
@@ -81,8 +82,11 @@ class SampledCoreMixin:
         return getattr(self, self.core_mean_name)[adapter]
 
     def posterior_std(self, adapter: str) -> Tensor:
-        """Σ_S, the standard deviation of each core entry."""
-        return positive(getattr(self, self.core_rho_name)[adapter], self.sigma_param[adapter])
+        """Σ_S, the standard deviation of each core entry (empty for a deterministic core)."""
+        rho = getattr(self, self.core_rho_name)
+        if adapter not in rho:
+            return self.core_mean(adapter).new_zeros(0)
+        return positive(rho[adapter], self.sigma_param[adapter])
 
     def prior_center(self, adapter: str) -> Tensor | float:
         """The prior mean of S: the identity (as a matrix, or ones for a diagonal core) or zero."""
@@ -116,7 +120,7 @@ class SampledCoreMixin:
         samples (training, or :func:`~bayeslora.sampling.sampling`), else with the posterior mean M_S."""
         mean = self.core_mean(adapter)
         full = mean.dim() == 2
-        if not should_sample(self.training):
+        if not self.samples(adapter):
             return h @ mean.T if full else h * mean  # (R, T, r)
         rows = h.shape[0] if h.dim() > 1 else 1
         per_row = h.reshape(rows, -1, h.shape[-1])  # (R, T, r); a 2-D input is T = 1
@@ -134,7 +138,9 @@ class SampledCoreMixin:
         return mean if mean.dim() == 2 else torch.diag(mean)
 
     def core_kl(self, adapter: str) -> Tensor:
-        """KL(q(S) || p(S)) summed over the core's entries (float64)."""
+        """KL(q(S) || p(S)) summed over the core's entries (float64); 0 for a deterministic core."""
+        if not self.stochastic.get(adapter, True):
+            return torch.zeros((), dtype=torch.float64, device=self.core_mean(adapter).device)
         return gaussian_kl(
             self.core_mean(adapter), self.posterior_std(adapter), self.prior_center(adapter), self.prior_std[adapter]
         )
@@ -171,7 +177,9 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     core_mean_name = "melora_core"
     core_rho_name = "melora_core_rho"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: MeLoraConfig, bayesian: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(base_layer, **kwargs)
         self.melora_A = nn.ParameterDict({})
         self.melora_B = nn.ParameterDict({})
@@ -179,13 +187,14 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self.melora_core_rho = nn.ParameterDict({})
         self._init_core_options()
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, bayesian=bayesian)
 
-    def update_layer(self, adapter_name: str, config: MeLoraConfig, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, config: MeLoraConfig, bayesian: bool = True, **kwargs: Any) -> None:
         """Create (or re-create) adapter ``adapter_name``: Kaiming-uniform A; with unit factors random B and M_S = 0,
-        with free factors LoRA's zero B and M_S at the identity or a random orthogonal matrix; Σ_S = sigma_init."""
+        with free factors LoRA's zero B and M_S at the identity or a random orthogonal matrix; Σ_S = sigma_init
+        (``bayesian=False``: no Σ_S, the core is its mean)."""
         r = config.r
-        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout)
+        self._register_common(adapter_name, r, config.lora_alpha, config.lora_dropout, bayesian)
         self.melora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.melora_B[adapter_name] = self.initial_b(adapter_name, config, self.out_features, r)
         nn.init.kaiming_uniform_(self.melora_A[adapter_name], a=math.sqrt(5))

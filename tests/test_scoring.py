@@ -167,3 +167,41 @@ def test_make_scorer_rejects_mismatched_scoring(smol_tokenizer):
     mc_task = Task("m", "multiple-choice", [], QUESTIONS, 4)
     with pytest.raises(ValueError, match="Unknown scoring"):
         make_scorer(mc_task, smol_tokenizer, "bogus")
+
+
+def test_cloze_runs_the_lm_head_on_the_continuation_tokens_only_with_each_rows_sample(tiny_llama, monkeypatch):
+    """The head sees one position per continuation token; with a Bayesian head (each example its own sample, frozen
+    across both passes) the scores equal those of the head run on every position."""
+    from contextlib import contextmanager
+
+    from peft import get_peft_model
+
+    from bayeslora.evaluation import scoring
+    from bayeslora.tuners import MeLoraConfig
+    from bayeslora.tuners.sampling import frozen_samples
+
+    base, tokenizer = tiny_llama
+    torch.manual_seed(0)
+    model = get_peft_model(base, MeLoraConfig(r=2, target_modules=["q_proj", "lm_head"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "melora_B" in name or "rho" in name:
+                p.normal_(0, 0.5)
+    scorer = ClozeScorer(tokenizer, num_classes=4)
+    batch = scorer.repeat(scorer.collate(QUESTIONS), 3)
+    seen = []
+    head = model.get_base_model().get_output_embeddings()
+    head.register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape[:2])))
+    with torch.no_grad(), frozen_samples():
+        gathered = scorer.class_logits(model, batch)
+
+        @contextmanager
+        def no_gather(*args):
+            yield False
+
+        monkeypatch.setattr(scoring, "head_on_targets", no_gather)
+        everywhere = scorer.class_logits(model, batch)
+    assert seen[0] == (batch["target_row"].shape[0], 1)  # K positions, one each
+    assert seen[1][0] == batch["input_ids"].shape[0]  # the full rows
+    torch.testing.assert_close(gathered, everywhere, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(gathered[:3], gathered[3:6], atol=1e-4)  # the copies' samples differ

@@ -32,7 +32,8 @@ import inspect
 import string
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import ClassVar, Literal
 
 import torch
@@ -126,15 +127,53 @@ class Scorer(ABC):
         return torch.arange(self.num_classes)[None, :] < torch.tensor(counts)[:, None]
 
 
-def _accepts(model: nn.Module, argument: str) -> bool:
-    """Whether the underlying transformers model's forward takes ``argument`` (DDP/FSDP and PEFT wrappers
-    unwrapped)."""
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP/FSDP and PEFT wrappers."""
     from accelerate.utils import extract_model_from_parallel
 
     inner = extract_model_from_parallel(model)
     while hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
-    return argument in inspect.signature(inner.forward).parameters
+    return inner
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the underlying transformers model's forward takes ``argument`` (DDP/FSDP and PEFT wrappers
+    unwrapped)."""
+    return argument in inspect.signature(_transformers_model(model).forward).parameters
+
+
+@contextmanager
+def head_on_targets(model: nn.Module, rows: Tensor, positions: Tensor, examples: Tensor) -> Iterator[bool]:
+    """Within the block the LM head runs on the K positions ``(rows[k], positions[k])`` of its input only, a
+    contiguous ``(K, 1, d)`` gather, so the model's logits are ``(K, 1, V)`` in that order; each gathered position
+    is a row of the head's pass that belongs to example ``examples[k]`` (its posterior sample). Yields False, and
+    changes nothing, for a model without an output-embedding layer.
+
+    A cloze pass needs the log-probabilities of the continuation tokens only: running the head on every position
+    from the first continuation on (``logits_to_keep``) costs, over a left-padded batch tiled N times, R·T'·V logits
+    (with the Bayesian head's delta in float32, gigabytes for long MMLU choices) where K·V are needed."""
+    head = _transformers_model(model).get_output_embeddings()
+    if head is None:
+        yield False
+        return
+    announced: list[AbstractContextManager[None]] = []
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # (R, T, d)
+        announced.append(rows_of_examples(examples))
+        announced[-1].__enter__()
+        return (hidden[rows, positions][:, None, :], *args[1:])  # (K, 1, d)
+
+    def release(module: nn.Module, args: tuple, output: Tensor) -> None:
+        announced.pop().__exit__(None, None, None)
+
+    handles = (head.register_forward_pre_hook(gather), head.register_forward_hook(release))
+    try:
+        yield True
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def kept_positions(model: nn.Module, start: int, length: int, device: torch.device) -> dict[str, Tensor]:
@@ -353,17 +392,22 @@ class ClozeScorer(Scorer):
         """Log-likelihood of each choice's continuation, ``(S,)``, normalised per :attr:`normalization`."""
         input_ids = batch["input_ids"]  # (B, T)
         length = input_ids.shape[1]
-        first_needed = int(batch["target_position"].min())  # the LM head only runs from here on
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         additive = torch.zeros(batch["segment_mask"].shape, dtype=dtype, device=input_ids.device)
         additive.masked_fill_(~batch["segment_mask"], torch.finfo(dtype).min)  # (B, 1, T, T)
-        kwargs = kept_positions(model, first_needed, length, input_ids.device)
-        with rows_of_examples(batch["sequence_example"]):
-            logits = model(
-                input_ids=input_ids, attention_mask=additive, position_ids=batch["position_ids"], **kwargs
-            ).logits  # (B, T - first_needed, V) or (B, T, V)
-        offset = logits.shape[1] - length  # column of position 0 in `logits`
-        picked = logits[batch["target_row"], batch["target_position"] + offset].float()  # (K, V)
+        rows, positions = batch["target_row"], batch["target_position"]  # (K,) each
+        inputs = {"input_ids": input_ids, "attention_mask": additive, "position_ids": batch["position_ids"]}
+        with (
+            rows_of_examples(batch["sequence_example"]),
+            head_on_targets(model, rows, positions, batch["sequence_example"][rows]) as gathered,
+        ):
+            if gathered:
+                picked = model(**inputs).logits[:, 0].float()  # (K, V)
+            else:  # the head on every position from the first continuation on
+                first_needed = int(positions.min())
+                logits = model(**inputs, **kept_positions(model, first_needed, length, input_ids.device)).logits
+                offset = logits.shape[1] - length  # column of position 0 in `logits`: (B, T - first_needed, V)
+                picked = logits[rows, positions + offset].float()  # (K, V)
         token_ll = picked.gather(-1, batch["target_token"][:, None]).squeeze(-1) - picked.logsumexp(-1)  # (K,)
         total = torch.zeros(batch["choice_length"].shape[0], device=token_ll.device, dtype=token_ll.dtype)
         total = total.index_add(0, batch["target_choice"], token_ll)  # (S,)

@@ -38,6 +38,7 @@ from ...evaluation.predictive import iterate_batches, model_device, move_batch
 from ...evaluation.scoring import Batch, Scorer
 from ...io import atomic_path
 from ...tasks import HELDOUT_EXAMPLES
+from ...tuners.sampling import current_row_examples
 
 SUBSETS = ("all", "last")
 PRIORS = ("auto", "marglik", "heldout")
@@ -132,11 +133,13 @@ def lora_linears(model: nn.Module, subset: str = "all") -> dict[str, nn.Linear]:
 
 
 class _Recorder:
-    """Forward and backward hooks that keep, per LoRA linear, its input a (R, T, in) and the gradient δ of the
+    """Forward and backward hooks that keep, per LoRA linear, its input a (R, T, in), the example of each of its
+    rows (the row map announced to its pass, or None: the batch's sequence rows) and the gradient δ of the
     backpropagated quantity with respect to its output (R, T, out)."""
 
     def __init__(self, linears: dict[str, nn.Linear]) -> None:
         self.inputs: dict[str, Tensor] = {}
+        self.row_examples: dict[str, Tensor | None] = {}
         self.grads: dict[str, Tensor] = {}
         self.handles = []
         for name, module in linears.items():
@@ -146,6 +149,7 @@ class _Recorder:
     def _keep_input(self, name: str):
         def hook(module, args, output):
             self.inputs[name] = args[0].detach()
+            self.row_examples[name] = current_row_examples()  # the LM head of a cloze pass: one row per target
 
         return hook
 
@@ -351,7 +355,9 @@ class KronLaplace:
                     a = a.reshape(a.shape[0], -1, a.shape[-1])  # (R, T, in)
                     delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])  # (R, T, out)
                     per_row = torch.einsum("rto,rti->roi", delta, a)  # row gradients, (R, out, in)
-                    per_example = per_row.new_zeros(num_examples, *per_row.shape[1:]).index_add(0, examples, per_row)
+                    rows = recorder.row_examples[factor.name]
+                    rows = examples if rows is None or rows.shape[0] != per_row.shape[0] else rows.to(examples.device)
+                    per_example = per_row.new_zeros(num_examples, *per_row.shape[1:]).index_add(0, rows, per_row)
                     projected[factor.name].append(factor.to_eigenbasis(per_example))  # (B, out, in)
         return logits.detach().double(), [torch.stack(projected[f.name], 1) for f in self.factors]
 

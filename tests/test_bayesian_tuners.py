@@ -403,3 +403,40 @@ def test_blob_keeps_its_flipout_signs_in_one_byte(dtype):
     draws = _random_signs(torch.Size([100_000]), torch.zeros(1))
     assert draws.dtype == torch.int8 and set(draws.unique().tolist()) == {-1, 1}
     assert abs(float(draws.float().mean())) < 0.02  # fair: 4.5 standard errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_low_rank_output_is_added_in_slices_and_rounded_once_to_the_output_dtype(monkeypatch, dtype):
+    from bayeslora.tuners import base
+
+    torch.manual_seed(0)
+    result, code, B = torch.randn(3, 5, 40).to(dtype), torch.randn(3, 5, 4), torch.randn(40, 4)
+    exact = result.double() + 1.5 * (code.double() @ B.double().T)  # float64 reference
+    monkeypatch.setattr(base, "LOW_RANK_CHUNK_BYTES", 2 * 40 * 4)  # two rows per slice: 8 slices of 15 rows
+    added = base.add_low_rank_(result.clone(), code, B, 1.5)
+    strided = base.add_low_rank_(result.clone().transpose(0, 1), code.transpose(0, 1), B, 1.5)  # added whole
+    for value in (added, strided.transpose(0, 1)):
+        assert value.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(value.double(), exact, rtol=1e-6, atol=1e-6)
+        else:  # the float32 sum rounded once to bf16: the exact sum's rounding (adding a rounded Δ rounds twice)
+            assert torch.equal(value, exact.to(dtype))
+
+
+@pytest.mark.parametrize("method", [MeLoraConfig, BlobConfig])
+def test_a_layer_without_autograd_adds_its_output_as_with_autograd(monkeypatch, method):
+    from bayeslora.tuners import base
+
+    monkeypatch.setattr(base, "LOW_RANK_CHUNK_BYTES", 3 * 64 * 4)  # the head's 14 rows in slices of 3
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), method(r=4, target_modules=[*TARGETS, "lm_head"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.randint(0, 64, (2, 7))
+    with_grad = model(input_ids=ids).logits
+    with torch.no_grad():
+        without = model(input_ids=ids).logits
+    assert with_grad.requires_grad and not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-5)

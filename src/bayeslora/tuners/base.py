@@ -2,8 +2,9 @@
 
 A layer adds ``s·Δ(x)`` to a frozen linear layer ``y = W0 x``, with ``s = lora_alpha / r`` and a
 method-specific stochastic low-rank ``Δ``. Subclasses implement :meth:`BayesianLowRankLayer.update_layer`
-(create the adapter's parameters), ``adapter_output`` (``Δ(x)`` without the scaling, sampling when
-:func:`~bayeslora.sampling.should_sample`: in training mode, or when asked for), ``effective_factors`` (the
+(create the adapter's parameters), ``adapter_code`` (``Δ(x) = c(x)·Bᵀ`` as its r-dimensional code ``c(x)`` and
+the up-projection ``B``, without the scaling, sampling when :func:`~bayeslora.sampling.should_sample`: in
+training mode, or when asked for), ``effective_factors`` (the
 posterior-mean ΔW as LoRA factors, used for merging and export) and ``kl`` (KL(q || p) of the adapter's
 posterior to its prior).
 """
@@ -57,6 +58,26 @@ def inverse_positive(std: float, kind: SigmaParam) -> float:
     if kind == "square":
         return math.sqrt(std)
     raise ValueError(f"unknown σ parameterisation '{kind}': softplus, exp or square")
+
+
+#: The largest slice of a layer's output that :func:`add_low_rank_` materialises at once (bytes).
+LOW_RANK_CHUNK_BYTES = 16 * 2**20
+
+
+def add_low_rank_(result: Tensor, code: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``result += scale · code·Bᵀ`` in place, ``result`` (..., m), ``code`` (..., r), B (m, r), without
+    materialising ``code·Bᵀ`` whole: rows go in slices of at most :data:`LOW_RANK_CHUNK_BYTES` (a wide layer, such
+    as a language model's head of 49,152 outputs over the N posterior copies of a batch, would otherwise allocate
+    and add a fresh output-sized float32 tensor per call; measured here, that costs seconds of page faults). The
+    sum is rounded once to ``result``'s dtype. For evaluation without autograd (in-place on ``result``)."""
+    rows = result.reshape(-1, result.shape[-1]) if result.is_contiguous() else None
+    if rows is None:
+        return result.add_(code @ B.T, alpha=scale)
+    codes = code.reshape(-1, code.shape[-1])  # (R·T, r)
+    step = max(1, LOW_RANK_CHUNK_BYTES // (B.shape[0] * B.element_size()))
+    for start in range(0, codes.shape[0], step):
+        rows[start : start + step].add_(F.linear(codes[start : start + step], B), alpha=scale)  # (rows, m)
+    return result
 
 
 def gaussian_kl(mean: Tensor, std: Tensor, prior_mean: Tensor | float, prior_std: float) -> Tensor:
@@ -161,9 +182,15 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     # --- to implement ---
+    def adapter_code(self, x: Tensor, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(c, B)`` with ``Δ(x) = c·Bᵀ`` for one adapter (before the ``lora_alpha / r`` scaling): the code ``c``
+        ``(..., r)``, with any posterior sample already drawn, and the up-projection ``B`` ``(out_features, r)``."""
+        raise NotImplementedError
+
     def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
         """``Δ(x)`` of one adapter (before the ``lora_alpha / r`` scaling), ``(..., out_features)``."""
-        raise NotImplementedError
+        code, B = self.adapter_code(x, adapter)
+        return code @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
 
     def kl(self, adapter: str) -> Tensor:
         """KL(q || p) of the adapter's posterior to its prior (a float64 scalar)."""
@@ -228,8 +255,11 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
                 continue
             first = getattr(self, self.adapter_layer_names[0])[adapter]
             inputs = self._cast_input_dtype(x, first.dtype)
-            delta = self.adapter_output(self.adapter_dropout[adapter](inputs), adapter)
-            result = result + (delta * self.scaling[adapter]).to(result.dtype)
+            code, B = self.adapter_code(self.adapter_dropout[adapter](inputs), adapter)
+            if torch.is_grad_enabled():
+                result = result + ((code @ B.T) * self.scaling[adapter]).to(result.dtype)  # (R, T, m)
+            else:
+                add_low_rank_(result, code, B, self.scaling[adapter])
         return result
 
     def layer_input(self, x: Tensor) -> Tensor:

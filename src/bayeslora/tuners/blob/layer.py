@@ -76,12 +76,14 @@ class BlobLayer(BayesianLowRankLayer):
             return self.blob_A[adapter].new_zeros(0)
         return positive(self.blob_A_g[adapter], "square")
 
-    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+    def adapter_code(self, x: Tensor, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(A·x, B)`` with A the posterior mean, or a draw of A when the layer samples (flipout noise, or one A
+        per sequence inside :func:`~bayeslora.sampling.frozen_samples`)."""
         mean, B = self.blob_A[adapter], self.blob_B[adapter]
         h = x @ mean.T  # (R, T, n) @ (n, r) -> (R, T, r)
         if self.samples(adapter):
             h = h + (self._sequence_noise(x, adapter) if frozen() else self._flipout_noise(x, adapter))
-        return h @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
+        return h, B  # (R, T, r), (m, r)
 
     def _flipout_noise(self, x: Tensor, adapter: str) -> Tensor:
         """((x ⊙ r_A)·Eᵀ) ⊙ s_A with one E per forward pass (per posterior copy when copies are announced)."""

@@ -295,7 +295,9 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         weight = self.quantize("W", base.weight, adapter).to(x.dtype)  # (m, n), quantized in fp32
         return F.linear(x, weight, base.bias)
 
-    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+    def adapter_code(self, x: Tensor, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(C·Q(A)·x, Q(B))`` (unit-normalised with a unit-factor core), C the gated core: diag(m ⊙ Q(e)) or the
+        masked Bayesian core S."""
         A = self.quantize("A", self.blora_A[adapter], adapter)  # (r, n)
         B = self.quantize("B", self.blora_B[adapter], adapter)  # (m, r)
         A, B = self.scaled_factors(A, B, adapter)  # a core with unit factors: unit rows of A, columns of B
@@ -305,7 +307,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             h = self.core_product(h * mask, adapter) * mask  # rows and columns of S masked
         else:
             h = h * (mask * self.quantize("e", self.blora_e[adapter], adapter))  # diag(m ⊙ Q(e))
-        return h @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
+        return h, B  # (R, T, r), (m, r)
 
     # --- the deterministic adapter, learned structure, costs ---
     def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:

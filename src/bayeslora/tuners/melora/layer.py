@@ -201,10 +201,11 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         self._create_core(adapter_name, config, r)
         self._finish_update(adapter_name, config.inference_mode)
 
-    def adapter_output(self, x: Tensor, adapter: str) -> Tensor:
+    def adapter_code(self, x: Tensor, adapter: str) -> tuple[Tensor, Tensor]:
+        """``(S·Â·x, B̂)``: Δ(x) = B̂·S·Â·x."""
         A, B = self.scaled_factors(self.melora_A[adapter], self.melora_B[adapter], adapter)
         h = x @ A.T  # (R, T, n) @ (n, r) -> (R, T, r)
-        return self.core_product(h, adapter) @ B.T  # (R, T, r) @ (r, m) -> (R, T, m)
+        return self.core_product(h, adapter), B  # (R, T, r), (m, r)
 
     def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
         """``(Â, s·B̂·M_S)`` (A and B as they are with free factors)."""

@@ -1,0 +1,217 @@
+"""Posterior samples at the price of one pass: how much of the model carries the posterior (``--bayesian-layers``).
+
+Part 1, cost (``--timing``, minutes): on the packaged SmolLM2-135M (cloze scoring, ARC-Easy, Me-LoRA at rank 8 on
+q_proj, v_proj and lm_head, the base in ``--dtype auto``'s precision), for the posterior in the LM head only
+(``last:0``), in the top 1, 2, 4, 8 blocks and the head, and everywhere (``all``): the time of evaluating a batch of
+16 validation questions with 10 posterior samples, relative to one deterministic pass (the posterior mean), with
+the deterministic blocks run once for all samples (the shared trunk) and, for comparison, tiled like the rest; and
+the time of a training step (8 questions, AdamW). All settings run on the same batches in interleaved rounds; the
+table gives medians over the rounds.
+
+Part 2, quality (``--quality``): reads the calibration benchmark's runs of the same variants (trained with
+``benchmarks/calibration.py --tag sampling``, the command is printed) and tabulates accuracy, ECE and NLL in and out
+of distribution next to the cost.
+
+    python benchmarks/sampling.py --timing            # benchmarks/results/sampling.{json,md}
+    python benchmarks/sampling.py --timing --quick    # 2 rounds
+    python benchmarks/sampling.py --quality           # adds the quality table (after the calibration runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bayeslora.io import read_json, write_json_atomic, write_text_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ["q_proj", "v_proj", "lm_head"]
+SPECS = ("last:0", "last:1", "last:2", "last:4", "last:8", "all")
+SAMPLES = 10
+EVAL_QUESTIONS = 16
+TRAIN_QUESTIONS = 8
+
+
+def label(spec: str) -> str:
+    """The table's name of a ``bayesian_layers`` value."""
+    if spec in ("last:0", "all"):
+        return {"last:0": "lm_head only", "all": "all blocks"}[spec]
+    return f"top {spec.split(':')[1]} + lm_head"
+
+
+def variant_name(spec: str) -> str:
+    """The calibration benchmark's variant of a ``bayesian_layers`` value."""
+    return "melora-" + spec.replace(":", "")
+
+
+def timings(rounds: int) -> dict[str, Any]:
+    """Evaluation and training-step times of Me-LoRA for every :data:`SPECS`, interleaved over ``rounds``."""
+    import torch
+    from peft import get_peft_model
+
+    import bayeslora as bl
+    from bayeslora.tasks import DATA_SEED, seeded_subset
+
+    task = bl.load_task("arc-easy")
+    setups = {}
+    for spec in SPECS:
+        torch.manual_seed(0)
+        model, tokenizer = bl.load_model("smollm2-135m", progress=False)
+        model = get_peft_model(model, bl.MeLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, bayesian_layers=spec))
+        scorer = bl.make_scorer(task, tokenizer, "cloze")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        train = scorer.collate(seeded_subset(task.split("train"), TRAIN_QUESTIONS, DATA_SEED))
+        evaluation = scorer.collate(seeded_subset(task.split("eval"), EVAL_QUESTIONS, DATA_SEED))
+        setups[spec] = (model, scorer, optimizer, train, evaluation)
+    dtype = str(next(p.dtype for p in setups["all"][0].parameters() if not p.requires_grad)).replace("torch.", "")
+    measures = ("one pass", "shared trunk", "tiled", "train step")
+    times: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(rounds + 1):  # round 0 warms up (allocator, optimizer state) and is not kept
+        for spec, (model, scorer, optimizer, train, evaluation) in setups.items():
+            model.eval()
+            measured = {}
+            for measure, options in (
+                ("one pass", {"n_samples": 0}),
+                ("shared trunk", {"n_samples": SAMPLES}),
+                ("tiled", {"n_samples": SAMPLES, "share_trunk": False}),
+            ):
+                started = time.perf_counter()
+                bl.predict_batch(model, scorer, evaluation, **options)
+                measured[measure] = time.perf_counter() - started
+            model.train()
+            started = time.perf_counter()
+            logits = scorer.class_logits(model, train)
+            torch.nn.functional.cross_entropy(logits, train["labels"]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            measured["train step"] = time.perf_counter() - started
+            if round_:
+                for measure, seconds in measured.items():
+                    times.setdefault((spec, measure), []).append(seconds)
+            shown = ", ".join(f"{m} {s:.2f} s" for m, s in measured.items())
+            print(f"round {round_} {spec}: {shown}", flush=True)
+    rows = []
+    reference_step = statistics.median(times[("all", "train step")])
+    for spec in SPECS:
+        medians = {measure: statistics.median(times[(spec, measure)]) for measure in measures}
+        rows.append(
+            {
+                "bayesian_layers": spec,
+                "median_s": medians,
+                "all_s": {measure: times[(spec, measure)] for measure in measures},
+                "shared_vs_one_pass": medians["shared trunk"] / medians["one pass"],
+                "tiled_vs_one_pass": medians["tiled"] / medians["one pass"],
+                "step_vs_all": medians["train step"] / reference_step,
+            }
+        )
+    return {"rounds": rounds, "base_dtype": dtype, "samples": SAMPLES, "eval_questions": EVAL_QUESTIONS, "rows": rows}
+
+
+def quality(root: Path, tasks: list[str]) -> list[dict[str, Any]]:
+    """Accuracy, ECE and NLL (in distribution and on each OOD task) of the calibration benchmark's runs."""
+    rows = []
+    for task in tasks:
+        for spec in SPECS:
+            for run in sorted(root.glob(f"{task}-{variant_name(spec)}-seed*")):
+                record_file = run / "benchmark.json"
+                if not record_file.is_file():
+                    continue
+                record = read_json(record_file)
+                final = record["final"]
+                row = {
+                    "task": task,
+                    "bayesian_layers": spec,
+                    "seed": record["seed"],
+                    "accuracy": final["accuracy"],
+                    "ece": final["ece"],
+                    "nll": final["nll"],
+                    "eval_time_s": record.get("eval_time_s"),
+                    "step_time_s": record.get("step_time_s"),
+                    "ood": {
+                        name: {
+                            k: ood[k] for k in ("accuracy", "ece", "nll", "auroc_entropy", "auroc_mutual_information")
+                        }
+                        for name, ood in (final.get("ood") or {}).items()
+                    },
+                }
+                rows.append(row)
+    return rows
+
+
+def markdown(timing: dict[str, Any], quality_rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Where the posterior lives: cost and calibration (SmolLM2-135M, Me-LoRA r = 8 on q, v, lm_head)",
+        "",
+        f"Evaluation of {timing['eval_questions']} ARC-Easy questions (cloze) with {timing['samples']} posterior "
+        f"samples, relative to one deterministic pass of the same model; base in {timing['base_dtype']}; medians of "
+        f"{timing['rounds']} interleaved rounds. *Shared trunk*: the deterministic blocks below the posterior run once "
+        "for all samples; *tiled*: every block runs on the batch tiled 10 times. Training step: 8 questions, AdamW, "
+        "relative to the posterior in every block.",
+        "",
+        "| posterior in | one pass | N = 10, shared trunk | N = 10, tiled | training step |",
+        "|---|---|---|---|---|",
+    ]
+    for row in timing["rows"]:
+        m = row["median_s"]
+        lines.append(
+            f"| {label(row['bayesian_layers'])} | {m['one pass']:.2f} s | {m['shared trunk']:.2f} s "
+            f"({row['shared_vs_one_pass']:.2f}x) | {m['tiled']:.2f} s ({row['tiled_vs_one_pass']:.2f}x) | "
+            f"{m['train step']:.2f} s ({row['step_vs_all']:.2f}x) |"
+        )
+    if quality_rows:
+        lines += [
+            "",
+            "Quality (`benchmarks/calibration.py --tag sampling`, 300 validation questions, N = 10; OOD: trained on "
+            "OBQA, evaluated on the other tasks):",
+            "",
+            "| task | posterior in | seed | accuracy | ECE | NLL | OOD accuracy / ECE / NLL / AUROC (MI) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in quality_rows:
+            ood = "; ".join(
+                f"{name} {100 * o['accuracy']:.1f} / {100 * o['ece']:.1f} / {o['nll']:.3f} / "
+                f"{o['auroc_mutual_information']:.3f}"
+                for name, o in row["ood"].items()
+            )
+            lines.append(
+                f"| {row['task']} | {label(row['bayesian_layers'])} | {row['seed']} | {100 * row['accuracy']:.1f} | "
+                f"{100 * row['ece']:.1f} | {row['nll']:.3f} | {ood or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timing", action="store_true", help="Measure the cost (part 1).")
+    parser.add_argument("--quality", action="store_true", help="Tabulate the calibration runs (part 2).")
+    parser.add_argument("--quick", action="store_true", help="2 timing rounds.")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", nargs="+", default=["arc-easy", "obqa"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    json_file = args.out / "sampling.json"
+    result = read_json(json_file) if json_file.is_file() else {}
+    if args.timing:
+        result["timing"] = timings(2 if args.quick else args.rounds)
+    if args.quality:
+        variants = " ".join(f"{variant_name(s)}=melora:bayesian_layers={s}" for s in SPECS)
+        print(
+            "the runs: python benchmarks/calibration.py --tag sampling --tasks arc-easy obqa --seeds 1 "
+            f"--ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics --variants {variants}"
+        )
+        result["quality"] = quality(args.out / "calibration" / "runs" / "sampling", args.tasks)
+    if "timing" not in result:
+        parser.error("no timing yet: run with --timing first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_file, result)
+    write_text_atomic(args.out / "sampling.md", markdown(result["timing"], result.get("quality", [])))
+    print(markdown(result["timing"], result.get("quality", [])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

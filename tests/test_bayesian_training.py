@@ -45,6 +45,9 @@ def test_elbo_training_logs_kl_and_beta_and_learns(tiny_llama_dir, toy_task, tmp
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     assert metrics["n_samples"] == 3 and metrics["method"] == method
     assert metrics["step_memory_mb"] > 0  # one training step measured by the allocator
+    # the run's own peaks: training (within the process's lifetime peak at its end) and this evaluation
+    assert 0 < metrics["train_peak_memory_mb"] <= metrics["peak_memory_mb"]
+    assert metrics["eval_peak_memory_mb"] > 0
     saved = load_predictions(run / "eval" / "toy")  # each sample's probabilities are kept
     assert saved.sample_probs.shape == (3, 8, 2)
     torch.testing.assert_close(saved.sample_probs.mean(0), saved.probs)

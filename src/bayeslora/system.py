@@ -12,6 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar
 
 import torch
 
@@ -44,7 +45,79 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return max(peak_mib, _erased_peak_kib / 2**10)  # a ResidentPeak's reset lowers ru_maxrss too
+
+
+#: The highest resident set that ResidentPeak's resets of the kernel's high-water mark erased (KiB).
+_erased_peak_kib = 0
+
+
+def _resident_high_water_kib() -> int | None:
+    """The process's peak resident set since its last reset (``VmHWM`` of /proc/self/status, KiB; Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_resident_high_water() -> bool:
+    """Reset ``VmHWM`` to the current resident set (``echo 5 > /proc/self/clear_refs``, Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class ResidentPeak:
+    """The peak resident set (MiB) of this process while the block runs: what one phase (a training run, an
+    evaluation) needed, not the lifetime peak of ``ru_maxrss``, which every later phase in the same process
+    inherits. On Linux the kernel's high-water mark is reset on entry (probes may nest: an outer probe keeps the
+    peak its inner probes' resets erased); elsewhere :attr:`lifetime` is True and the value is the process's
+    lifetime peak. On CUDA it is the allocator's peak of the block instead. Used as::
+
+        with ResidentPeak(device) as probe:
+            evaluate()
+        probe.peak_mib
+    """
+
+    _open: ClassVar[list[ResidentPeak]] = []  # the probes whose blocks are running, outermost first
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_mib = 0.0
+        self.lifetime = False
+        self._peak_kib = 0
+
+    def __enter__(self) -> ResidentPeak:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        global _erased_peak_kib
+        now = _resident_high_water_kib()
+        _erased_peak_kib = max(_erased_peak_kib, now or 0)
+        for outer in ResidentPeak._open:  # what the reset below erases from their view
+            outer._peak_kib = max(outer._peak_kib, now or 0)
+        self.lifetime = now is None or not _reset_resident_high_water()
+        ResidentPeak._open.append(self)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        ResidentPeak._open.remove(self)
+        if self.lifetime:
+            self.peak_mib = peak_memory_mb()
+            return
+        self._peak_kib = max(self._peak_kib, _resident_high_water_kib() or 0)
+        self.peak_mib = self._peak_kib / 2**10
 
 
 class AllocationPeak:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..io import atomic_path, write_json_atomic, write_text_atomic
+from ..system import ResidentPeak
 from ..tasks import DATA_SEED, Task, seeded_subset
 from .metrics import classification_metrics
 from .predictive import Prediction, predict
@@ -50,20 +51,22 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], Prediction]:
     """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier; selective prediction (aurc,
     accuracy_at_coverage) and the mean predictive entropy and mutual information (see
-    :mod:`bayeslora.evaluation.uncertainty`); n_examples, n_samples, eval_time_s. With several samples (or
-    ensemble members) the prediction keeps each one's probabilities. ``options``: MC dropout or ensemble members,
-    see :func:`bayeslora.evaluation.predictive.predict`."""
+    :mod:`bayeslora.evaluation.uncertainty`); n_examples, n_samples, eval_time_s, eval_peak_memory_mb (this
+    evaluation's peak resident set, or the device allocator's peak). With several samples (or ensemble members) the
+    prediction keeps each one's probabilities. ``options``: MC dropout or ensemble members, see
+    :func:`bayeslora.evaluation.predictive.predict`."""
     start = time.perf_counter()
-    prediction = predict(
-        model,
-        scorer,
-        examples,
-        n_samples=n_samples,
-        batch_size=batch_size,
-        keep_samples=n_samples > 1 or bool(options.get("members")) or options.get("sampler") is not None,
-        progress=progress,
-        **options,
-    )
+    with ResidentPeak(next(model.parameters()).device) as evaluation_peak:
+        prediction = predict(
+            model,
+            scorer,
+            examples,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            keep_samples=n_samples > 1 or bool(options.get("members")) or options.get("sampler") is not None,
+            progress=progress,
+            **options,
+        )
     elapsed = time.perf_counter() - start
     if prediction.sample_probs is not None:
         n_samples = prediction.sample_probs.shape[0]  # ensemble members, or a custom predictive's draws
@@ -76,6 +79,7 @@ def evaluate_model(
         mean_entropy=float(spread["entropy"].mean()), mean_mutual_information=float(spread["mutual_information"].mean())
     )
     metrics.update(n_examples=len(examples), n_samples=n_samples, eval_time_s=round(elapsed, 2))
+    metrics.update(eval_peak_memory_mb=round(evaluation_peak.peak_mib, 1))
     return metrics, prediction
 
 

@@ -42,6 +42,7 @@ SUMMARY_KEYS_IN_METRICS = (
     "laplace_fit_s",
     "step_time_s",
     "step_memory_mb",
+    "train_peak_memory_mb",
     "peak_memory_mb",
 )
 

@@ -38,7 +38,7 @@ from ..runs.checkpoints import (
     truncate_log,
 )
 from ..runs.model_card import write_model_card
-from ..system import peak_memory_mb, versions
+from ..system import ResidentPeak, peak_memory_mb, versions
 from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout, seeded_subset
 from ..training import distributed
 from ..training.callbacks import JsonlLogger, StepMemoryProbe, TermsProgress
@@ -167,33 +167,34 @@ def train(
             truncate_log(run / TRAIN_LOG, run)
         scorer = build_scorer(task, tokenizer, config)
         fits = []
-        for index, member in enumerate(members or [None]):
-            seed = config.seed + index  # ensemble members differ by initialisation and data order
-            if member is not None:
-                if index > 0:
-                    transformers.set_seed(seed)
-                    model.add_adapter(member, model.peft_config[members[0]])
-                model.set_adapter(member)
-            if resuming and member is not None and trained_member(run, member):
-                fits.append(_Fit.recorded(load_trained_member(model, member, run)))
-                continue
-            checkpoint = last_complete_checkpoint(checkpoint_folder(run, member)) if resuming else None
-            member_config = dataclasses.replace(config, seed=seed)
-            fit = _fit(
-                model,
-                member_config,
-                run,
-                train_examples,
-                scorer,
-                callbacks,
-                member,
-                checkpoint,
-                heldout=heldout,
-                progress=progress,
-            )
-            if member is not None and main:  # a resumed ensemble continues after it
-                save_trained_member(model, member, run, fit.record())
-            fits.append(fit)
+        with ResidentPeak(next(model.parameters()).device) as training_peak:  # this run's own peak
+            for index, member in enumerate(members or [None]):
+                seed = config.seed + index  # ensemble members differ by initialisation and data order
+                if member is not None:
+                    if index > 0:
+                        transformers.set_seed(seed)
+                        model.add_adapter(member, model.peft_config[members[0]])
+                    model.set_adapter(member)
+                if resuming and member is not None and trained_member(run, member):
+                    fits.append(_Fit.recorded(load_trained_member(model, member, run)))
+                    continue
+                checkpoint = last_complete_checkpoint(checkpoint_folder(run, member)) if resuming else None
+                member_config = dataclasses.replace(config, seed=seed)
+                fit = _fit(
+                    model,
+                    member_config,
+                    run,
+                    train_examples,
+                    scorer,
+                    callbacks,
+                    member,
+                    checkpoint,
+                    heldout=heldout,
+                    progress=progress,
+                )
+                if member is not None and main:  # a resumed ensemble continues after it
+                    save_trained_member(model, member, run, fit.record())
+                fits.append(fit)
         model = next((fit.model for fit in reversed(fits) if fit.model is not None), model)  # as the Trainer left it
         if not main:
             return run_dir
@@ -220,6 +221,7 @@ def train(
             "step_time_s": round(runtime / max(1, steps_run), 3),
             "step_memory_mb": None if fits[0].step_memory_mib is None else round(fits[0].step_memory_mib, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "train_peak_memory_mb": round(training_peak.peak_mib, 1),
             "trainable_params": trainable_parameters(model) * len(fits),
             "total_params": sum(p.numel() for p in model.parameters()),
             "base_dtype": str(model.get_base_model().get_input_embeddings().weight.dtype).removeprefix("torch."),

@@ -20,6 +20,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("trainable", "trainable_params", "{:,}"),
     ("step s", "step_time_s", "{:.2f}"),
     ("step MiB", "step_memory_mb", "{:.0f}"),
+    ("train MiB", "train_peak_memory_mb", "{:.0f}"),  # the run's own peak resident set while training
+    ("eval MiB", "eval_peak_memory_mb", "{:.0f}"),  # ... while evaluating this task
     ("process MiB", "peak_memory_mb", "{:.0f}"),
 )
 _PERCENT = {"accuracy", "ece", "accuracy_at_coverage"}

@@ -78,7 +78,7 @@ class ResidentPeak:
     evaluation) needed, not the lifetime peak of ``ru_maxrss``, which every later phase in the same process
     inherits. On Linux the kernel's high-water mark is reset on entry (probes may nest: an outer probe keeps the
     peak its inner probes' resets erased); elsewhere :attr:`lifetime` is True and the value is the process's
-    lifetime peak. On CUDA it is the allocator's peak of the block instead. Used as::
+    lifetime peak (on CUDA the allocator's, which :class:`AllocationPeak` resets inside training steps). Used as::
 
         with ResidentPeak(device) as probe:
             evaluate()
@@ -94,8 +94,8 @@ class ResidentPeak:
         self._peak_kib = 0
 
     def __enter__(self) -> ResidentPeak:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.device.type == "cuda":  # not reset: AllocationPeak's resets inside the block would erase it
+            self.lifetime = True
             return self
         global _erased_peak_kib
         now = _resident_high_water_kib()
@@ -109,12 +109,10 @@ class ResidentPeak:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-            return
-        ResidentPeak._open.remove(self)
+        if self.device.type != "cuda":
+            ResidentPeak._open.remove(self)
         if self.lifetime:
-            self.peak_mib = peak_memory_mb()
+            self.peak_mib = peak_memory_mb(self.device)
             return
         self._peak_kib = max(self._peak_kib, _resident_high_water_kib() or 0)
         self.peak_mib = self._peak_kib / 2**10

@@ -52,9 +52,9 @@ def evaluate_model(
     """Metrics of ``model`` on ``examples``: accuracy, ece, nll, brier; selective prediction (aurc,
     accuracy_at_coverage) and the mean predictive entropy and mutual information (see
     :mod:`bayeslora.evaluation.uncertainty`); n_examples, n_samples, eval_time_s, eval_peak_memory_mb (this
-    evaluation's peak resident set, or the device allocator's peak). With several samples (or ensemble members) the
-    prediction keeps each one's probabilities. ``options``: MC dropout or ensemble members, see
-    :func:`bayeslora.evaluation.predictive.predict`."""
+    evaluation's peak resident set; the process's lifetime peak where that cannot be reset). With several samples
+    (or ensemble members) the prediction keeps each one's probabilities. ``options``: MC dropout or ensemble
+    members, see :func:`bayeslora.evaluation.predictive.predict`."""
     start = time.perf_counter()
     with ResidentPeak(next(model.parameters()).device) as evaluation_peak:
         prediction = predict(

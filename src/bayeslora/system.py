@@ -46,7 +46,8 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-    return max(peak_mib, _erased_peak_kib / 2**10)  # a ResidentPeak's reset lowers ru_maxrss too
+    # a ResidentPeak's reset lowers ru_maxrss too, and ru_maxrss can lag the kernel's high-water mark a little
+    return max(peak_mib, max(_erased_peak_kib, _resident_high_water_kib() or 0) / 2**10)
 
 
 #: The highest resident set that ResidentPeak's resets of the kernel's high-water mark erased (KiB).

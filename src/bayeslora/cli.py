@@ -99,6 +99,7 @@ EVAL_CONFIG_OPTIONS = (
     "force_base",
     "ensemble_combine",
     "laplace_predictive",
+    "posterior_predictive",
 )
 
 FORCE_BASE_HELP = "Load the adapter even onto a base model other than the one it was trained on (not advised)."

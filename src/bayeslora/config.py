@@ -188,6 +188,15 @@ class RunConfig:
         group="posterior",
         check="> 0",
     )
+    posterior_predictive: str = _opt(
+        "samples",
+        "How a variational adapter predicts: the mean over --samples posterior samples (samples), or linearised in "
+        "the posterior's noise, class scores ~ N(f(mean), J Jᵀ) from one pass and one backward pass per class, "
+        "turned into probabilities by 1000 draws (glm) or the probit approximation (probit). Cheapest with the "
+        "posterior in the LM head only (--bayesian-layers last:0).",
+        group="posterior",
+        choices=("samples", "glm", "probit"),
+    )
     kl_lr: float = _opt(0.01, "Learning rate of the separate SGD step on π_i·KL.", group="blob schedule", check="> 0")
     blob_gamma: float = _opt(
         8.0, "γ in the cycle length M = 100·N^(π/γ) / batch size.", group="blob schedule", check="> 0"

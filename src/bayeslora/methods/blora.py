@@ -31,7 +31,7 @@ from ..tuners.blora.gates import OFF_THRESHOLD, gate_logit_for
 from ..tuners.costs import DEFAULT_BITS, adapter_bops, base_bops, reference_adapter_bops
 from .base import Method, TrainingExtras, register_method, shared_options
 from .melora import MELORA_DEFAULTS, core_options, resolve_core
-from .variational import posterior_options, variational_extras
+from .variational import posterior_options, variational_extras, variational_predictive
 
 GATE_COSTS = ("bops", "gates")
 
@@ -248,6 +248,12 @@ class BLora(Method):
 
     def is_stochastic(self, config) -> bool:
         return config.bayesian_core  # a Bayesian core's predictions average samples
+
+    def predictive(self, config, n_samples: int, run_dir=None) -> dict:
+        return variational_predictive(config, n_samples) if config.bayesian_core else {}
+
+    def predictive_record(self, config) -> dict:
+        return {"posterior_predictive": config.posterior_predictive} if config.bayesian_core else {}
 
     def peft_config(self, config, targets: list[str], task_type: str, total_steps: int):
         from ..tuners import BLoraConfig

@@ -12,13 +12,16 @@ term and a callback for the transformers Trainer, and the :class:`VariationalMet
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from ..evaluation.linearized import linearized_predict_batch
 from ..training.distributed import world
 from ..training.losses import LossTerms
 from ..tuners.base import BayesianLowRankLayer, BayesianLowRankModel
@@ -170,10 +173,25 @@ class VariationalMethod(Method):
     adds the KL (:func:`variational_extras`)."""
 
     option_groups = ("posterior",)
+    predictive_options = ("posterior_predictive",)
     default_samples = 10
 
     def is_stochastic(self, config) -> bool:
         return True
 
+    def predictive(self, config, n_samples: int, run_dir: Path | None = None) -> dict[str, Any]:
+        return variational_predictive(config, n_samples)
+
     def training_extras(self, model: nn.Module, config, n_train: int) -> TrainingExtras:
         return variational_extras(model, config, n_train)
+
+
+def variational_predictive(config, n_samples: int) -> dict[str, Any]:
+    """The keyword arguments of :func:`~bayeslora.evaluation.predictive.predict` for ``--posterior-predictive``:
+    none for posterior samples (or the mean, ``n_samples`` = 0), else the linearised predictive as a ``sampler``
+    (:mod:`bayeslora.evaluation.linearized`; ``n_samples`` of its Gaussian draws kept as single samples)."""
+    if config.posterior_predictive == "samples" or n_samples == 0:
+        return {}
+    return {
+        "sampler": functools.partial(linearized_predict_batch, link=config.posterior_predictive, n_samples=n_samples)
+    }

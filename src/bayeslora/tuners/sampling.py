@@ -41,6 +41,8 @@ _EXAMPLES_PER_COPY: ContextVar[int | None] = ContextVar("bayeslora_examples_per_
 #: True: sample (also in evaluation mode); False: the posterior mean (also in training mode); None: the module's mode
 _SAMPLE: ContextVar[bool | None] = ContextVar("bayeslora_sample", default=None)
 _FROZEN: ContextVar[dict[tuple[int, str], Tensor] | None] = ContextVar("bayeslora_frozen_noise", default=None)
+#: Inside :func:`noise_at_zero`: the zero noise leaves handed out so far, by (layer, name)
+_AT_ZERO: ContextVar[dict[tuple[int, str], Tensor] | None] = ContextVar("bayeslora_noise_at_zero", default=None)
 
 
 @contextmanager
@@ -86,6 +88,18 @@ def frozen_samples() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def noise_at_zero() -> Iterator[dict[tuple[int, str], Tensor]]:
+    """Within the block, Bayesian layers take the sampling path with their standard normal noise ε set to zero, as
+    leaf tensors that require grad: the pass computes the prediction at the posterior mean, and the gradients with
+    respect to the leaves are those with respect to ε at ε = 0, the Jacobian of a linearised predictive (a weight
+    w = μ + σ·ε has ∂f/∂ε = σ·∂f/∂w). Yields the leaves, keyed by (id of the layer, noise name), as the pass
+    creates them; each layer gets one leaf per name for every pass in the block, as in :func:`frozen_samples`."""
+    store: dict[tuple[int, str], Tensor] = {}
+    with _setting(_SAMPLE, True), _setting(_AT_ZERO, store):
+        yield store
+
+
 def should_sample(training: bool) -> bool:
     """Whether a Bayesian layer in ``training`` mode samples its weights in the forward pass in progress."""
     forced = _SAMPLE.get()
@@ -94,18 +108,22 @@ def should_sample(training: bool) -> bool:
 
 def frozen_noise(owner: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """Standard normal noise of ``shape`` (device and dtype of ``like``): new at every call, or inside
-    :func:`frozen_samples` drawn at the first call for ``(owner, name)`` and returned unchanged after.
+    :func:`frozen_samples` drawn at the first call for ``(owner, name)`` and returned unchanged after (inside
+    :func:`noise_at_zero`: zeros that require grad, likewise kept).
 
     Raises:
         RuntimeError: inside :func:`frozen_samples`, when a later pass asks for another shape (a different
             number of sequences than the first pass).
     """
-    store = _FROZEN.get()
+    at_zero = _AT_ZERO.get()
+    store = at_zero if at_zero is not None else _FROZEN.get()
     if store is None:
         return torch.randn(shape, device=like.device, dtype=like.dtype)
     key = (id(owner), name)
     noise = store.get(key)
-    if noise is None:
+    if noise is None and at_zero is not None:
+        noise = store[key] = torch.zeros(shape, device=like.device, dtype=like.dtype, requires_grad=True)
+    elif noise is None:
         noise = store[key] = torch.randn(shape, device=like.device, dtype=like.dtype)
     elif tuple(noise.shape) != tuple(shape):
         raise RuntimeError(
@@ -130,5 +148,5 @@ def current_row_copies() -> Tensor | None:
 
 
 def frozen() -> bool:
-    """Whether :func:`frozen_samples` is in force."""
-    return _FROZEN.get() is not None
+    """Whether :func:`frozen_samples` (or :func:`noise_at_zero`) is in force."""
+    return _FROZEN.get() is not None or _AT_ZERO.get() is not None

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ...evaluation.linearized import GAUSSIAN_DRAWS, gaussian_softmax
 from ...evaluation.predictive import iterate_batches, model_device, move_batch
 from ...evaluation.scoring import Batch, Scorer
 from ...io import atomic_path
@@ -47,8 +48,6 @@ MIN_HELDOUT = 50
 PREDICTIVES = ("glm", "nn")
 #: Output factors wider than this are kept diagonal (dense would be out² numbers).
 MAX_DENSE = 4096
-#: Monte Carlo draws of the class scores in the linearised predictive (cheap: C numbers each).
-GLM_DRAWS = 1000
 
 
 def resolve_prior(requested: str, split_size: int, train_size: int | None) -> str:
@@ -379,18 +378,11 @@ class KronLaplace:
         return [modules[f.name] for f in self.factors]
 
     def glm_predictive(
-        self, logits: Tensor, covariance: Tensor, draws: int = GLM_DRAWS, generator=None, keep: int = 0
+        self, logits: Tensor, covariance: Tensor, draws: int = GAUSSIAN_DRAWS, generator=None, keep: int = 0
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Mean softmax of ``draws`` samples of f ~ N(f*, J Σ Jᵀ), (B, C); missing choices stay at 0. With ``keep``,
         also the softmax of the first ``keep`` draws, (keep, B, C) (for the entropies of single samples)."""
-        valid = torch.isfinite(logits)
-        mean = torch.where(valid, logits, torch.zeros_like(logits))
-        jitter = 1e-9 * torch.eye(logits.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        chol = torch.linalg.cholesky(covariance + jitter)  # (B, C, C)
-        noise = torch.randn(draws, *logits.shape, dtype=covariance.dtype, generator=generator).to(logits.device)
-        samples = mean + torch.einsum("bij,sbj->sbi", chol, noise)  # (S, B, C)
-        samples = samples.masked_fill(~valid, float("-inf")).softmax(-1)
-        return (samples.mean(0), samples[:keep]) if keep else samples.mean(0)
+        return gaussian_softmax(logits, covariance, "glm", draws=draws, generator=generator, keep=keep)
 
     @contextmanager
     def sampled_weights(self, model: nn.Module, generator=None) -> Iterator[None]:
@@ -413,7 +405,7 @@ class KronLaplace:
         self, model: nn.Module, scorer: Scorer, batch: Batch, predictive: str = "glm", n_samples: int = 10
     ) -> tuple[Tensor, Tensor]:
         """``(probs (B, C), per-sample probs (S, B, C))``: the linearised predictive (its Monte Carlo mean over
-        :data:`GLM_DRAWS` draws of the class scores, and ``n_samples`` of those draws) or the average over
+        :data:`GAUSSIAN_DRAWS` draws of the class scores, and ``n_samples`` of those draws) or the average over
         ``n_samples`` weight samples (``nn``, one forward pass each)."""
         if predictive not in PREDICTIVES:
             raise ValueError(f"laplace predictive must be one of {', '.join(PREDICTIVES)}, got '{predictive}'")

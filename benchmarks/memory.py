@@ -20,6 +20,7 @@ r = 8 (the model is built on the meta device, so nothing is allocated).
 
     python benchmarks/memory.py            # writes benchmarks/results/memory.json and memory.md (~20 min)
     python benchmarks/memory.py --quick    # one shape, two lengths, one round
+    python benchmarks/memory.py --whole-model   # the whole model (benchmarks/model_memory.py): model_memory.{json,md}
 """
 
 from __future__ import annotations
@@ -263,7 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of subprocesses per shape.")
     parser.add_argument("--quick", action="store_true", help="n = 4096, T = 512 and 1024 only, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--whole-model", action="store_true", help="Whole models instead of one layer.")
+    parser.add_argument("--models", nargs="+", default=["smollm2", "llama7b-2"], help="With --whole-model.")
+    parser.add_argument("--dtype", default="float32", help="The frozen base's dtype, with --whole-model.")
+    parser.add_argument("--llama-tokens", type=int, default=512, help="Sequence length of llama7b-2.")
+    parser.add_argument("--timed-steps", type=int, default=3, help="Timed steps per process, with --whole-model.")
     args = parser.parse_args(argv)
+    if args.whole_model:
+        import model_memory
+
+        started = time.time()
+        rows, summary = model_memory.run(
+            args.models, args.rounds, args.dtype, args.rank, args.llama_tokens, args.timed_steps
+        )
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        print(model_memory.write(args.out, rows, summary, settings))
+        print(f"took {(time.time() - started) / 60:.1f} min")
+        return 0
     if args.quick:
         args.widths, args.lengths, args.rounds = [4096], [512, 1024], 1
     started = time.time()

@@ -188,3 +188,21 @@ def test_a_run_evaluates_with_the_linearised_predictive_and_records_it(tiny_llam
     assert linear["posterior_predictive"] == "probit" and sampled["posterior_predictive"] == "samples"
     assert abs(linear["accuracy"] - sampled["accuracy"]) <= 0.25
     assert math.isfinite(linear["nll"]) and linear["nll"] == pytest.approx(sampled["nll"], rel=0.2)
+
+
+def test_the_benchmark_compares_every_predictive_with_many_samples(tiny_llama_dir, toy_task, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from linearized import PREDICTIVES, REFERENCE, markdown, measure_run
+
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "run", method="melora", bayesian_layers="last:0", samples=3)
+    result = measure_run(run, limit=8, rounds=1, batch_size=4, ood=None)
+    rows = {row["predictive"]: row for row in result["rows"]}
+    assert list(rows) == list(PREDICTIVES) and result["n_questions"] == 8
+    assert rows[REFERENCE]["mean_abs_diff"] == 0 and rows[REFERENCE]["same_class"] == 1
+    assert rows[REFERENCE]["vs_reference"]["nll"]["difference"] == 0
+    assert all(len(row["probs"]) == 8 and row["time_vs_one_pass"] > 0 for row in rows.values())
+    assert rows["mean"]["time_vs_one_pass"] == 1
+    assert "| probit |" in markdown([result])

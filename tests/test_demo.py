@@ -21,6 +21,10 @@ def test_demo_trains_every_method_and_prints_one_table(tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out
     for method in ("zero-shot", "lora", "blob", "melora"):
         assert f"| arc-easy | {method} |" in printed
+        assert f"| arc-easy | {method} | mmlu:college_physics |" in printed  # the out-of-distribution table
+    assert all(set(row["ood"]) == {"mmlu:college_physics"} for row in rows)
+    assert rows[1]["ood"]["mmlu:college_physics"]["auroc_mutual_information"] == 0.5  # LoRA: no posterior
+    assert rows[3]["ood"]["mmlu:college_physics"]["auroc_mutual_information"] != 0.5  # Me-LoRA's has samples
 
 
 @pytest.mark.parametrize("method", list(demo.DEMO_METHODS))

@@ -5,8 +5,10 @@ q_proj, v_proj and lm_head, the base in ``--dtype auto``'s precision), for the p
 (``last:0``), in the top 1, 2, 4, 8 blocks and the head, and everywhere (``all``): the time of evaluating a batch of
 16 validation questions with 10 posterior samples, relative to one deterministic pass (the posterior mean), with
 the deterministic blocks run once for all samples (the shared trunk) and, for comparison, tiled like the rest; and
-the time of a training step (8 questions, AdamW). All settings run on the same batches in interleaved rounds; the
-table gives medians over the rounds.
+the linearised predictive (``--posterior-predictive probit``: one pass and one backward pass per class); and the
+time of a training step (8 questions, AdamW). Each setting runs in its own fresh process per round (one model per
+process: a process holding all six had its timings spread 2-3x by page faults), taking the median of 3 timings of
+each measure after a warm-up; the settings are interleaved over the rounds and the table gives medians over them.
 
 Part 2, quality (``--quality``): reads the calibration benchmark's runs of the same variants (trained with
 ``benchmarks/calibration.py --tag sampling``, the command is printed) and tabulates accuracy, ECE and NLL in and out
@@ -20,7 +22,9 @@ of distribution next to the cost.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,63 +52,91 @@ def variant_name(spec: str) -> str:
     return "melora-" + spec.replace(":", "")
 
 
-def timings(rounds: int) -> dict[str, Any]:
-    """Evaluation and training-step times of Me-LoRA for every :data:`SPECS`, interleaved over ``rounds``."""
+MEASURES = ("one pass", "shared trunk", "tiled", "linearised", "train step")
+
+
+def measure_setting(spec: str, repeats: int) -> dict[str, float]:
+    """Median seconds of every :data:`MEASURES` for Me-LoRA with ``bayesian_layers=spec``, in this process (called
+    in a fresh subprocess: one model per process, so that no other setting's tensors share its allocator)."""
     import torch
     from peft import get_peft_model
 
     import bayeslora as bl
+    from bayeslora.evaluation.linearized import linearized_predict_batch
     from bayeslora.tasks import DATA_SEED, seeded_subset
 
     task = bl.load_task("arc-easy")
-    setups = {}
-    for spec in SPECS:
-        torch.manual_seed(0)
-        model, tokenizer = bl.load_model("smollm2-135m", progress=False)
-        model = get_peft_model(model, bl.MeLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, bayesian_layers=spec))
-        scorer = bl.make_scorer(task, tokenizer, "cloze")
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        train = scorer.collate(seeded_subset(task.split("train"), TRAIN_QUESTIONS, DATA_SEED))
-        evaluation = scorer.collate(seeded_subset(task.split("eval"), EVAL_QUESTIONS, DATA_SEED))
-        setups[spec] = (model, scorer, optimizer, train, evaluation)
-    dtype = str(next(p.dtype for p in setups["all"][0].parameters() if not p.requires_grad)).replace("torch.", "")
-    measures = ("one pass", "shared trunk", "tiled", "train step")
-    times: dict[tuple[str, str], list[float]] = {}
-    for round_ in range(rounds + 1):  # round 0 warms up (allocator, optimizer state) and is not kept
-        for spec, (model, scorer, optimizer, train, evaluation) in setups.items():
-            model.eval()
-            measured = {}
-            for measure, options in (
-                ("one pass", {"n_samples": 0}),
-                ("shared trunk", {"n_samples": SAMPLES}),
-                ("tiled", {"n_samples": SAMPLES, "share_trunk": False}),
-            ):
-                started = time.perf_counter()
-                bl.predict_batch(model, scorer, evaluation, **options)
-                measured[measure] = time.perf_counter() - started
-            model.train()
+    torch.manual_seed(0)
+    model, tokenizer = bl.load_model("smollm2-135m", progress=False)
+    model = get_peft_model(model, bl.MeLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, bayesian_layers=spec))
+    scorer = bl.make_scorer(task, tokenizer, "cloze")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train = scorer.collate(seeded_subset(task.split("train"), TRAIN_QUESTIONS, DATA_SEED))
+    evaluation = scorer.collate(seeded_subset(task.split("eval"), EVAL_QUESTIONS, DATA_SEED))
+
+    def step() -> None:
+        model.train()
+        logits = scorer.class_logits(model, train)
+        torch.nn.functional.cross_entropy(logits, train["labels"]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    runs = {
+        "one pass": lambda: bl.predict_batch(model.eval(), scorer, evaluation, n_samples=0),
+        "shared trunk": lambda: bl.predict_batch(model.eval(), scorer, evaluation, n_samples=SAMPLES),
+        "tiled": lambda: bl.predict_batch(model.eval(), scorer, evaluation, n_samples=SAMPLES, share_trunk=False),
+        "linearised": lambda: linearized_predict_batch(model.eval(), scorer, evaluation, link="probit"),
+        "train step": step,
+    }
+    times: dict[str, list[float]] = {measure: [] for measure in MEASURES}
+    for repeat in range(repeats + 1):  # repeat 0 warms up (allocator, optimizer state) and is not kept
+        for measure in MEASURES:
             started = time.perf_counter()
-            logits = scorer.class_logits(model, train)
-            torch.nn.functional.cross_entropy(logits, train["labels"]).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            measured["train step"] = time.perf_counter() - started
-            if round_:
-                for measure, seconds in measured.items():
-                    times.setdefault((spec, measure), []).append(seconds)
+            runs[measure]()
+            if repeat:
+                times[measure].append(time.perf_counter() - started)
+    dtype = str(next(p.dtype for p in model.parameters() if not p.requires_grad)).replace("torch.", "")
+    return {"base_dtype": dtype, **{measure: statistics.median(seconds) for measure, seconds in times.items()}}
+
+
+def run_setting(spec: str, repeats: int) -> dict[str, float]:
+    """:func:`measure_setting` in a fresh Python process."""
+    here = str(Path(__file__).parent)
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); from sampling import measure_setting; "
+        f"print(json.dumps(measure_setting({spec!r}, {repeats})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"bayesian_layers={spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timings(rounds: int, repeats: int = 3) -> dict[str, Any]:
+    """Evaluation and training-step times of Me-LoRA for every :data:`SPECS`: each setting in its own process per
+    round (the median of ``repeats`` timings of each measure), the settings interleaved over ``rounds``."""
+    times: dict[tuple[str, str], list[float]] = {}
+    dtype = None
+    for round_ in range(rounds):
+        for spec in SPECS:
+            measured = run_setting(spec, repeats)
+            dtype = measured.pop("base_dtype")
+            for measure, seconds in measured.items():
+                times.setdefault((spec, measure), []).append(seconds)
             shown = ", ".join(f"{m} {s:.2f} s" for m, s in measured.items())
-            print(f"round {round_} {spec}: {shown}", flush=True)
+            print(f"round {round_ + 1} {spec}: {shown}", flush=True)
     rows = []
     reference_step = statistics.median(times[("all", "train step")])
     for spec in SPECS:
-        medians = {measure: statistics.median(times[(spec, measure)]) for measure in measures}
+        medians = {measure: statistics.median(times[(spec, measure)]) for measure in MEASURES}
         rows.append(
             {
                 "bayesian_layers": spec,
                 "median_s": medians,
-                "all_s": {measure: times[(spec, measure)] for measure in measures},
+                "all_s": {measure: times[(spec, measure)] for measure in MEASURES},
                 "shared_vs_one_pass": medians["shared trunk"] / medians["one pass"],
                 "tiled_vs_one_pass": medians["tiled"] / medians["one pass"],
+                "linearised_vs_one_pass": medians["linearised"] / medians["one pass"],
                 "step_vs_all": medians["train step"] / reference_step,
             }
         )
@@ -150,17 +182,19 @@ def markdown(timing: dict[str, Any], quality_rows: list[dict[str, Any]]) -> str:
         f"samples, relative to one deterministic pass of the same model; base in {timing['base_dtype']}; medians of "
         f"{timing['rounds']} interleaved rounds. *Shared trunk*: the deterministic blocks below the posterior run once "
         "for all samples; *tiled*: every block runs on the batch tiled 10 times. Training step: 8 questions, AdamW, "
-        "relative to the posterior in every block.",
+        "relative to the posterior in every block. *Linearised*: `--posterior-predictive probit`, one pass at the "
+        "posterior mean and one backward pass per class.",
         "",
-        "| posterior in | one pass | N = 10, shared trunk | N = 10, tiled | training step |",
-        "|---|---|---|---|---|",
+        "| posterior in | one pass | N = 10, shared trunk | N = 10, tiled | linearised | training step |",
+        "|---|---|---|---|---|---|",
     ]
     for row in timing["rows"]:
         m = row["median_s"]
+        linearised = f"{m['linearised']:.2f} s ({row['linearised_vs_one_pass']:.2f}x)" if "linearised" in m else "–"
         lines.append(
             f"| {label(row['bayesian_layers'])} | {m['one pass']:.2f} s | {m['shared trunk']:.2f} s "
             f"({row['shared_vs_one_pass']:.2f}x) | {m['tiled']:.2f} s ({row['tiled_vs_one_pass']:.2f}x) | "
-            f"{m['train step']:.2f} s ({row['step_vs_all']:.2f}x) |"
+            f"{linearised} | {m['train step']:.2f} s ({row['step_vs_all']:.2f}x) |"
         )
     if quality_rows:
         lines += [
@@ -190,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", action="store_true", help="Tabulate the calibration runs (part 2).")
     parser.add_argument("--quick", action="store_true", help="2 timing rounds.")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="Timings of each measure per process.")
     parser.add_argument("--tasks", nargs="+", default=["arc-easy", "obqa"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     json_file = args.out / "sampling.json"
     result = read_json(json_file) if json_file.is_file() else {}
     if args.timing:
-        result["timing"] = timings(2 if args.quick else args.rounds)
+        result["timing"] = timings(2 if args.quick else args.rounds, args.repeats)
     if args.quality:
         variants = " ".join(f"{variant_name(s)}=melora:bayesian_layers={s}" for s in SPECS)
         print(

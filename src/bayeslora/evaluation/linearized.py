@@ -59,7 +59,8 @@ def gaussian_softmax(
     Args:
         mean: (B, C) class scores, ``-inf`` for missing choices.
         covariance: (B, C, C), zero in the rows and columns of missing choices.
-        link: ``glm`` (the mean softmax of ``draws`` draws of f) or ``probit`` (softmax(m / √(1 + π/8·diag V))).
+        link: ``glm`` (the mean softmax of ``draws`` draws of f) or ``probit`` (softmax(m' / √(1 + π/8·diag V'))
+            on the scores centred over the valid choices, see the module docstring).
         generator: the random numbers of the draws (also for ``probit``'s kept draws).
         keep: also return the softmax of ``keep`` draws of f, (keep, B, C): single samples, for the entropies
             that split the uncertainty.

@@ -4,6 +4,7 @@ and the warning about options its method does not use."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -61,7 +62,10 @@ def build_scorer(task: Task, tokenizer, config: RunConfig, num_classes: int | No
 
 
 def load_base(config: RunConfig, task: Task, *, progress: bool = True):
-    """The base model and tokenizer of ``config`` with the head ``task`` needs."""
+    """The base model and tokenizer of ``config`` with the head ``task`` needs. The models of earlier runs in this
+    process are collected first: a PEFT model and its trainer hold reference cycles, which only the cycle collector
+    frees, so a process that trains run after run (the demo, a benchmark) would otherwise hold them all."""
+    gc.collect()
     return load_model(
         config.model,
         head=head_for(task),

@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -255,3 +257,16 @@ def run_benchmark(
     write_text_atomic(out / f"{tag}.md", table)
     print(table)
     print(f"took {(time.time() - started) / 60:.1f} min")
+
+
+def in_fresh_process(module: str, function: str, *arguments: Any) -> Any:
+    """``function(*arguments)`` of the benchmark script ``module`` run in a fresh Python process (nothing another
+    measurement allocated can linger in its allocator); its JSON result. Raises RuntimeError with the end of the
+    process's stderr when it fails."""
+    here = str(Path(__file__).parent)
+    call = f"{function}({', '.join(map(repr, arguments))})"
+    code = f"import json, sys; sys.path.insert(0, {here!r}); from {module} import {function}; print(json.dumps({call}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{module}.{call} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

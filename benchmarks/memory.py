@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _shared import in_fresh_process
 from bayeslora.io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,13 +159,7 @@ def llama2_7b_counts(rank: int = 8) -> dict[str, int]:
 
 def run_subprocess(method: str, width: int, length: int, rank: int) -> dict:
     """:func:`measure` in a fresh Python process (nothing allocated by another method can linger)."""
-    here = str(Path(__file__).parent)
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); from memory import measure; "
-        f"print(json.dumps(measure({method!r}, {width}, {length}, {rank})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process("memory", "measure", method, width, length, rank)
 
 
 def aggregate(rounds: list[dict]) -> dict:

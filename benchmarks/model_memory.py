@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _shared import in_fresh_process
 
 METHODS = ("lora", "blob", "blob-reference", "melora")
 MODELS = ("smollm2", "llama7b-2")
@@ -117,16 +117,7 @@ def measure(method: str, model_name: str, dtype: str, rank: int, llama_tokens: i
 
 def run_subprocess(method: str, model_name: str, dtype: str, rank: int, llama_tokens: int, timed_steps: int) -> dict:
     """:func:`measure` in a fresh Python process."""
-    here = str(Path(__file__).parent)
-    arguments = f"{method!r}, {model_name!r}, {dtype!r}, {rank}, {llama_tokens}, {timed_steps}"
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); from model_memory import measure; "
-        f"print(json.dumps(measure({arguments})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{method} on {model_name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process("model_memory", "measure", method, model_name, dtype, rank, llama_tokens, timed_steps)
 
 
 def aggregate(rounds: list[dict]) -> dict:

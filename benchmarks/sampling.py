@@ -22,14 +22,13 @@ of distribution next to the cost.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from _shared import in_fresh_process
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,15 +100,7 @@ def measure_setting(spec: str, repeats: int) -> dict[str, float]:
 
 def run_setting(spec: str, repeats: int) -> dict[str, float]:
     """:func:`measure_setting` in a fresh Python process."""
-    here = str(Path(__file__).parent)
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); from sampling import measure_setting; "
-        f"print(json.dumps(measure_setting({spec!r}, {repeats})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"bayesian_layers={spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process("sampling", "measure_setting", spec, repeats)
 
 
 def timings(rounds: int, repeats: int = 3) -> dict[str, Any]:

@@ -270,3 +270,22 @@ def in_fresh_process(module: str, function: str, *arguments: Any) -> Any:
     if out.returncode:
         raise RuntimeError(f"{module}.{call} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def step_peak_and_time(step: Callable[[], None], timed_steps: int) -> tuple[float, float]:
+    """``(peak MiB, median seconds)`` of a training ``step``: one step first (the optimizer state exists after it,
+    as in every later step), then the exact allocator peak of one step above everything alive before it
+    (:class:`~bayeslora.system.AllocationPeak`, CPU), one untimed step after the profiler, then the median time of
+    ``timed_steps`` more."""
+    from bayeslora.system import AllocationPeak
+
+    step()
+    with AllocationPeak("cpu") as probe:
+        step()
+    step()
+    times = []
+    for _ in range(timed_steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return probe.peak_bytes / 2**20, statistics.median(times)

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _shared import in_fresh_process
+from _shared import in_fresh_process, step_peak_and_time
 from bayeslora.io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +54,6 @@ def measure(method: str, width: int, length: int, rank: int, timed_steps: int = 
     from torch import nn
 
     import bayeslora  # noqa: F401  (registers the tuners)
-    from bayeslora.system import AllocationPeak
     from bayeslora.tuners import BlobConfig, MeLoraConfig
 
     torch.manual_seed(0)
@@ -101,26 +100,16 @@ def measure(method: str, width: int, length: int, rank: int, timed_steps: int = 
         size for ptr, size in saved.items() if ptr not in frozen and ptr != x.untyped_storage().data_ptr()
     )
 
-    step()  # optimizer state exists from here on, like in any step after the first
-    x.grad = None
-    with AllocationPeak("cpu") as probe:  # the exact allocator peak above what existed before the step
-        step()
-    peak = probe.peak_bytes
-    step()
-    times = []
-    for _ in range(timed_steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    peak_mib, step_time = step_peak_and_time(step, timed_steps)
     return {
         "method": method,
         "width": width,
         "length": length,
         "rank": rank,
         "trainable_params": sum(p.numel() for p in params),
-        "peak_step_mib": peak / 2**20,
+        "peak_step_mib": peak_mib,
         "saved_for_backward_mib": saved_bytes / 2**20,
-        "step_time_s": statistics.median(times),
+        "step_time_s": step_time,
         "torch_threads": torch.get_num_threads(),
     }
 

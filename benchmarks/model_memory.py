@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-from _shared import in_fresh_process
+from _shared import in_fresh_process, step_peak_and_time
 
 METHODS = ("lora", "blob", "blob-reference", "melora")
 MODELS = ("smollm2", "llama7b-2")
@@ -79,7 +78,6 @@ def measure(method: str, model_name: str, dtype: str, rank: int, llama_tokens: i
     from peft import get_peft_model
 
     from bayeslora.methods.variational import model_kl
-    from bayeslora.system import AllocationPeak
 
     base, nll = _model_and_loss(model_name, dtype, llama_tokens)
     model = get_peft_model(base, _adapter_config(method, rank))
@@ -96,21 +94,14 @@ def measure(method: str, model_name: str, dtype: str, rank: int, llama_tokens: i
         loss.backward()
         optimizer.step()
 
-    step()  # the optimizer state exists from here on
-    with AllocationPeak("cpu") as probe:
-        step()
-    times = []
-    for _ in range(timed_steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    peak_mib, step_time = step_peak_and_time(step, timed_steps)
     return {
         "method": method,
         "model": model_name,
         "dtype": dtype,
         "trainable_params": sum(p.numel() for p in params),
-        "peak_step_mib": probe.peak_bytes / 2**20,
-        "step_time_s": statistics.median(times),
+        "peak_step_mib": peak_mib,
+        "step_time_s": step_time,
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -289,3 +289,17 @@ def step_peak_and_time(step: Callable[[], None], timed_steps: int) -> tuple[floa
         step()
         times.append(time.perf_counter() - start)
     return probe.peak_bytes / 2**20, statistics.median(times)
+
+
+def aggregate_rounds(rounds: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """One measured setting over its rounds of fresh processes: ``keys`` from the first (the same in every round),
+    the largest peak step memory (deterministic up to the allocator; the spread reported) and the median step time."""
+    peaks = [r["peak_step_mib"] for r in rounds]
+    return {
+        **{k: rounds[0][k] for k in keys},
+        "peak_step_mib": max(peaks),
+        "peak_step_mib_spread": max(peaks) - min(peaks),
+        "step_time_s": statistics.median(r["step_time_s"] for r in rounds),
+        "step_times_s": [r["step_time_s"] for r in rounds],
+        "rounds": len(rounds),
+    }

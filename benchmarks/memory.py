@@ -27,18 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from _shared import in_fresh_process, step_peak_and_time
+from _shared import aggregate_rounds, in_fresh_process, step_peak_and_time
 from bayeslora.io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: blob-reference: BLoB with its flipout signs in the input's dtype, the layout of the reference implementation
 #: (Wang-ML-Lab/bayesian-peft), against which bayeslora's BLoB (int8 signs) is compared
 METHODS = ("lora", "blob", "blob-reference", "melora")
+#: What a row keeps from its first round (the same in every round).
+MEMORY_KEYS = ("method", "width", "length", "rank", "trainable_params", "saved_for_backward_mib")
 TARGETS = {
     "melora_params_vs_blob": 0.68,
     "melora_peak_vs_blob": 0.9,
@@ -151,21 +152,6 @@ def run_subprocess(method: str, width: int, length: int, rank: int) -> dict:
     return in_fresh_process("memory", "measure", method, width, length, rank)
 
 
-def aggregate(rounds: list[dict]) -> dict:
-    """One (method, shape) over its rounds: median step time; memory and counts are deterministic, so the
-    largest peak seen is kept (and the spread reported)."""
-    first = rounds[0]
-    peaks = [r["peak_step_mib"] for r in rounds]
-    return {
-        **{k: first[k] for k in ("method", "width", "length", "rank", "trainable_params", "saved_for_backward_mib")},
-        "peak_step_mib": max(peaks),
-        "peak_step_mib_spread": max(peaks) - min(peaks),
-        "step_time_s": statistics.median(r["step_time_s"] for r in rounds),
-        "step_times_s": [r["step_time_s"] for r in rounds],
-        "rounds": len(rounds),
-    }
-
-
 def ratios(rows: list[dict], counts: dict[str, int]) -> dict:
     """Me-LoRA against LoRA and BLoB at every shape, and whether each target holds everywhere."""
     per_shape = []
@@ -275,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 for method in METHODS:
                     rounds[method].append(run_subprocess(method, width, length, args.rank))
             for method in METHODS:
-                rows.append(aggregate(rounds[method]))
+                rows.append(aggregate_rounds(rounds[method], MEMORY_KEYS))
                 print(json.dumps(rows[-1]), flush=True)
     counts = llama2_7b_counts(args.rank)
     summary = ratios(rows, counts)

@@ -16,11 +16,10 @@ everything alive before it (:class:`bayeslora.system.AllocationPeak`), and the m
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from _shared import in_fresh_process, step_peak_and_time
+from _shared import aggregate_rounds, in_fresh_process, step_peak_and_time
 
 METHODS = ("lora", "blob", "blob-reference", "melora")
 MODELS = ("smollm2", "llama7b-2")
@@ -111,20 +110,6 @@ def run_subprocess(method: str, model_name: str, dtype: str, rank: int, llama_to
     return in_fresh_process("model_memory", "measure", method, model_name, dtype, rank, llama_tokens, timed_steps)
 
 
-def aggregate(rounds: list[dict]) -> dict:
-    """A (method, model) over its rounds: the largest peak (deterministic up to the allocator) and the median time."""
-    first = rounds[0]
-    peaks = [r["peak_step_mib"] for r in rounds]
-    return {
-        **{k: first[k] for k in ("method", "model", "dtype", "trainable_params", "torch_threads")},
-        "peak_step_mib": max(peaks),
-        "peak_step_mib_spread": max(peaks) - min(peaks),
-        "step_time_s": statistics.median(r["step_time_s"] for r in rounds),
-        "step_times_s": [r["step_time_s"] for r in rounds],
-        "rounds": len(rounds),
-    }
-
-
 def ratios(rows: list[dict]) -> list[dict]:
     """Per model: Me-LoRA against LoRA and BLoB, bayeslora's BLoB against the reference's layout."""
     out = []
@@ -190,7 +175,10 @@ def run(
             for method in METHODS:
                 per_method[method].append(run_subprocess(method, model_name, dtype, rank, llama_tokens, timed_steps))
                 print(json.dumps(per_method[method][-1]), flush=True)
-        rows += [aggregate(per_method[m]) for m in METHODS]
+        rows += [
+            aggregate_rounds(per_method[m], ("method", "model", "dtype", "trainable_params", "torch_threads"))
+            for m in METHODS
+        ]
     return rows, ratios(rows)
 
 

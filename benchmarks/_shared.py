@@ -89,9 +89,9 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
     callbacks = [EpochCheckpoints(), RecordOptions(run_dir / OPTIONS_FILE, options)]
     if recorded is not None and _without_location(recorded) == _without_location(options):
         if (run_dir / TRAIN_SUMMARY).is_file():
-            if not (eval_dir(run_dir, options["task"]) / "metrics.json").is_file():
+            if not evaluation_complete(eval_dir(run_dir, options["task"]), options.get("ood_tasks") or ()):
                 print(f"{run_dir}: trained, evaluating it", flush=True)
-                bl.evaluate(run_dir, overwrite=True, progress=False)
+                bl.evaluate(run_dir, ood_tasks=options.get("ood_tasks") or (), overwrite=True, progress=False)
             return "trained", None, []
         try:
             config = bl.make_config(**options, resume=True)
@@ -107,6 +107,23 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
         print(f"{run_dir}: training again ({reason})", flush=True)
         shutil.rmtree(run_dir)
     return "new", bl.make_config(**options), callbacks
+
+
+def evaluation_complete(evaluation: Path, ood_tasks: Sequence[str] = ()) -> bool:
+    """Whether the evaluation directory ``evaluation`` holds a finished evaluation: its metrics are written and, if
+    the run is evaluated out of distribution on ``ood_tasks`` too, the entry of every one of them, which is added
+    to the in-distribution metrics after the last OOD task (a benchmark stopped in between left the metrics
+    without it)."""
+    metrics = evaluation / "metrics.json"
+    return metrics.is_file() and task_names(ood_tasks) <= set(read_json(metrics).get("ood", {}))
+
+
+def task_names(tasks: Sequence[str]) -> set[str]:
+    """The names under which evaluations of ``tasks`` (registry names, ``mmlu:<subject>``, JSONL paths, ``hf:``
+    specs) are recorded."""
+    from bayeslora.tasks import load_task
+
+    return {load_task(task).name for task in tasks}
 
 
 class EpochCheckpoints(TrainerCallback):
@@ -130,15 +147,19 @@ class RecordOptions(TrainerCallback):
 TABULATE_HELP = "Train nothing: make the tables from the finished runs among the configurations, listing the others."
 
 
-def finished_record(run_dir: Path, variant: Variant) -> dict[str, Any] | None:
+def finished_record(run_dir: Path, variant: Variant, ood_tasks: Sequence[str] = ()) -> dict[str, Any] | None:
     """The ``benchmark.json`` a finished run wrote last, if the run was made with ``variant``'s method and
-    options (a run left by an earlier definition of the variant is trained again, not reused)."""
+    options (a run left by an earlier definition of the variant is trained again, not reused) and holds the
+    evaluation on every one of ``ood_tasks`` (otherwise its evaluation is completed and the record written again)."""
     path = run_dir / "benchmark.json"
     if not path.is_file():
         return None
     record = read_json(path)
     if record.get("method") != variant.method or record.get("options", {}) != variant.options:
         print(f"{run_dir} was made with other options than '{variant.name}' has now: not reused", flush=True)
+        return None
+    if missing := sorted(task_names(ood_tasks) - set(record.get("ood", {}))):
+        print(f"{run_dir}: its record lacks the evaluation on {', '.join(missing)}: completing it", flush=True)
         return None
     return record
 

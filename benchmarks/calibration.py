@@ -281,7 +281,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
 
     run_dir = run_directory(settings["root"], task, variant, seed)
     record_file = run_dir / "benchmark.json"
-    if (record := finished_record(run_dir, variant)) is not None:
+    if (record := finished_record(run_dir, variant, settings.get("ood", {}).get(task, ()))) is not None:
         return _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
     options = dict(
         model=settings["model"],

@@ -14,9 +14,11 @@ from transformers import TrainerCallback
 
 import bayeslora as bl
 from _toy_models import write_word_task
+from bayeslora.io import read_json, write_json_atomic
+from bayeslora.runs import eval_dir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from _shared import OPTIONS_FILE, prepare_run
+from _shared import OPTIONS_FILE, Variant, finished_record, prepare_run
 
 
 class StopAtStep(TrainerCallback):
@@ -59,6 +61,30 @@ def test_a_stopped_benchmark_run_continues_and_other_options_start_again(tiny_ll
 
     state, _, _ = prepare_run({**options, "lr": 5e-3}, run)  # other options: never continued
     assert state == "new" and not run.exists()
+
+
+def test_a_run_stopped_during_its_out_of_distribution_evaluation_completes_it(tiny_llama_dir, tmp_path):
+    task = write_word_task(tmp_path / "toy.jsonl", 12)
+    other = write_word_task(tmp_path / "other.jsonl", 6)
+    options = dict(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], ood_tasks=[str(other)],
+                   rank=2, epochs=1, batch_size=4, train_size=8, lr=1e-2, seed=3)  # fmt: skip
+    run = tmp_path / "run"
+    state, config, callbacks = prepare_run(options, run)
+    assert state == "new"
+    bl.train(config, progress=False, callbacks=callbacks)
+    metrics_file = eval_dir(run, str(task)) / "metrics.json"
+    assert set(read_json(metrics_file)["ood"]) == {str(other)}
+    # stopped after the in-distribution evaluation, before the OOD task's: the metrics have no `ood` entry yet
+    shutil.rmtree(eval_dir(run, str(other)))
+    write_json_atomic(metrics_file, {k: v for k, v in read_json(metrics_file).items() if k != "ood"})
+    assert prepare_run(options, run)[:2] == ("trained", None)
+    assert set(read_json(metrics_file)["ood"]) == {str(other)}
+    assert (eval_dir(run, str(other)) / "metrics.json").is_file()
+
+    variant = Variant("lora", "lora", {})
+    write_json_atomic(run / "benchmark.json", {"method": "lora", "options": {}})  # a record written without it
+    assert finished_record(run, variant) is not None
+    assert finished_record(run, variant, ood_tasks=[str(other)]) is None
 
 
 def test_the_calibration_benchmark_records_every_ensemble_member_and_combines_them(tiny_llama_dir, tmp_path):

@@ -168,6 +168,7 @@ class RunConfig:
     core: str = _tuner_option(MeLoraCoreOptions, "core", group="core")
     core_init: str = _tuner_option(MeLoraCoreOptions, "core_init", group="core")
     prior_mean: str | None = _tuner_option(MeLoraCoreOptions, "prior_mean", group="core")
+    core_prior: str = _tuner_option(MeLoraCoreOptions, "core_prior", group="core")
     sigma_param: str = _tuner_option(MeLoraCoreOptions, "sigma_param", group="core")
     kl_schedule: str = _opt(
         "elbo",

@@ -39,6 +39,7 @@ def core_options(config: RunConfig) -> dict[str, Any]:
         "sigma_param": config.sigma_param,
         "prior_mean": config.prior_mean,
         "prior_std": config.prior_std,
+        "core_prior": config.core_prior,
     }
 
 

@@ -92,6 +92,33 @@ def gaussian_kl(mean: Tensor, std: Tensor, prior_mean: Tensor | float, prior_std
     return terms.sum()
 
 
+#: Molchanov et al. (2017, "Variational Dropout Sparsifies Deep Neural Networks", eq. 14): the fit of
+#: −KL(N(θ, αθ²) || p(|w|) ∝ 1/|w|) ≈ k1·sigmoid(k2 + k3·log α) − ½·log(1 + 1/α) − k1, within 0.01 of the true value
+#: (up to its additive constant, which makes the fit vanish as α → ∞) for every α.
+LOG_UNIFORM_KL_FIT = (0.63576, 1.87320, 1.48695)
+
+#: log α is clamped to this range in :func:`log_uniform_kl` (as in the paper's code): at the top the KL is 2e-5, at
+#: the bottom σ is 0.7 % of |θ|; the clamp keeps an entry whose mean is exactly zero finite.
+LOG_ALPHA_RANGE = (-10.0, 10.0)
+
+
+def log_uniform_kl(mean: Tensor, std: Tensor) -> Tensor:
+    """KL(N(θ, σ²) || log-uniform) summed over all entries, as fitted by Molchanov et al. (2017):
+
+    Σ [ k1 − k1·sigmoid(k2 + k3·log α) + ½·log(1 + 1/α) ],  α = σ² / θ²
+
+    The log-uniform prior p(|w|) ∝ 1/|w| is improper and scale-free: the KL depends on α = (σ/θ)² only, so it is
+    unchanged when an entry's mean and standard deviation are scaled together (Me-LoRA's rescaling freedom, see
+    :class:`~bayeslora.tuners.melora.config.MeLoraCoreOptions`). It decreases as α grows: the prior favours noise
+    as wide as the likelihood allows, relative to each entry's own mean. Accumulated in float64.
+    """
+    k1, k2, k3 = LOG_UNIFORM_KL_FIT
+    mean, std = mean.double(), std.double()
+    log_alpha = (2 * std.log() - torch.log(mean.square() + 1e-300)).clamp(*LOG_ALPHA_RANGE)
+    terms = k1 - k1 * torch.sigmoid(k2 + k3 * log_alpha) + 0.5 * torch.log1p(torch.exp(-log_alpha))
+    return terms.sum()
+
+
 @dataclass
 class LowRankBayesConfig(PeftConfig):
     """Fields every Bayesian low-rank tuner shares (the same meaning as in PEFT's ``LoraConfig``)."""

@@ -88,6 +88,7 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         "prior_std",
         "bayesian_core",
         "factor_norm",
+        "core_prior",
         "max_bits",
         "base_max_bits",
         "base_min_bits",

@@ -12,6 +12,7 @@ CORE_INITS = ("identity", "orthogonal")
 SIGMA_PARAMS = ("softplus", "exp")
 PRIOR_MEANS = ("identity", "zero")
 FACTOR_NORMS = ("unit", "free")
+CORE_PRIORS = ("gaussian", "log-uniform")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class MeLoraCoreOptions(LowRankBayesConfig):
     * ``sigma_init`` — every entry of Σ_S starts at this value: in ``unit``, in the units of ΔW's coefficients
       on unit rank-1 directions (times s); in ``free``, relative to the core's initial rows of norm 1.
     * ``prior_mean`` — the prior on S is centred on the identity (``free``) or on zero (no update; ``unit``).
+    * ``core_prior`` — ``gaussian``: N(prior_mean, prior_std²) on every entry of S, whose KL the rescaling above
+      can lower with free factors. ``log-uniform``: p(|S_ij|) ∝ 1/|S_ij| (sparse variational dropout's prior),
+      whose KL depends on each entry's σ/|M_S| only, so that no rescaling of (M_S, Σ_S, B) changes the objective
+      with either factorisation; the posterior's width relative to its mean is then set by the data alone
+      (``prior_mean`` and ``prior_std`` do not apply).
     """
 
     core: str = field(
@@ -76,6 +82,14 @@ class MeLoraCoreOptions(LowRankBayesConfig):
         },
     )
     prior_std: float = field(default=1.0, metadata={"help": "Standard deviation of the prior on each entry of S."})
+    core_prior: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Prior on each entry of S: gaussian (N(prior_mean, prior_std²)) or log-uniform (p(|s|) ∝ 1/|s|, "
+            "scale-free: its KL depends on σ/|M_S| only, so rescaling the core and B cannot lower it).",
+            "choices": CORE_PRIORS,
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.prior_mean is None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, positive
+from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, log_uniform_kl, positive
 from ..sampling import current_row_examples, frozen_noise
 from .config import MeLoraConfig, MeLoraCoreOptions
 
@@ -39,6 +39,7 @@ class SampledCoreMixin:
         self.prior_mean: dict[str, str] = {}
         self.prior_std: dict[str, float] = {}
         self.factor_norm: dict[str, str] = {}
+        self.core_prior: dict[str, str] = {}
         self._warned_rows = False
 
     def _create_core(self, adapter_name: str, config: MeLoraCoreOptions, r: int) -> None:
@@ -49,6 +50,7 @@ class SampledCoreMixin:
         self.prior_mean[adapter_name] = config.prior_mean
         self.prior_std[adapter_name] = config.prior_std
         self.factor_norm[adapter_name] = config.factor_norm
+        self.core_prior[adapter_name] = config.core_prior
         shape = (r, r) if config.core == "full" else (r,)
         if config.factor_norm == "unit":
             mean = nn.Parameter(torch.zeros(shape))
@@ -141,6 +143,8 @@ class SampledCoreMixin:
         """KL(q(S) || p(S)) summed over the core's entries (float64); 0 for a deterministic core."""
         if not self.stochastic.get(adapter, True):
             return torch.zeros((), dtype=torch.float64, device=self.core_mean(adapter).device)
+        if self.core_prior.get(adapter, "gaussian") == "log-uniform":
+            return log_uniform_kl(self.core_mean(adapter), self.posterior_std(adapter))
         return gaussian_kl(
             self.core_mean(adapter), self.posterior_std(adapter), self.prior_center(adapter), self.prior_std[adapter]
         )
@@ -173,6 +177,7 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         "prior_mean",
         "prior_std",
         "factor_norm",
+        "core_prior",
     )
     core_mean_name = "melora_core"
     core_rho_name = "melora_core_rho"

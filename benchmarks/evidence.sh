@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evidence benchmark: LoRA (8 epochs and early-stopped), BLoB (ELBO and its own schedule), Me-LoRA (free and
-# unit factors) and held-out Laplace on ARC-Easy and OBQA, three seeds, OBQA's runs also evaluated out of
+# unit factors with a Gaussian prior, free factors with the log-uniform prior) and held-out Laplace on ARC-Easy and OBQA, three seeds, OBQA's runs also evaluated out of
 # distribution; the variance learning rate of BLoB and of both Me-LoRAs chosen on held-out training questions
 # (seed 1) from the same grid. Runs continue from their checkpoints when the script is started again.
 #
@@ -13,19 +13,22 @@ PY=${PYTHON:-.venv/bin/python}
 GRID=(0.0005 0.005 0.05)
 FREE="factor_norm=free,prior_mean=identity"
 UNIT="factor_norm=unit,prior_mean=zero,core_lr=0.05"
+LOGU="factor_norm=free,core_prior=log-uniform"
 family() { local name=$1 method=$2 options=$3; for lr in "${GRID[@]}"; do echo "$name-slr$lr=$method:${options:+$options,}sigma_lr=$lr"; done; }
 names() { for v in "$@"; do echo -n "${v%%=*},"; done | sed 's/,$//'; }
 BLOB=($(family blob blob ""))
 MEFREE=($(family melora-free melora "$FREE"))
 MEUNIT=($(family melora-unit melora "$UNIT"))
-SEARCHED=("${BLOB[@]}" "${MEFREE[@]}" "${MEUNIT[@]}")
+MELOGU=($(family melora-logu melora "$LOGU"))
+SEARCHED=("${BLOB[@]}" "${MEFREE[@]}" "${MEUNIT[@]}" "${MELOGU[@]}")
 FIXED=(lora "lora-es=lora:early_stopping=true,early_stopping_patience=2" "blob-sched=blob:kl_schedule=blob")
 LAST=("laplace-heldout=laplace:laplace_prior=heldout")
 # filled in from the selection table after `select` (the chosen variant of each family, per task: see evidence.md)
 CHOSEN=(${CHOSEN:-})
 COMMON=(--tag evidence --tasks arc-easy obqa --heldout-eval 200 --jobs 2
         --ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics
-        --select "blob=$(names "${BLOB[@]}")" "melora-free=$(names "${MEFREE[@]}")" "melora-unit=$(names "${MEUNIT[@]}")")
+        --select "blob=$(names "${BLOB[@]}")" "melora-free=$(names "${MEFREE[@]}")" "melora-unit=$(names "${MEUNIT[@]}")"
+                  "melora-logu=$(names "${MELOGU[@]}")")
 case "${1:-select}" in
   select)   exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ;;
   seeds)    exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${CHOSEN[@]}" "${LAST[@]}" ;;

@@ -23,6 +23,7 @@ from .methods.variational import model_kl
 from .models import MODEL_ALIASES, load_model, load_tokenizer
 from .pipeline import build_scorer, calibrate, evaluate, export, generate_answers, laplace, predict_inputs, train
 from .reporting.bops import bops_report
+from .reporting.posterior import posterior_widths
 from .runs.adapters import AdapterFileError, attach_adapter, load_adapter
 from .runs.export import export_lora, export_packed, load_packed
 from .runs.fingerprint import AdapterMismatchError
@@ -71,6 +72,7 @@ __all__ = [
     "make_scorer",
     "model_kl",
     "posterior_mean",
+    "posterior_widths",
     "predict",
     "predict_batch",
     "predict_inputs",

@@ -1,5 +1,5 @@
 """The ``bayeslora`` command line: train | eval | predict | generate | lm-eval | calibrate | laplace | export | report |
-demo | env | tasks | methods.
+posterior | demo | env | tasks | methods.
 
 ``train`` flags are generated from :class:`~bayeslora.config.RunConfig` (the field help is the flag help),
 so a flag, a recipe key and a ``config.yaml`` entry are the same thing. Precedence: defaults < ``--config``
@@ -251,6 +251,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_posterior(args: argparse.Namespace) -> int:
+    from .reporting.posterior import posterior_report
+
+    print(posterior_report(args.runs, out=args.output_dir))
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from . import assets
     from .system import device_summary, versions
@@ -466,6 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sequence-length", type=int, default=1, help="Bit operations for this many tokens.")
     _output_dir(report, "Also write report.md, report.html and the figures into this directory.")
     report.set_defaults(handler=_cmd_report)
+
+    posterior = command(
+        "posterior",
+        "How wide each run's posterior is, per module kind: the noise of ΔW relative to its mean update and to the "
+        "frozen weight, and σ relative to the mean of each random entry.",
+    )
+    posterior.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Run directories of Bayesian adapters.")
+    _output_dir(posterior, "Also write posterior.md and posterior.json (every layer) into this directory.")
+    posterior.set_defaults(handler=_cmd_posterior)
 
     command("env", "Versions, devices, cache and embedded assets.").set_defaults(handler=_cmd_env)
     command("tasks", "List the built-in tasks.").set_defaults(handler=_cmd_tasks)

@@ -119,6 +119,47 @@ def log_uniform_kl(mean: Tensor, std: Tensor) -> Tensor:
     return terms.sum()
 
 
+def gaussian_factor_width(
+    left: Tensor, mean: Tensor, std: Tensor, right: Tensor | None, base_weight: Tensor
+) -> dict[str, float]:
+    """How wide a Gaussian weight update ΔW = L·(M + Σ ⊙ ε)·R is, ε_ij ~ N(0, 1), measured on ΔW itself (so that no
+    reparametrisation of the factors changes it): L (m, p), M and Σ (p, q) (or (p,) for a diagonal), R (q, n) or
+    None for the identity (q = n).
+
+    * ``mean_norm`` ‖E ΔW‖_F = ‖L·M·R‖_F, from the p×p and q×q Gram matrices: tr((LᵀL)·M·(RRᵀ)·Mᵀ);
+    * ``noise_norm`` √E‖ΔW − E ΔW‖²_F = √(Σ_ij σ_ij²·‖L_:i‖²·‖R_j:‖²);
+    * ``noise_to_mean`` = noise_norm / mean_norm and ``noise_to_base`` = noise_norm / ‖W0‖_F (``base_weight``);
+    * ``sigma_mean`` the mean σ and ``sigma_to_mean`` the median over the entries of σ_ij / |M_ij|.
+
+    Computed in float64 without autograd."""
+    with torch.no_grad():
+        left, mean, std = (t.detach().double() for t in (left, mean, std))
+        ratio = float((std / mean.abs()).median())
+        if mean.dim() == 1:  # a diagonal: zero mean and no noise off it
+            mean, std = torch.diag(mean), torch.diag(std)
+        left_gram = left.T @ left  # (p, p)
+        if right is None:
+            mean_sq = torch.trace(left_gram @ mean @ mean.T)
+            right_sq = torch.ones(mean.shape[1], dtype=mean.dtype, device=mean.device)
+        else:
+            right = right.detach().double()
+            right_gram = right @ right.T  # (q, q)
+            mean_sq = torch.trace(left_gram @ mean @ right_gram @ mean.T)
+            right_sq = torch.diagonal(right_gram)
+        noise_sq = (torch.diagonal(left_gram)[:, None] * std.square() * right_sq[None, :]).sum()
+        mean_norm, noise_norm = float(mean_sq.clamp_min(0).sqrt()), float(noise_sq.sqrt())
+        base_norm = float(torch.linalg.vector_norm(base_weight.detach().double()))
+    return {
+        "mean_norm": mean_norm,
+        "noise_norm": noise_norm,
+        "base_norm": base_norm,
+        "noise_to_mean": noise_norm / mean_norm if mean_norm > 0 else math.inf,
+        "noise_to_base": noise_norm / base_norm if base_norm > 0 else math.inf,
+        "sigma_mean": float(std[std > 0].mean()) if bool((std > 0).any()) else 0.0,
+        "sigma_to_mean": ratio,
+    }
+
+
 @dataclass
 class LowRankBayesConfig(PeftConfig):
     """Fields every Bayesian low-rank tuner shares (the same meaning as in PEFT's ``LoraConfig``)."""
@@ -236,6 +277,11 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
     def posterior_std(self, adapter: str) -> Tensor:
         """The standard deviation of every random entry of the adapter (Me-LoRA: the core; BLoB: A)."""
         raise NotImplementedError
+
+    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+        """How wide the adapter's posterior over s·ΔW is (:func:`gaussian_factor_width`), None for a deterministic
+        adapter."""
+        return None
 
     def adapter_structure(self, adapter: str) -> AdapterStructure:
         """What the adapter's bit operations depend on (:mod:`bayeslora.tuners.costs`): here its full rank at 16

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..base import BayesianLowRankLayer, gaussian_kl, positive
+from ..base import BayesianLowRankLayer, gaussian_factor_width, gaussian_kl, positive
 from ..sampling import current_row_copies, current_row_examples, frozen, frozen_noise
 from .config import BlobConfig
 
@@ -119,6 +119,14 @@ class BlobLayer(BayesianLowRankLayer):
     def effective_factors(self, adapter: str) -> tuple[Tensor, Tensor]:
         """``(M, s·B)``: the mean of A."""
         return self.blob_A[adapter], self.scaling[adapter] * self.blob_B[adapter]
+
+    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+        """s·B·(M + Σ ⊙ ε): the noise of A's entries reaches ΔW through B alone."""
+        std = self.posterior_std(adapter)
+        if std.numel() == 0:
+            return None
+        B = self.scaling[adapter] * self.blob_B[adapter]
+        return gaussian_factor_width(B, self.blob_A[adapter], std, None, self.get_base_layer().weight)
 
     def kl(self, adapter: str) -> Tensor:
         if adapter not in self.blob_A_g:  # deterministic: no posterior, no KL

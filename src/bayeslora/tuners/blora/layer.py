@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import Tensor, nn
 
-from ..base import BayesianLowRankLayer
+from ..base import BayesianLowRankLayer, gaussian_factor_width
 from ..costs import AdapterStructure
 from ..melora.layer import SampledCoreMixin
 from .config import BLoraConfig
@@ -397,6 +397,28 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
         if self.bayesian_core[adapter]:
             return self.core_kl(adapter)
         return torch.zeros((), dtype=torch.float64, device=self.blora_A[adapter].device)
+
+    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+        """Of a Bayesian core, as the evaluation uses it: dequantized factors, and the rows and columns of S that
+        the rank gates keep (weighted by their masks); None without one."""
+        if not self.bayesian_core[adapter]:
+            return None
+        with torch.no_grad(), evaluation_gates(self):
+            A, B = self.scaled_factors(
+                self.quantize("A", self.blora_A[adapter], adapter),
+                self.quantize("B", self.blora_B[adapter], adapter),
+                adapter,
+            )
+            mask = self.rank_mask(adapter)  # (r,)
+            kept = mask > 0
+            mean, std = self.core_mean(adapter), self.posterior_std(adapter)
+            if mean.dim() == 2:
+                mean, std = mean[kept][:, kept], std[kept][:, kept]
+            else:
+                mean, std = mean[kept], std[kept]
+            left = self.scaling[adapter] * B[:, kept] * mask[kept]  # (m, r')
+            right = mask[kept, None] * A[kept]  # (r', n)
+            return gaussian_factor_width(left, mean, std, right, self.get_base_layer().weight)
 
     def posterior_std(self, adapter: str) -> Tensor:
         """Σ_S of a Bayesian core (empty without one)."""

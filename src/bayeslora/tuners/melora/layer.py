@@ -12,7 +12,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..base import BayesianLowRankLayer, gaussian_kl, inverse_positive, log_uniform_kl, positive
+from ..base import (
+    BayesianLowRankLayer,
+    gaussian_factor_width,
+    gaussian_kl,
+    inverse_positive,
+    log_uniform_kl,
+    positive,
+)
 from ..sampling import current_row_examples, frozen_noise
 from .config import MeLoraConfig, MeLoraCoreOptions
 
@@ -219,3 +226,12 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
 
     def kl(self, adapter: str) -> Tensor:
         return self.core_kl(adapter)
+
+    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+        """s·B̂·S·Â, with the factors as the forward pass uses them."""
+        std = self.posterior_std(adapter)
+        if std.numel() == 0:
+            return None
+        A, B = self.scaled_factors(self.melora_A[adapter], self.melora_B[adapter], adapter)
+        scaled = self.scaling[adapter] * B
+        return gaussian_factor_width(scaled, self.core_mean(adapter), std, A, self.get_base_layer().weight)

@@ -1,0 +1,108 @@
+"""``bayeslora posterior``: how wide a Bayesian adapter's posterior is, layer by layer, measured on the weight
+update ΔW itself (so that no rescaling between the adapter's factors changes the figures), and how far each
+layer's posterior moved from its starting width."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .tables import format_table
+
+#: The per-layer figures summarised per module kind (median over the blocks): see
+#: :func:`bayeslora.tuners.base.gaussian_factor_width`.
+WIDTH_KEYS = ("noise_to_mean", "noise_to_base", "sigma_to_mean", "sigma_mean", "mean_norm", "noise_norm")
+
+WIDTH_COLUMNS = (
+    ("run", "run", "{}"),
+    ("module", "module", "{}"),
+    ("layers", "layers", "{}"),
+    ("noise / mean update", "noise_to_mean", "{:.3g}"),
+    ("noise / W0", "noise_to_base", "{:.3g}"),
+    ("median σ / |M|", "sigma_to_mean", "{:.3g}"),
+    ("mean σ", "sigma_mean", "{:.3g}"),
+    ("‖E ΔW‖", "mean_norm", "{:.3g}"),
+)
+
+
+def posterior_widths(model: nn.Module) -> list[dict[str, Any]]:
+    """One record per Bayesian layer (and active adapter) of ``model``: its name, module kind (the last part of the
+    name), block index (None outside the blocks) and :meth:`~bayeslora.tuners.base.BayesianLowRankLayer.
+    posterior_width`. Deterministic adapters (e.g. below ``--bayesian-layers last:K``) are left out."""
+    from ..tuners.base import BayesianLowRankLayer
+
+    records = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BayesianLowRankLayer):
+            continue
+        for adapter in module.active_adapters:
+            width = module.posterior_width(adapter)
+            if width is None:
+                continue
+            short = name.removeprefix("base_model.model.")
+            block = re.search(r"\.layers?\.(\d+)\.", f".{short}.")
+            records.append(
+                {
+                    "layer": short,
+                    "module": short.rsplit(".", 1)[-1],
+                    "block": int(block.group(1)) if block else None,
+                    "adapter": adapter,
+                    **width,
+                }
+            )
+    return records
+
+
+def summarize_widths(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per module kind (q_proj, v_proj, lm_head, ...): the number of layers and the median of each figure."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        kinds.setdefault(record["module"], []).append(record)
+    return [
+        {"module": kind, "layers": len(rows), **{key: statistics.median(r[key] for r in rows) for key in WIDTH_KEYS}}
+        for kind, rows in kinds.items()
+    ]
+
+
+def posterior_report(runs: Sequence[str | Path], out: str | Path | None = None) -> str:
+    """Markdown: per run, the posterior width per module kind (median over its layers). With ``out``, also writes
+    ``posterior.md`` and ``posterior.json`` (every layer of every run) into that directory. A run without a Bayesian
+    layer (LoRA, MAP, a deterministic B-LoRA) is refused by name."""
+    from ..io import write_json_atomic, write_text_atomic
+    from ..pipeline.common import load_run
+
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--output-dir {out} is a file: choose a directory")
+    layers: dict[str, list[dict[str, Any]]] = {}
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        loaded = load_run(run, progress=False)
+        records = posterior_widths(loaded.model)
+        if not records:
+            raise ValueError(
+                f"{run} (method {loaded.config.method}) has no Bayesian layer: its adapter has no posterior to "
+                f"measure. Give a run of melora, blob, or blora with --bayesian-core."
+            )
+        layers[str(run)] = records
+        rows += [{"run": Path(run).name, **row} for row in summarize_widths(records)]
+        del loaded
+    text = "\n".join(
+        [
+            "## Posterior width (median over each module kind's layers)",
+            "",
+            "noise = √E‖ΔW − E ΔW‖²_F, mean update = ‖E ΔW‖_F, W0 the frozen weight; σ / |M| per random entry.",
+            "",
+            format_table(rows, WIDTH_COLUMNS),
+            "",
+        ]
+    )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out) / "posterior.json", {"summary": rows, "layers": layers})
+        write_text_atomic(Path(out) / "posterior.md", text)
+    return text

@@ -7,6 +7,8 @@
 #   benchmarks/evidence.sh select      # seed 1 of every variant, both tasks (the choice is made on these)
 #   benchmarks/evidence.sh seeds       # seeds 2 and 3 of the chosen variants (edit CHOSEN after `select`)
 #   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
+#   benchmarks/evidence.sh widths      # Me-LoRA on 80 and 1,280 ARC-Easy questions (320 is `select`'s), then the
+#                                      # posterior width of each: does it narrow as data grows?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -32,7 +34,19 @@ COMMON=(--tag evidence --tasks arc-easy obqa --heldout-eval 200 --jobs 2
 case "${1:-select}" in
   select)   exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ;;
   seeds)    exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${CHOSEN[@]}" "${LAST[@]}" ;;
+  widths)
+    SIZES=()
+    for n in 80 1280; do
+      SIZES+=("melora-free-slr0.05-n$n=melora:$FREE,sigma_lr=0.05,train_size=$n"
+              "melora-logu-slr${LOGU_SLR:-0.05}-n$n=melora:$LOGU,sigma_lr=${LOGU_SLR:-0.05},train_size=$n")
+    done
+    $PY benchmarks/calibration.py --tag evidence --tasks arc-easy --heldout-eval 200 --jobs 2 --seeds 1 \
+        --variants "${SIZES[@]}"
+    R=benchmarks/results/calibration/runs/evidence
+    exec $PY -m bayeslora posterior $R/arc-easy-melora-free-slr0.05{-n80,,-n1280}-seed1 \
+        $R/arc-easy-melora-logu-slr${LOGU_SLR:-0.05}{-n80,,-n1280}-seed1 \
+        --output-dir benchmarks/results/calibration/posterior-width-by-size ;;
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
                  --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" --pairs ${PAIRS:-} ;;
-  *) echo "usage: $0 select|seeds|tabulate" >&2; exit 2 ;;
+  *) echo "usage: $0 select|seeds|tabulate|widths" >&2; exit 2 ;;
 esac

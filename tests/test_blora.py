@@ -636,12 +636,37 @@ def test_training_a_short_blora_run_warns_that_gates_cannot_close():
     from bayeslora.methods import get_method
 
     model = blora(BLoraConfig(r=4, target_modules=["q"]))
-    config = make_config(method="blora", task="sst2", max_steps=20)
+    config = make_config(method="blora", task="sst2", max_steps=20, gate_lr=0.05)
     with pytest.warns(UserWarning, match="The gates will probably all stay on"):
         get_method("blora").training_extras(model, config, n_train=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        get_method("blora").training_extras(model, make_config(method="blora", task="sst2", max_steps=400), n_train=64)
+        longer = make_config(method="blora", task="sst2", max_steps=400, gate_lr=0.05)
+        get_method("blora").training_extras(model, longer, n_train=64)
+
+
+@pytest.mark.parametrize("max_steps", [20, 100, 2000])
+def test_the_default_gate_learning_rate_lets_a_gate_travel_the_same_way_in_any_run(max_steps):
+    """--gate-lr unset: gate_lr · (steps in which the gates train) = travel · (distance from the initial logit to
+    switched off), whatever the run's length; no warning."""
+    from bayeslora.config import make_config
+    from bayeslora.methods import get_method
+    from bayeslora.methods.blora import gate_steps, switch_off_distance
+    from bayeslora.tuners.blora.gates import gate_logit_for
+
+    model = blora(BLoraConfig(r=4, target_modules=["q"]))
+    config = make_config(method="blora", task="sst2", max_steps=max_steps, gate_travel=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extras = get_method("blora").training_extras(model, config, n_train=64)
+    (parameters, gate_lr), *_ = extras.special_lrs
+    steps = gate_steps(GateSchedule(config.gate_warmup, config.gate_fix), max_steps)
+    assert 0.75 * max_steps <= steps <= 0.85 * max_steps  # the sampled phase: 10 % warm-up, 10 % fixed
+    distance = switch_off_distance(3.0, 2 / 3)
+    assert distance == pytest.approx(3.0 - gate_logit_for(0.66))
+    assert gate_lr * steps == pytest.approx(3.0 * distance)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in parameters)}
+    assert names and all("_rank." in n or "_bits." in n for n in names)  # the gate logits, nothing else
 
 
 @pytest.mark.parametrize(("core", "middle_macs"), [("full", 16), ("diag", 4)])

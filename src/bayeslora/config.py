@@ -31,6 +31,12 @@ from .tuners.melora.config import MeLoraCoreOptions
 #: The sections of the options every method shares, in the order ``--help`` shows them.
 SECTIONS = ("what to train", "adapter", "training", "evaluation", "system")
 
+#: B-LoRA's default --gate-travel. Provisional: in the compression benchmark of 2026-12-04 (fixed --gate-lr), runs
+#: whose gates could travel 2.4 distances to switch-off kept 0.38x of LoRA's bit operations (ARC-Easy), 3.1 and 4.9
+#: reached 0.09x and 0.26x at LoRA's accuracy (SST-2, ARC-Easy), 6.2 lost 1.9 points (SST-2). Those were evaluation
+#: questions; benchmarks/compression.py chooses among 2, 4 and 8 on held-out training questions.
+GATE_TRAVEL = 4.0
+
 #: Who uses each group of method-specific options (the ``group`` of a :class:`RunConfig` field); a method declares
 #: the groups it uses (:meth:`bayeslora.methods.Method.groups`). Every other option applies to every method.
 OPTION_GROUP_USERS: dict[str, str] = {
@@ -219,8 +225,19 @@ class RunConfig:
         group="gates",
         choices=("bops", "gates"),
     )
-    gate_lr: float = _opt(
-        0.05, "Learning rate of the gate logits (they need larger steps than weights).", group="gates", check="> 0"
+    gate_lr: float | None = _opt(
+        None,
+        "Learning rate of the gate logits (default: derived from the run's length, see --gate-travel).",
+        group="gates",
+        check="> 0",
+    )
+    gate_travel: float = _opt(
+        GATE_TRAVEL,
+        "With --gate-lr unset, the gate learning rate is travel × d / n for the n steps in which the gates train, d "
+        "the distance from a gate's initial logit to switched off: Adam moves a logit by about its learning rate "
+        "per step, so it can travel this many times d in any run's length.",
+        group="gates",
+        check="> 0",
     )
     gate_warmup: float = _opt(
         0.1,

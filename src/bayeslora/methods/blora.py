@@ -200,10 +200,32 @@ class GateSchedule(TrainerCallback):
         self._enter(model, "sample", calibrate=True)
 
 
+def gate_steps(schedule: GateSchedule, total_steps: int) -> int:
+    """The optimizer steps in which the gate logits train: the sampled phase of ``schedule``."""
+    return sum(schedule.phase_at(step, total_steps) == "sample" for step in range(total_steps))
+
+
+def switch_off_distance(initial_logit: float, temperature: float) -> float:
+    """How far a gate logit must fall from ``initial_logit`` for the gate to be off at evaluation (P(z = 0) ≥ 0.34)."""
+    return initial_logit - gate_logit_for(1 - OFF_THRESHOLD, temperature)
+
+
+def derived_gate_lr(steps: int, distance: float, travel: float) -> float:
+    """The gate learning rate of a run whose gates train for ``steps`` optimizer steps (``--gate-lr`` unset): Adam
+    moves a parameter by about its learning rate per step, so a logit can travel ≈ gate_lr·steps, and
+
+        gate_lr = travel · distance / steps
+
+    lets it go ``travel`` times the ``distance`` to switch off: the same freedom for a gate in a run of 100 steps
+    as in one of 10,000 (a fixed rate left the gates of short runs all on, and lets those of long runs flip
+    back and forth)."""
+    return travel * distance / max(1, steps)
+
+
 def warn_if_gates_cannot_close(
     schedule: GateSchedule, total_steps: int, gate_lr: float, initial_logit: float, temperature: float
 ) -> str | None:
-    """Warn (and return the message) when a run is too short for any gate to switch off.
+    """Warn (and return the message) when a run is too short for any gate to switch off at the ``gate_lr`` given.
 
     Gate logits train only in the sampled phase of ``schedule``, ``n`` of the ``total_steps``. Adam moves a
     parameter by about its learning rate per step, so a logit travels at most ≈ ``gate_lr · n``; a gate is off
@@ -211,8 +233,8 @@ def warn_if_gates_cannot_close(
     when that travel is less than twice the distance: the penalty would have to outweigh the data on nearly
     every step for a gate to get there.
     """
-    steps = sum(schedule.phase_at(step, total_steps) == "sample" for step in range(total_steps))
-    distance = initial_logit - gate_logit_for(1 - OFF_THRESHOLD, temperature)
+    steps = gate_steps(schedule, total_steps)
+    distance = switch_off_distance(initial_logit, temperature)
     travel = gate_lr * steps
     if travel >= 2 * distance:
         return None
@@ -220,7 +242,8 @@ def warn_if_gates_cannot_close(
         f"B-LoRA: the gates train for {steps} optimizer steps at --gate-lr {gate_lr:g}; a gate logit moves "
         f"about the learning rate per step, at most ~{travel:.1f} in all, and switching a gate off from its "
         f"initial logit {initial_logit:g} takes {distance:.1f}. The gates will probably all stay on (no "
-        f"compression): train for more steps (--epochs, --max-steps) or raise --gate-lr."
+        f"compression): train for more steps (--epochs, --max-steps), raise --gate-lr, or leave it unset (it is "
+        f"then derived from the run's length, --gate-travel)."
     )
     warnings.warn(message, UserWarning, stacklevel=2)
     return message
@@ -278,12 +301,17 @@ class BLora(Method):
         schedule = GateSchedule(config.gate_warmup, config.gate_fix)
         initial_logit = min(config.rank_gate_init, config.bit_gate_init)
         steps = total_steps(config, n_train)
-        warn_if_gates_cannot_close(schedule, steps, config.gate_lr, initial_logit, config.gate_temperature)
+        if config.gate_lr is None:
+            distance = switch_off_distance(initial_logit, config.gate_temperature)
+            gate_lr = derived_gate_lr(gate_steps(schedule, steps), distance, config.gate_travel)
+        else:
+            gate_lr = config.gate_lr
+            warn_if_gates_cannot_close(schedule, steps, gate_lr, initial_logit, config.gate_temperature)
         extras = variational_extras(model, config, n_train) if config.bayesian_core else TrainingExtras()
         return extras + TrainingExtras(
             losses=[GatePenalty(config.gate_lambda, config.gate_cost)],
             callbacks=[schedule],
-            special_lrs=[(gate_parameters(model), config.gate_lr)],
+            special_lrs=[(gate_parameters(model), gate_lr)],
         )
 
 

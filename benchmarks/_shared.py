@@ -164,6 +164,27 @@ def finished_record(run_dir: Path, variant: Variant, ood_tasks: Sequence[str] = 
     return record
 
 
+def metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
+    """Accuracy, ECE, NLL and Brier of an evaluation's metrics."""
+    return {key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")}
+
+
+def with_heldout(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The record with the metrics of the run on held-out training questions (``bayeslora eval --heldout``,
+    predicted as the method predicts): what hyperparameters are chosen on. Computed once, stored in the run's
+    ``benchmark.json``."""
+    import bayeslora as bl
+    from bayeslora.io import write_json_atomic
+
+    size = settings.get("heldout_eval", 0)
+    if not size or "heldout" in record:
+        return record
+    metrics = bl.evaluate(run_dir, heldout=size, overwrite=True, progress=False)
+    record = {**record, "heldout": {**metrics_row(metrics), "n_examples": metrics["n_examples"]}}
+    write_json_atomic(run_dir / "benchmark.json", record)
+    return record
+
+
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
     """``mean ± std`` of ``values × scale`` (just the value when there is one)."""
     values = [v * scale for v in values]

@@ -51,10 +51,12 @@ from _shared import (
     finished_record,
     finished_run,
     mean_std,
+    metrics_row,
     parse_variant,
     prepare_run,
     run_benchmark,
     run_directory,
+    with_heldout,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration"
@@ -70,10 +72,6 @@ DEFAULT_VARIANTS = (
 )
 SAMPLE_COUNTS = (1, 2, 5, 10)
 DEFAULT_TARGETS = ("q_proj", "v_proj", "lm_head")
-
-
-def _metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
-    return {key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")}
 
 
 EPOCHS_FILE = "benchmark_epochs.json"
@@ -110,7 +108,7 @@ def _epoch_callback(config, n_samples: int, every: int = 1, keep: bool = False):
                 return
             metrics, prediction = evaluate_model(model, self.scorer, self.examples, n_samples=n_samples, progress=False)
             model.train()
-            record = {"epoch": epoch, "step": state.global_step, **_metrics_row(metrics)}
+            record = {"epoch": epoch, "step": state.global_step, **metrics_row(metrics)}
             if bayesian_tuner(model) is not None:
                 record["sigma_mean"] = posterior_std_mean(model)
             key = {"epoch": epoch}
@@ -148,7 +146,7 @@ def ensemble_epochs(history: list[dict[str, Any]], size: int, combine: str) -> l
         probs = torch.tensor([r["probs"] for r in records])  # (K, N, C)
         probs = probs.mean(0) if combine == "probs" else probs.log().mean(0).softmax(-1)  # (N, C)
         metrics = classification_metrics(probs, torch.tensor(records[0]["labels"]))
-        combined.append({"epoch": epoch, "step": records[0]["step"], "members": size, **_metrics_row(metrics)})
+        combined.append({"epoch": epoch, "step": records[0]["step"], "members": size, **metrics_row(metrics)})
     return combined
 
 
@@ -166,11 +164,11 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
         return record
     scaled = {r["task"]: r for r in bl.calibrate(run_dir, heldout=heldout, overwrite=True, progress=False)}
     own = scaled[record["task"]]
-    record = {**record, "ts": {**_metrics_row(own), "temperature": own["temperature"]}}
+    record = {**record, "ts": {**metrics_row(own), "temperature": own["temperature"]}}
     predictions = record.setdefault("predictions", {})
     predictions["ts"] = _rounded(load_predictions(Path(own["calibrated_from"] + "-ts")).probs)
     for ood_task, ood in record.get("ood", {}).items():
-        ood["ts"] = _metrics_row(scaled[ood_task])
+        ood["ts"] = metrics_row(scaled[ood_task])
         target = eval_dir(run_dir, ood_task).with_name(eval_dir(run_dir, ood_task).name + "-ts")
         predictions.setdefault("ood", {}).setdefault(ood_task, {})["ts"] = _rounded(load_predictions(target).probs)
     write_json_atomic(run_dir / "benchmark.json", record)
@@ -180,22 +178,6 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
 def _rounded(probs) -> list[list[float]]:
     """Per-question probabilities as lists, to 6 decimals (what the results file keeps)."""
     return [[round(float(p), 6) for p in row] for row in probs.tolist()]
-
-
-def with_heldout(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """The record with the metrics of the run on held-out training questions (``bayeslora eval --heldout``,
-    predicted as the method predicts): what hyperparameters are chosen on. Computed once, stored in the run's
-    ``benchmark.json``."""
-    import bayeslora as bl
-    from bayeslora.io import write_json_atomic
-
-    size = settings.get("heldout_eval", 0)
-    if not size or "heldout" in record:
-        return record
-    metrics = bl.evaluate(run_dir, heldout=size, overwrite=True, progress=False)
-    record = {**record, "heldout": {**_metrics_row(metrics), "n_examples": metrics["n_examples"]}}
-    write_json_atomic(run_dir / "benchmark.json", record)
-    return record
 
 
 def selection_section(results: list[dict[str, Any]], families: list[str]) -> list[str]:
@@ -246,7 +228,7 @@ def _evaluation_records(run_dir: Path, task: str, settings: dict[str, Any]) -> d
     ood = {}
     for ood_task, scores in final.get("ood", {}).items():
         metrics = read_json(eval_dir(run_dir, ood_task) / "metrics.json")
-        ood[ood_task] = {**_metrics_row(metrics), **scores}
+        ood[ood_task] = {**metrics_row(metrics), **scores}
         prediction = load_predictions(eval_dir(run_dir, ood_task))
         predictions.setdefault("ood", {})[ood_task] = {
             "probs": _rounded(prediction.probs),
@@ -331,7 +313,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         "method": variant.method,
         "options": variant.options,
         "seed": seed,
-        "final": _metrics_row(final),
+        "final": metrics_row(final),
         "n_samples": final["n_samples"],
         "epochs": history,
         **{k: final.get(k) for k in ("trainable_params", "step_time_s", "step_memory_mb", "steps", "eval_time_s")},
@@ -343,11 +325,11 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         record["early_stopping"] = {k: v for k, v in summary["early_stopping"].items() if k != "history"}
     if stochastic:
         mean = bl.evaluate(run_dir, samples=0, output_dir=run_dir / "posterior-mean", overwrite=True, progress=False)
-        record["posterior_mean"] = _metrics_row(mean)
+        record["posterior_mean"] = metrics_row(mean)
         prediction = load_predictions(eval_dir(run_dir, task))
         if prediction.sample_probs is not None:
             record["by_samples"] = {
-                str(k): _metrics_row(classification_metrics(prediction.sample_probs[:k].mean(0), prediction.labels))
+                str(k): metrics_row(classification_metrics(prediction.sample_probs[:k].mean(0), prediction.labels))
                 for k in SAMPLE_COUNTS
                 if k <= prediction.sample_probs.shape[0]
             }

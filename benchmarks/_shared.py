@@ -147,10 +147,14 @@ class RecordOptions(TrainerCallback):
 TABULATE_HELP = "Train nothing: make the tables from the finished runs among the configurations, listing the others."
 
 
-def finished_record(run_dir: Path, variant: Variant, ood_tasks: Sequence[str] = ()) -> dict[str, Any] | None:
+def finished_record(
+    run_dir: Path, variant: Variant, ood_tasks: Sequence[str] = (), options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The ``benchmark.json`` a finished run wrote last, if the run was made with ``variant``'s method and
-    options (a run left by an earlier definition of the variant is trained again, not reused) and holds the
-    evaluation on every one of ``ood_tasks`` (otherwise its evaluation is completed and the record written again)."""
+    options (a run left by an earlier definition of the variant is trained again, not reused), with all of
+    ``options`` (the run's ``bayeslora.make_config`` options, recorded in the run when it started; a run with
+    another recipe is trained again) and holds the evaluation on every one of ``ood_tasks`` (otherwise its
+    evaluation is completed and the record written again)."""
     path = run_dir / "benchmark.json"
     if not path.is_file():
         return None
@@ -158,6 +162,11 @@ def finished_record(run_dir: Path, variant: Variant, ood_tasks: Sequence[str] = 
     if record.get("method") != variant.method or record.get("options", {}) != variant.options:
         print(f"{run_dir} was made with other options than '{variant.name}' has now: not reused", flush=True)
         return None
+    if options is not None:
+        recorded = read_json(run_dir / OPTIONS_FILE) if (run_dir / OPTIONS_FILE).is_file() else {}
+        if _without_location(recorded) != _without_location(json.loads(json.dumps(options))):
+            print(f"{run_dir} was trained with another recipe than the benchmark's now: not reused", flush=True)
+            return None
     if missing := sorted(task_names(ood_tasks) - set(record.get("ood", {}))):
         print(f"{run_dir}: its record lacks the evaluation on {', '.join(missing)}: completing it", flush=True)
         return None

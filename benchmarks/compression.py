@@ -101,8 +101,6 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
     run_dir = run_directory(settings["root"], task, variant, seed)
     record_file = run_dir / "benchmark.json"
     held = {"heldout_eval": spec["heldout"]}
-    if (record := finished_record(run_dir, variant)) is not None:
-        return with_heldout(record, run_dir, held)
     options = {
         **spec["recipe"],
         "model": spec["model"],
@@ -113,6 +111,8 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
         "logging_steps": 20,
         **variant.options,
     }
+    if (record := finished_record(run_dir, variant, options=options)) is not None:
+        return with_heldout(record, run_dir, held)
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
     _, config, callbacks = prepare_run(options, run_dir)

@@ -85,6 +85,8 @@ def test_a_run_stopped_during_its_out_of_distribution_evaluation_completes_it(ti
     write_json_atomic(run / "benchmark.json", {"method": "lora", "options": {}})  # a record written without it
     assert finished_record(run, variant) is not None
     assert finished_record(run, variant, ood_tasks=[str(other)]) is None
+    assert finished_record(run, variant, options=options) is not None  # the recipe the run was started with
+    assert finished_record(run, variant, options={**options, "train_size": 6}) is None  # another recipe
 
 
 def test_the_calibration_benchmark_records_every_ensemble_member_and_combines_them(tiny_llama_dir, tmp_path):

@@ -680,3 +680,33 @@ def test_a_cores_bit_operations_count_its_own_multiply_accumulates(core, middle_
     assert extra == middle_macs * 32 * 16
     blora_core = blora(BLoraConfig(r=4, target_modules=["q"], bayesian_core=True, core=core, rank_gate_init=10))
     assert layers(blora_core)[0].adapter_structure("default").core == core
+
+
+def test_the_derived_gate_learning_rate_counts_the_steps_of_every_process(monkeypatch):
+    """With P processes each takes ⌈N/P⌉ examples per epoch, so the gates train for about 1/P of the steps and
+    the derived learning rate is about P times larger."""
+    from bayeslora.config import make_config
+    from bayeslora.methods import get_method
+
+    model = blora(BLoraConfig(r=4, target_modules=["q"]))
+    config = make_config(method="blora", task="sst2", epochs=4, batch_size=8)
+    rates = {}
+    for processes in (1, 2):
+        monkeypatch.setenv("WORLD_SIZE", str(processes))
+        (_, rates[processes]), *_ = get_method("blora").training_extras(model, config, n_train=640).special_lrs
+    assert rates[2] / rates[1] == pytest.approx(2.0, rel=0.05)
+
+
+def test_an_older_config_of_another_method_does_not_set_the_gate_learning_rate(tmp_path):
+    """config.yaml files written when --gate-lr defaulted to 0.05 record it for every method."""
+    from bayeslora.config import make_config
+    from bayeslora.methods import get_method
+
+    for method, expected in (("lora", None), ("blora", 0.05)):
+        recipe = tmp_path / f"{method}.yaml"
+        recipe.write_text(f"method: {method}\ngate_lr: 0.05\n")
+        assert make_config(recipe).gate_lr == expected
+    with pytest.warns(UserWarning, match="--gate-travel 2 is ignored"):
+        model = blora(BLoraConfig(r=4, target_modules=["q"]))
+        config = make_config(method="blora", task="sst2", max_steps=400, gate_lr=0.05, gate_travel=2)
+        get_method("blora").training_extras(model, config, n_train=64)

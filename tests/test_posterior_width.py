@@ -34,6 +34,12 @@ def _layer(kind: str) -> nn.Module:
         ups["default"].normal_()
         means["default"].normal_()
         rhos["default"].uniform_(0.2, 0.6)
+    if kind == "blora-gated":  # quantized factors, and the rank gates keep the first two of the three components
+        layer.calibrate_ranges("default")
+        layer.set_phase("sample")
+        with torch.no_grad():
+            layer.blora_rank["default"].copy_(torch.tensor([10.0, -10.0]))
+        assert layer.learned_rank("default") == 2
     return layer.eval()
 
 
@@ -45,7 +51,9 @@ def _sampled_updates(layer: nn.Module) -> torch.Tensor:
     return (outputs - layer.get_base_layer()(x)).transpose(1, 2)  # (E, m, n)
 
 
-@pytest.mark.parametrize("kind", ["melora-full-free", "melora-diag-free", "melora-full-unit", "blob", "blora"])
+@pytest.mark.parametrize(
+    "kind", ["melora-full-free", "melora-diag-free", "melora-full-unit", "blob", "blora", "blora-gated"]
+)
 def test_the_width_matches_draws_of_the_weight_update(kind):
     layer = _layer(kind)
     width = layer.posterior_width("default")
@@ -78,6 +86,9 @@ def test_the_width_is_unchanged_by_the_rescaling_that_lowers_a_gaussian_kl():
 def test_a_deterministic_adapter_has_no_width():
     layer = MeLoraLayer(nn.Linear(N_IN, N_OUT), "default", MeLoraConfig(r=RANK), bayesian=False)
     assert layer.posterior_width("default") is None
+    config = BLoraConfig(r=RANK, bayesian_core=True)
+    assert BLoraLayer(nn.Linear(N_IN, N_OUT), "default", config, bayesian=False).posterior_width("default") is None
+    assert BLoraLayer(nn.Linear(N_IN, N_OUT), "default", BLoraConfig(r=RANK)).posterior_width("default") is None
 
 
 def test_bayeslora_posterior_reports_a_run_per_module_kind(tiny_llama_dir, toy_task, tmp_path, capsys):

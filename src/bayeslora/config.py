@@ -37,6 +37,10 @@ SECTIONS = ("what to train", "adapter", "training", "evaluation", "system")
 #: questions; benchmarks/compression.py chooses among 2, 4 and 8 on held-out training questions.
 GATE_TRAVEL = 4.0
 
+#: --gate-lr's default before it was derived from the run's length: every config.yaml written then records it, for
+#: every method; a recipe of another method than B-LoRA that holds it did not set it (so it is not "given").
+LEGACY_GATE_LR = 0.05
+
 #: Who uses each group of method-specific options (the ``group`` of a :class:`RunConfig` field); a method declares
 #: the groups it uses (:meth:`bayeslora.methods.Method.groups`). Every other option applies to every method.
 OPTION_GROUP_USERS: dict[str, str] = {
@@ -542,6 +546,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"Recipe {path} must be a mapping of option: value, got {type(data).__name__}.")
+    if data.get("method") != "blora" and data.get("gate_lr") == LEGACY_GATE_LR:
+        data = {key: value for key, value in data.items() if key != "gate_lr"}  # a config.yaml of an older version
     return {key: coerce_value(key, value) for key, value in data.items()}
 
 

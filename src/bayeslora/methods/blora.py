@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
+from ..config import GATE_TRAVEL
+from ..training.distributed import world
 from ..training.losses import LossTerms
 from ..training.trainer import total_steps
 from ..tuners.blora import BLoraLayer, BLoraModel
@@ -300,12 +302,19 @@ class BLora(Method):
         and a Bayesian core's KL."""
         schedule = GateSchedule(config.gate_warmup, config.gate_fix)
         initial_logit = min(config.rank_gate_init, config.bit_gate_init)
-        steps = total_steps(config, n_train)
+        steps = total_steps(config, n_train, processes=world()[1])
         if config.gate_lr is None:
             distance = switch_off_distance(initial_logit, config.gate_temperature)
             gate_lr = derived_gate_lr(gate_steps(schedule, steps), distance, config.gate_travel)
         else:
             gate_lr = config.gate_lr
+            if config.gate_travel != GATE_TRAVEL:
+                warnings.warn(
+                    f"--gate-travel {config.gate_travel:g} is ignored: --gate-lr {gate_lr:g} sets the gates' learning "
+                    f"rate (leave --gate-lr out to derive it from --gate-travel).",
+                    UserWarning,
+                    stacklevel=2,
+                )
             warn_if_gates_cannot_close(schedule, steps, gate_lr, initial_logit, config.gate_temperature)
         extras = variational_extras(model, config, n_train) if config.bayesian_core else TrainingExtras()
         return extras + TrainingExtras(

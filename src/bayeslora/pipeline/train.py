@@ -42,7 +42,7 @@ from ..system import ResidentPeak, peak_memory_mb, versions
 from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout, seeded_subset
 from ..training import distributed
 from ..training.callbacks import JsonlLogger, StepMemoryProbe, TermsProgress
-from ..training.distributed import PerRankSeed, barrier, is_main_process
+from ..training.distributed import PerRankSeed, barrier, is_main_process, world
 from ..training.early_stopping import EarlyStopping
 from ..training.trainer import (
     BayesLoraTrainer,
@@ -151,7 +151,7 @@ def train(
         barrier()  # the run directory exists from here on, for every process
         transformers.set_seed(config.seed)
         model, tokenizer = load_base(config, task, progress=progress)
-        steps = total_steps(config, len(train_examples))
+        steps = total_steps(config, len(train_examples), processes=world()[1])
         model, targets = attach_adapter(model, config, task, steps, adapter_name=members[0] if members else "default")
         resolved = dataclasses.replace(
             config,

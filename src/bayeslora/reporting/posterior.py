@@ -1,6 +1,5 @@
 """``bayeslora posterior``: how wide a Bayesian adapter's posterior is, layer by layer, measured on the weight
-update ΔW itself (so that no rescaling between the adapter's factors changes the figures), and how far each
-layer's posterior moved from its starting width."""
+update ΔW itself (so that no rescaling between the adapter's factors changes the figures)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,13 @@ def summarize_widths(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     kinds: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         kinds.setdefault(record["module"], []).append(record)
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
     return [
-        {"module": kind, "layers": len(rows), **{key: statistics.median(r[key] for r in rows) for key in WIDTH_KEYS}}
+        {"module": kind, "layers": len(rows), **{key: median([r[key] for r in rows]) for key in WIDTH_KEYS}}
         for kind, rows in kinds.items()
     ]
 

@@ -270,10 +270,12 @@ def training_arguments(config, output_dir: Path, *, progress: bool = True) -> Tr
     )
 
 
-def total_steps(config, n_train: int) -> int:
+def total_steps(config, n_train: int, processes: int = 1) -> int:
     """The optimizer steps a run takes, as the Trainer counts them: ``--max-steps``, else
-    ⌈epochs · max(1, ⌈N_train / batch⌉ // accumulation)⌉ (one device)."""
+    ⌈epochs · max(1, ⌈⌈N_train / P⌉ / batch⌉ // accumulation)⌉ for P processes (the distributed sampler gives each
+    ⌈N_train / P⌉ examples per epoch)."""
     if config.max_steps:
         return config.max_steps
-    per_epoch = max(1, math.ceil(n_train / config.batch_size) // config.grad_accum)
+    per_process = math.ceil(n_train / processes)
+    per_epoch = max(1, math.ceil(per_process / config.batch_size) // config.grad_accum)
     return math.ceil(config.epochs * per_epoch)

@@ -114,27 +114,28 @@ def log_uniform_kl(mean: Tensor, std: Tensor) -> Tensor:
     """
     k1, k2, k3 = LOG_UNIFORM_KL_FIT
     mean, std = mean.double(), std.double()
-    log_alpha = (2 * std.log() - torch.log(mean.square() + 1e-300)).clamp(*LOG_ALPHA_RANGE)
+    log_alpha = (2 * std.clamp_min(1e-300).log() - torch.log(mean.square() + 1e-300)).clamp(*LOG_ALPHA_RANGE)
     terms = k1 - k1 * torch.sigmoid(k2 + k3 * log_alpha) + 0.5 * torch.log1p(torch.exp(-log_alpha))
     return terms.sum()
 
 
 def gaussian_factor_width(
     left: Tensor, mean: Tensor, std: Tensor, right: Tensor | None, base_weight: Tensor
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """How wide a Gaussian weight update ΔW = L·(M + Σ ⊙ ε)·R is, ε_ij ~ N(0, 1), measured on ΔW itself (so that no
     reparametrisation of the factors changes it): L (m, p), M and Σ (p, q) (or (p,) for a diagonal), R (q, n) or
     None for the identity (q = n).
 
     * ``mean_norm`` ‖E ΔW‖_F = ‖L·M·R‖_F, from the p×p and q×q Gram matrices: tr((LᵀL)·M·(RRᵀ)·Mᵀ);
     * ``noise_norm`` √E‖ΔW − E ΔW‖²_F = √(Σ_ij σ_ij²·‖L_:i‖²·‖R_j:‖²);
-    * ``noise_to_mean`` = noise_norm / mean_norm and ``noise_to_base`` = noise_norm / ‖W0‖_F (``base_weight``);
+    * ``noise_to_mean`` = noise_norm / mean_norm (None while the mean update is zero) and ``noise_to_base`` =
+      noise_norm / ‖W0‖_F (``base_weight``; None for a quantized base, whose stored weight is packed codes);
     * ``sigma_mean`` the mean σ and ``sigma_to_mean`` the median over the entries of σ_ij / |M_ij|.
 
     Computed in float64 without autograd."""
     with torch.no_grad():
         left, mean, std = (t.detach().double() for t in (left, mean, std))
-        ratio = float((std / mean.abs()).median())
+        ratio = float(torch.quantile((std / mean.abs()).flatten(), 0.5))
         if mean.dim() == 1:  # a diagonal: zero mean and no noise off it
             mean, std = torch.diag(mean), torch.diag(std)
         left_gram = left.T @ left  # (p, p)
@@ -148,13 +149,14 @@ def gaussian_factor_width(
             right_sq = torch.diagonal(right_gram)
         noise_sq = (torch.diagonal(left_gram)[:, None] * std.square() * right_sq[None, :]).sum()
         mean_norm, noise_norm = float(mean_sq.clamp_min(0).sqrt()), float(noise_sq.sqrt())
-        base_norm = float(torch.linalg.vector_norm(base_weight.detach().double()))
+        floating = base_weight.is_floating_point() and type(base_weight) in (torch.Tensor, nn.Parameter)
+        base_norm = float(torch.linalg.vector_norm(base_weight.detach().double())) if floating else None
     return {
         "mean_norm": mean_norm,
         "noise_norm": noise_norm,
         "base_norm": base_norm,
-        "noise_to_mean": noise_norm / mean_norm if mean_norm > 0 else math.inf,
-        "noise_to_base": noise_norm / base_norm if base_norm > 0 else math.inf,
+        "noise_to_mean": noise_norm / mean_norm if mean_norm > 0 else None,
+        "noise_to_base": noise_norm / base_norm if base_norm else None,
         "sigma_mean": float(std[std > 0].mean()) if bool((std > 0).any()) else 0.0,
         "sigma_to_mean": ratio,
     }
@@ -278,7 +280,7 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         """The standard deviation of every random entry of the adapter (Me-LoRA: the core; BLoB: A)."""
         raise NotImplementedError
 
-    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+    def posterior_width(self, adapter: str) -> dict[str, float | None] | None:
         """How wide the adapter's posterior over s·ΔW is (:func:`gaussian_factor_width`), None for a deterministic
         adapter."""
         return None

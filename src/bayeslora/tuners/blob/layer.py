@@ -120,7 +120,7 @@ class BlobLayer(BayesianLowRankLayer):
         """``(M, s·B)``: the mean of A."""
         return self.blob_A[adapter], self.scaling[adapter] * self.blob_B[adapter]
 
-    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+    def posterior_width(self, adapter: str) -> dict[str, float | None] | None:
         """s·B·(M + Σ ⊙ ε): the noise of A's entries reaches ΔW through B alone."""
         std = self.posterior_std(adapter)
         if std.numel() == 0:

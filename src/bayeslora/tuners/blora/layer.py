@@ -398,11 +398,11 @@ class BLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
             return self.core_kl(adapter)
         return torch.zeros((), dtype=torch.float64, device=self.blora_A[adapter].device)
 
-    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+    def posterior_width(self, adapter: str) -> dict[str, float | None] | None:
         """Of a Bayesian core, as the evaluation uses it: dequantized factors, and the rows and columns of S that
         the rank gates keep (weighted by their masks); None without one."""
-        if not self.bayesian_core[adapter]:
-            return None
+        if not self.bayesian_core[adapter] or self.posterior_std(adapter).numel() == 0:
+            return None  # no core, or a deterministic one (below --bayesian-layers last:K)
         with torch.no_grad(), evaluation_gates(self):
             A, B = self.scaled_factors(
                 self.quantize("A", self.blora_A[adapter], adapter),

@@ -227,7 +227,7 @@ class MeLoraLayer(SampledCoreMixin, BayesianLowRankLayer):
     def kl(self, adapter: str) -> Tensor:
         return self.core_kl(adapter)
 
-    def posterior_width(self, adapter: str) -> dict[str, float] | None:
+    def posterior_width(self, adapter: str) -> dict[str, float | None] | None:
         """s·B̂·S·Â, with the factors as the forward pass uses them."""
         std = self.posterior_std(adapter)
         if std.numel() == 0:

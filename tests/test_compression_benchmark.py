@@ -58,3 +58,12 @@ def test_the_default_is_chosen_on_held_out_questions_and_the_tables_show_the_maj
     table = summarize(results, settings, variants)
     assert table.count("| majority class | – | 28.0 |") == 2
     assert "**blora**" in table
+
+
+def test_among_variants_meeting_both_targets_the_most_accurate_on_held_out_questions_is_chosen():
+    results = [
+        _record("arc-easy", "lora", 0.62, 0.60),
+        _record("arc-easy", "blora", 0.61, 0.58, bops=0.10),
+        _record("arc-easy", "blora-t8", 0.60, 0.60, bops=0.25),  # more bit operations, but more accurate held out
+    ]
+    assert gate_selection(results)[0] == "blora-t8"

@@ -24,7 +24,9 @@ def test_adapters_of_the_packaged_model_name_its_hub_id(tmp_path):
 
 
 def test_a_runs_model_card_says_method_task_metrics_and_loading(tiny_llama_dir, toy_task, tmp_path):
-    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "run", method="melora", report_to=["tensorboard"])
+    run = train_toy(
+        tiny_llama_dir, toy_task, tmp_path / "run", method="melora", report_to=["tensorboard"], train_size=6
+    )
     card = (run / "adapter" / "README.md").read_text()
     metrics = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     assert "# melora adapter of" in card and f"trained on {toy_task}" in card
@@ -34,6 +36,12 @@ def test_a_runs_model_card_says_method_task_metrics_and_loading(tiny_llama_dir, 
     )
     assert "import bayeslora" in card and "--to lora" in card and "frozen_samples" in card
     assert list((run / "checkpoints").rglob("events.out.tfevents.*"))  # --report-to tensorboard logged
+
+    later = bl.evaluate(run, heldout=2, samples=3, progress=False)  # a later evaluation into the run: in the card
+    assert f"| {later['task']} | 3 | {100 * later['accuracy']:.1f} |" in (run / "adapter" / "README.md").read_text()
+    rows = (run / "adapter" / "README.md").read_text().count("\n| ")
+    bl.calibrate(run, heldout=2, progress=False)  # and the temperature-scaled ones
+    assert (run / "adapter" / "README.md").read_text().count("\n| ") == rows + 2
 
 
 @pytest.mark.parametrize(("name", "message"), [("nonsense", "unknown; choose from"), ("wandb", "not installed")])

@@ -14,6 +14,7 @@ from ..io import read_json
 from ..methods import get_method
 from ..runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
 from ..runs.adapters import load_adapter
+from ..runs.model_card import refresh_model_card
 from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout
 from .common import build_scorer, load_base
 from .evaluate import resolve_samples
@@ -108,4 +109,5 @@ def calibrate(
         }
         write_evaluation(target, record, prediction, f"{record['method']} on {before['task']} (T = {temperature:.2f})")
         records.append(record)
+    refresh_model_card(run)
     return records

@@ -27,6 +27,7 @@ from ..methods import get_method
 from ..reporting.structure import structure_record
 from ..runs import ADAPTER_DIR, TRAIN_SUMMARY, RunExistsError, eval_dir, read_run_config
 from ..runs.adapters import load_adapter
+from ..runs.model_card import refresh_model_card
 from ..tasks import DATA_SEED, Task, load_task, seeded_heldout
 from .common import build_scorer, check_eval_task, load_base, warn_unused_options
 
@@ -300,4 +301,6 @@ def evaluate(
         record = evaluate_out_of_distribution(
             network, tokenizer, config, train_task, out_dir, ood, run_files, summary, base_dir=base_dir, **settings
         )
+    if run is not None and base_dir.resolve() == Path(run).resolve():
+        refresh_model_card(Path(run))
     return record

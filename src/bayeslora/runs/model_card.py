@@ -112,3 +112,11 @@ def write_model_card(run: str | Path) -> Path:
     path = Path(run) / ADAPTER_DIR / CARD_FILE
     write_text_atomic(path, model_card(run))
     return path
+
+
+def refresh_model_card(run: str | Path) -> Path | None:
+    """Rewrite the model card of a run whose evaluations changed (a later ``bayeslora eval`` or ``calibrate`` into
+    the run), if the run has one (runs trained before model cards existed keep having none); returns its path."""
+    if not (Path(run) / ADAPTER_DIR / CARD_FILE).is_file():
+        return None
+    return write_model_card(run)

@@ -9,6 +9,7 @@ from torch import nn
 
 import bayeslora as bl
 from bayeslora.cli import main
+from bayeslora.pipeline.posterior import posterior_report
 from bayeslora.tuners import BlobConfig, BLoraConfig, MeLoraConfig
 from bayeslora.tuners.blob.layer import BlobLayer
 from bayeslora.tuners.blora.layer import BLoraLayer
@@ -108,4 +109,4 @@ def test_bayeslora_posterior_reports_a_run_per_module_kind(tiny_llama_dir, toy_t
     bl.train(model=str(tiny_llama_dir), task=str(toy_task), method="lora", rank=2, epochs=1, batch_size=4,
              train_size=8, limit=4, seed=0, output_dir=str(lora), progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="no Bayesian layer"):
-        bl.reporting.posterior.posterior_report([lora])
+        posterior_report([lora])

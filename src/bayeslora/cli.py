@@ -252,7 +252,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_posterior(args: argparse.Namespace) -> int:
-    from .reporting.posterior import posterior_report
+    from .pipeline.posterior import posterior_report
 
     print(posterior_report(args.runs, out=args.output_dir))
     return 0

@@ -6,12 +6,9 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
-
-from .tables import format_table
 
 #: The per-layer figures summarised per module kind (median over the blocks): see
 #: :func:`bayeslora.tuners.base.gaussian_factor_width`.
@@ -71,42 +68,3 @@ def summarize_widths(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         {"module": kind, "layers": len(rows), **{key: median([r[key] for r in rows]) for key in WIDTH_KEYS}}
         for kind, rows in kinds.items()
     ]
-
-
-def posterior_report(runs: Sequence[str | Path], out: str | Path | None = None) -> str:
-    """Markdown: per run, the posterior width per module kind (median over its layers). With ``out``, also writes
-    ``posterior.md`` and ``posterior.json`` (every layer of every run) into that directory. A run without a Bayesian
-    layer (LoRA, MAP, a deterministic B-LoRA) is refused by name."""
-    from ..io import write_json_atomic, write_text_atomic
-    from ..pipeline.common import load_run
-
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise FileExistsError(f"--output-dir {out} is a file: choose a directory")
-    layers: dict[str, list[dict[str, Any]]] = {}
-    rows: list[dict[str, Any]] = []
-    for run in runs:
-        loaded = load_run(run, progress=False)
-        records = posterior_widths(loaded.model)
-        if not records:
-            raise ValueError(
-                f"{run} (method {loaded.config.method}) has no Bayesian layer: its adapter has no posterior to "
-                f"measure. Give a run of melora, blob, or blora with --bayesian-core."
-            )
-        layers[str(run)] = records
-        rows += [{"run": Path(run).name, **row} for row in summarize_widths(records)]
-        del loaded
-    text = "\n".join(
-        [
-            "## Posterior width (median over each module kind's layers)",
-            "",
-            "noise = √E‖ΔW − E ΔW‖²_F, mean update = ‖E ΔW‖_F, W0 the frozen weight; σ / |M| per random entry.",
-            "",
-            format_table(rows, WIDTH_COLUMNS),
-            "",
-        ]
-    )
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out) / "posterior.json", {"summary": rows, "layers": layers})
-        write_text_atomic(Path(out) / "posterior.md", text)
-    return text

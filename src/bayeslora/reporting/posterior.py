@@ -3,12 +3,13 @@ update ΔW itself (so that no rescaling between the adapter's factors changes th
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
+
+from .structure import short_name
 
 #: The per-layer figures summarised per module kind (median over the blocks): see
 #: :func:`bayeslora.tuners.base.gaussian_factor_width`.
@@ -31,7 +32,9 @@ def posterior_widths(model: nn.Module) -> list[dict[str, Any]]:
     name), block index (None outside the blocks) and :meth:`~bayeslora.tuners.base.BayesianLowRankLayer.
     posterior_width`. Deterministic adapters (e.g. below ``--bayesian-layers last:K``) are left out."""
     from ..tuners.base import BayesianLowRankLayer
+    from ..tuners.blocks import block_index, block_stack
 
+    stack = block_stack(model)  # the same blocks as --bayesian-layers counts
     records = []
     for name, module in model.named_modules():
         if not isinstance(module, BayesianLowRankLayer):
@@ -40,13 +43,11 @@ def posterior_widths(model: nn.Module) -> list[dict[str, Any]]:
             width = module.posterior_width(adapter)
             if width is None:
                 continue
-            short = name.removeprefix("base_model.model.")
-            block = re.search(r"\.layers?\.(\d+)\.", f".{short}.")
             records.append(
                 {
-                    "layer": short,
-                    "module": short.rsplit(".", 1)[-1],
-                    "block": int(block.group(1)) if block else None,
+                    "layer": short_name(name),
+                    "module": name.rsplit(".", 1)[-1],
+                    "block": block_index(name, stack[0]) if stack else None,
                     "adapter": adapter,
                     **width,
                 }

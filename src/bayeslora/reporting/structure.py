@@ -13,7 +13,8 @@ from .bops import bops_report
 from .plots import save_structure_heatmap
 
 
-def _short_name(name: str) -> str:
+def short_name(name: str) -> str:
+    """A module's name without PEFT's wrapper prefix (``base_model.model.``)."""
     return name.removeprefix("base_model.model.")
 
 
@@ -28,7 +29,7 @@ def structure_record(model: nn.Module) -> dict[str, Any]:
     return {
         "bops": {key: value for key, value in report.items() if key != "layers"},
         "structure": {
-            _short_name(layer["name"]): {"rank": layer["rank"], "bits": layer["bits"]} for layer in report["layers"]
+            short_name(layer["name"]): {"rank": layer["rank"], "bits": layer["bits"]} for layer in report["layers"]
         },
     }
 
@@ -38,6 +39,6 @@ def write_structure(model: nn.Module, run: Path, title: str = "") -> None:
     that learns its structure."""
     report = bops_report(model)
     for layer in report["layers"]:
-        layer["name"] = _short_name(layer["name"])
+        layer["name"] = short_name(layer["name"])
     write_json_atomic(run / BOPS_FILE, report)
     save_structure_heatmap(run / STRUCTURE_PLOT, report["layers"], title)

@@ -156,3 +156,44 @@ def test_calibrate_fits_each_evaluation_as_it_was_predicted(tiny_llama_dir, tmp_
     reference = load_predictions(tmp_path / "reference" / "eval" / "heldout")
     assert rescaled["temperature"] == pytest.approx(fit_temperature(reference.probs, reference.labels), rel=1e-4)
     assert rescaled["temperature"] != pytest.approx(default["temperature"], rel=1e-4)
+
+
+def test_calibrate_reuses_the_runs_own_heldout_evaluation(tiny_llama_dir, tmp_path, monkeypatch):
+    """After ``bayeslora eval --heldout`` predicted the same held-out examples the same way, calibrate fits T on
+    those saved predictions (no second pass: the same T as fitting afresh); an evaluation made another way (the
+    posterior mean instead of 3 samples) is not reused."""
+    import importlib
+
+    import bayeslora as bl
+
+    calibrate_module = importlib.import_module("bayeslora.pipeline.calibrate")
+
+    rows = [{"question": f"Item {i}: which word?", "choices": ["apple", "river"], "answer": i % 2} for i in range(24)]
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="melora", rank=2,
+                   max_steps=6, batch_size=4, lr=1e-2, train_size=8, samples=3, output_dir=str(tmp_path / "run"),
+                   progress=False)  # fmt: skip
+    (fresh,) = bl.calibrate(run, heldout=12, progress=False)
+    passes = []
+    evaluate_model = calibrate_module.evaluate_model
+    monkeypatch.setattr(calibrate_module, "evaluate_model", lambda *a, **k: passes.append(1) or evaluate_model(*a, **k))
+
+    bl.evaluate(run, heldout=12, samples=0, progress=False)  # the posterior mean: not how eval/toy was predicted
+
+    def calibrate_toy() -> dict:
+        """The temperature-scaled record of eval/toy (calibrate rescales eval/toy-heldout too)."""
+        (record,) = [r for r in bl.calibrate(run, heldout=12, overwrite=True, progress=False) if r["task"] == str(task)]
+        return record
+
+    other_way = calibrate_toy()
+    assert len(passes) == 1 and other_way["temperature"] == pytest.approx(fresh["temperature"], rel=1e-6)
+
+    bl.evaluate(run, heldout=12, overwrite=True, progress=False)  # 3 samples, as eval/toy
+    reused = calibrate_toy()
+    assert len(passes) == 1  # no new pass
+    assert reused["temperature"] == pytest.approx(fresh["temperature"], rel=1e-6)
+
+    bl.evaluate(run, heldout=10, overwrite=True, progress=False)  # other held-out examples: fitted afresh
+    bl.calibrate(run, heldout=12, overwrite=True, progress=False)
+    assert len(passes) == 2

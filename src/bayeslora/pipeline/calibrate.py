@@ -9,15 +9,16 @@ from typing import Any
 import torch
 
 from ..config import make_config
-from ..evaluation import evaluate_model, write_evaluation
+from ..evaluation import METRICS_FILE, evaluate_model, load_predictions, write_evaluation
+from ..evaluation.predictive import Prediction
 from ..io import read_json
 from ..methods import get_method
 from ..runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
 from ..runs.adapters import load_adapter
 from ..runs.model_card import refresh_model_card
-from ..tasks import DATA_SEED, HELDOUT_EXAMPLES, load_task, seeded_heldout
+from ..tasks import HELDOUT_EXAMPLES, Task, load_task
 from .common import build_scorer, load_base
-from .evaluate import resolve_samples
+from .evaluate import heldout_task, resolve_samples
 
 #: The suffix of a temperature-scaled evaluation's folder: ``eval/<task>-ts/``.
 TS_SUFFIX = "-ts"
@@ -36,11 +37,12 @@ def calibrate(
 
     One temperature T is fitted on ``heldout`` training examples the run never trained on (those that follow
     its ``--train-size`` subset in the same seeded order), predicted the way the method predicts (posterior
-    samples, MC dropout, ensemble members) with as many samples as the evaluation it rescales. The saved
+    samples, MC dropout, ensemble members) with as many samples as the evaluation it rescales; where the run's
+    ``eval/<task>-heldout/`` (``bayeslora eval --heldout``) already predicted exactly these examples that way,
+    its saved predictions are used instead of a second pass (see :func:`saved_heldout_prediction`). The saved
     predictions of every evaluation of the run (or of ``task``) are rescaled as softmax(log p / T) and
     written to ``eval/<task>-ts/`` as method ``<method>+ts``. Returns the new metrics records.
     """
-    from ..evaluation import load_predictions
     from ..evaluation.metrics import classification_metrics
     from ..evaluation.temperature import fit_temperature, scaled
 
@@ -64,7 +66,8 @@ def calibrate(
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
         raise RunExistsError(f"{', '.join(existing)} already exist(s). Pass --overwrite to replace.")
-    examples = seeded_heldout(train_task.split("train"), config.train_size, heldout, DATA_SEED)
+    heldout_examples = heldout_task(train_task, config.train_size, heldout)
+    examples = heldout_examples.eval
     network, tokenizer = load_base(config, train_task, progress=progress)
     network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
     scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
@@ -79,6 +82,10 @@ def calibrate(
         if key not in temperatures:
             as_evaluated = dataclasses.replace(config, **predictive)
             n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])
+            expected = {"n_samples": n_samples, "scoring": scorer.name, "seed": config.seed, **predictive}
+            if fitted_on := saved_heldout_prediction(run, heldout_examples, expected):
+                temperatures[key] = fit_temperature(fitted_on.probs, fitted_on.labels)
+                return temperatures[key]
             torch.manual_seed(config.seed)
             _, fitted_on = evaluate_model(
                 network,
@@ -111,3 +118,22 @@ def calibrate(
         records.append(record)
     refresh_model_card(run)
     return records
+
+
+def saved_heldout_prediction(run: Path, heldout: Task, expected: dict[str, Any]) -> Prediction | None:
+    """The predictions the run's ``eval/<task>-heldout/`` holds for the held-out examples ``heldout``, if that
+    evaluation predicted exactly them (same count, source and labels in the same order) as ``expected`` says
+    (its recorded number of samples, scoring, seed and predictive options): then they are draws of the same
+    predictive a new pass would make (identical ones at the same evaluation batch size), and temperature scaling
+    needs no second pass over the held-out examples. None otherwise."""
+    source = eval_dir(run, heldout.name)
+    if not (source / METRICS_FILE).is_file():
+        return None
+    saved = read_json(source / METRICS_FILE)
+    expected = {**expected, "n_examples": len(heldout.eval), "task_source": heldout.source}
+    if any(saved.get(key) != value for key, value in expected.items()):
+        return None
+    prediction = load_predictions(source)
+    if prediction.labels.tolist() != [example.label for example in heldout.eval]:
+        return None
+    return prediction

@@ -150,3 +150,55 @@ def test_a_run_with_its_posterior_in_the_top_block_trains_and_evaluates(tiny_lla
     assert metrics["n_samples"] == 3 and 0 <= metrics["accuracy"] <= 1
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert any(row.get("kl", 0) > 0 for row in log)  # the top block's and the head's posterior is regularised
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_sampling_the_top_block_of_an_every_layer_posterior_is_the_last_1_model(method, smol_tokenizer):
+    """``sampled_layers(model, "last:1")`` on a posterior in every layer: inside, only the top block and the head
+    sample (the trunk below is shared) and the predictive equals, draw for draw, that of the ``last:1`` model with
+    the same parameters; the lower layers' spread no longer matters; on exit every layer samples again."""
+    from bayeslora.tuners.trunk import sampled_layers
+
+    vocab = len(smol_tokenizer)
+    everywhere, top = adapted(method, "all", vocab), adapted(method, "last:1", vocab)
+    missing, _ = top.load_state_dict(everywhere.state_dict(), strict=False)  # the lower layers' spread is unused
+    assert not [key for key in missing if "lora" in key or "melora" in key or "blob" in key]
+    scorer, batch = cloze_batch(smol_tokenizer)
+
+    def draws(model, spec: str) -> torch.Tensor:
+        torch.manual_seed(7)
+        with sampled_layers(model, spec):
+            assert first_bayesian_block(model) == (None if model is everywhere and spec == "all" else 3)
+            return predict_batch(model, scorer, batch, n_samples=4)[1]
+
+    reference = draws(top, "all")
+    torch.testing.assert_close(draws(everywhere, "last:1"), reference, atol=1e-6, rtol=0)
+    assert all(layer.stochastic["default"] for layer in layers(everywhere).values())  # restored
+    every_layer = draws(everywhere, "all")
+    assert not torch.allclose(every_layer, reference, atol=1e-4)  # sampling every layer is another predictive
+    variance = {"melora": "melora_core_rho", "blob": "blob_A_g"}[method]
+    with torch.no_grad():  # widen the lower layers' posterior: sampling the top block only does not see it
+        for name, p in everywhere.named_parameters():
+            if variance in name and ".layers.3." not in name and "lm_head" not in name:
+                p.add_(2.0)
+    torch.testing.assert_close(draws(everywhere, "last:1"), reference, atol=1e-6, rtol=0)
+    assert not torch.allclose(draws(everywhere, "all"), every_layer, atol=1e-4)
+
+
+def test_an_evaluation_can_sample_the_top_blocks_only(tiny_llama_dir, toy_task, tmp_path):
+    """``bayeslora eval --sample-layers last:1`` on a run with its posterior everywhere: recorded with the
+    evaluation, and temperature scaling fits that predictive its own T; a malformed value is refused."""
+    import json
+
+    import bayeslora as bl
+    from _toy_models import train_toy
+    from bayeslora.cli import main
+
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "run", method="melora", samples=3)
+    assert main(["eval", "--run", str(run), "--sample-layers", "last:1", "--output-dir", str(tmp_path / "top")]) == 0
+    metrics = json.loads((tmp_path / "top" / "eval" / "toy" / "metrics.json").read_text())
+    assert metrics["sample_layers"] == "last:1" and metrics["n_samples"] == 3
+    everywhere = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    assert everywhere["sample_layers"] == "all" and everywhere["nll"] != pytest.approx(metrics["nll"], abs=1e-7)
+    with pytest.raises(ValueError, match="--sample-layers must be 'all' or 'last:K'"):
+        bl.evaluate(run, sample_layers="top:1", output_dir=tmp_path / "bad", progress=False)

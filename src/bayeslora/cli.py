@@ -100,6 +100,7 @@ EVAL_CONFIG_OPTIONS = (
     "ensemble_combine",
     "laplace_predictive",
     "posterior_predictive",
+    "sample_layers",
 )
 
 FORCE_BASE_HELP = "Load the adapter even onto a base model other than the one it was trained on (not advised)."

@@ -208,6 +208,14 @@ class RunConfig:
         group="posterior",
         choices=("samples", "glm", "probit"),
     )
+    sample_layers: str = _opt(
+        "all",
+        "Which of the posterior's layers predictions sample: all, or last:K (those of the top K blocks and the head; "
+        "the Bayesian layers below predict with their posterior mean, so N samples share one pass through those "
+        "blocks). A cheaper approximation at prediction of a posterior trained with --bayesian-layers all; training "
+        "is unchanged.",
+        group="posterior",
+    )
     kl_lr: float = _opt(0.01, "Learning rate of the separate SGD step on π_i·KL.", group="blob schedule", check="> 0")
     blob_gamma: float = _opt(
         8.0, "γ in the cycle length M = 100·N^(π/γ) / batch size.", group="blob schedule", check="> 0"
@@ -436,10 +444,11 @@ class RunConfig:
             )
         if self.target_modules is not None and not self.target_modules:
             problems.append("--target-modules is empty")
-        try:
-            parse_bayesian_layers(self.bayesian_layers)
-        except ValueError as error:
-            problems.append(f"--{str(error).replace('_', '-', 1)}")
+        for option in ("bayesian_layers", "sample_layers"):
+            try:
+                parse_bayesian_layers(getattr(self, option), option)
+            except ValueError as error:
+                problems.append(f"--{str(error).replace('_', '-', 1)}")
         if problems:
             raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -35,6 +35,7 @@ from .methods import get_method
 from .pipeline.common import load_run
 from .pipeline.evaluate import resolve_samples
 from .tuners.sampling import frozen_samples, posterior_mean, rows_of_examples, sampling
+from .tuners.trunk import sampled_layers
 
 
 @register_model("bayeslora")
@@ -83,6 +84,7 @@ class BayesLoraLM(HFLM):
         self.run_config = config
         self.members: list[str] = list(predictive.get("members", ()))
         self.dropout = bool(predictive.get("dropout", False))
+        self.sample_layers = predictive.get("sample_layers", "all")
         self.samples = n_samples if method.is_stochastic(config) and not self.members else 0
         self._one_sample_per_pass = False
         torch.manual_seed(config.seed)  # the same posterior samples for the same run
@@ -105,6 +107,7 @@ class BayesLoraLM(HFLM):
                 stack.enter_context(sampling())
                 stack.enter_context(adapter_dropout(self.model))
             else:
+                stack.enter_context(sampled_layers(self.model, self.sample_layers))
                 stack.enter_context(frozen_samples())
                 self._one_sample_per_pass = True
                 stack.callback(setattr, self, "_one_sample_per_pass", False)

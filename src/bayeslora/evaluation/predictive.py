@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..tasks import Example
 from ..tuners.sampling import posterior_mean, sample_copies, sampling
-from ..tuners.trunk import shared_trunk
+from ..tuners.trunk import sampled_layers, shared_trunk
 from .scoring import Batch, Scorer
 
 
@@ -201,10 +201,13 @@ def predict(
     members: Sequence[str] = (),
     combine: str = "probs",
     sampler: BatchPredictor | None = None,
+    sample_layers: str = "all",
 ) -> Prediction:
     """Predictive class probabilities for ``examples`` (sample-averaged over ``n_samples``; MC dropout with
     ``dropout``; an ensemble's ``members`` combined per ``combine``: see :func:`predict_batch`; or any
     other ``sampler(model, scorer, batch) -> (probs, per-sample probs)``, such as a Laplace posterior's).
+    ``sample_layers="last:K"`` samples the posterior of the top K blocks and the head only, the posterior mean
+    below (:func:`~bayeslora.tuners.trunk.sampled_layers`).
 
     Batches are formed by length (less padding) and the results put back in the original order.
     ``keep_samples`` also returns the per-sample (or per-member) probabilities ``(S, N, C)``.
@@ -218,20 +221,21 @@ def predict(
     labels = torch.zeros(len(examples), dtype=torch.long)
     bar = tqdm(total=len(examples), desc="evaluating", unit="ex", disable=not progress, leave=False)
     try:
-        for indices in iterate_batches(examples, batch_size):
-            batch = scorer.collate([examples[i] for i in indices])
-            if sampler is not None:  # a custom predictive may need gradients (Laplace's): its results are detached
-                mean, per_sample = (result.detach() for result in sampler(model, scorer, batch))
-            else:
-                mean, per_sample = predict_batch(
-                    model, scorer, batch, n_samples, dropout=dropout, members=members, combine=combine
-                )
-            index = torch.tensor(indices)
-            probs[index] = mean.cpu()
-            labels[index] = batch["labels"]
-            if keep_samples:
-                kept.append((index, per_sample.cpu()))
-            bar.update(len(indices))
+        with sampled_layers(model, sample_layers):
+            for indices in iterate_batches(examples, batch_size):
+                batch = scorer.collate([examples[i] for i in indices])
+                if sampler is not None:  # a custom predictive may need gradients (Laplace's): results detached
+                    mean, per_sample = (result.detach() for result in sampler(model, scorer, batch))
+                else:
+                    mean, per_sample = predict_batch(
+                        model, scorer, batch, n_samples, dropout=dropout, members=members, combine=combine
+                    )
+                index = torch.tensor(indices)
+                probs[index] = mean.cpu()
+                labels[index] = batch["labels"]
+                if keep_samples:
+                    kept.append((index, per_sample.cpu()))
+                bar.update(len(indices))
     finally:
         bar.close()
         model.train(was_training)

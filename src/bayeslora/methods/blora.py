@@ -278,7 +278,9 @@ class BLora(Method):
         return variational_predictive(config, n_samples) if config.bayesian_core else {}
 
     def predictive_record(self, config) -> dict:
-        return {"posterior_predictive": config.posterior_predictive} if config.bayesian_core else {}
+        if not config.bayesian_core:
+            return {}
+        return {"posterior_predictive": config.posterior_predictive, "sample_layers": config.sample_layers}
 
     def peft_config(self, config, targets: list[str], task_type: str, total_steps: int):
         from ..tuners import BLoraConfig

@@ -173,7 +173,7 @@ class VariationalMethod(Method):
     adds the KL (:func:`variational_extras`)."""
 
     option_groups = ("posterior",)
-    predictive_options = ("posterior_predictive",)
+    predictive_options = ("posterior_predictive", "sample_layers")
     default_samples = 10
 
     def is_stochastic(self, config) -> bool:
@@ -187,11 +187,18 @@ class VariationalMethod(Method):
 
 
 def variational_predictive(config, n_samples: int) -> dict[str, Any]:
-    """The keyword arguments of :func:`~bayeslora.evaluation.predictive.predict` for ``--posterior-predictive``:
-    none for posterior samples (or the mean, ``n_samples`` = 0), else the linearised predictive as a ``sampler``
-    (:mod:`bayeslora.evaluation.linearized`; ``n_samples`` of its Gaussian draws kept as single samples)."""
-    if config.posterior_predictive == "samples" or n_samples == 0:
+    """The keyword arguments of :func:`~bayeslora.evaluation.predictive.predict` for ``--posterior-predictive``
+    and ``--sample-layers``: none for posterior samples of every layer (or the mean, ``n_samples`` = 0); the
+    linearised predictive as a ``sampler`` (:mod:`bayeslora.evaluation.linearized`; ``n_samples`` of its Gaussian
+    draws kept as single samples); the layers whose posterior is sampled (``sample_layers``, see
+    :func:`~bayeslora.tuners.trunk.sampled_layers`)."""
+    if n_samples == 0:
         return {}
-    return {
-        "sampler": functools.partial(linearized_predict_batch, link=config.posterior_predictive, n_samples=n_samples)
-    }
+    predictive: dict[str, Any] = {}
+    if config.sample_layers != "all":
+        predictive["sample_layers"] = config.sample_layers
+    if config.posterior_predictive != "samples":
+        predictive["sampler"] = functools.partial(
+            linearized_predict_batch, link=config.posterior_predictive, n_samples=n_samples
+        )
+    return predictive

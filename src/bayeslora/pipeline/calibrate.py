@@ -72,18 +72,19 @@ def calibrate(
     network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
     scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
     temperatures: dict[tuple, float] = {}
+    defaults = method.predictive_record(config)  # how an evaluation that does not record them predicted
 
     def temperature_for(evaluation: dict[str, Any]) -> float:
         """T fitted on the held-out examples predicted as ``evaluation`` was: with its number of samples (an
         evaluation of the posterior mean, ``--samples 0``, gets the posterior mean's T) and its predictive
         options (an ensemble's combination rule, a Laplace predictive) where it records them."""
-        predictive = {key: evaluation.get(key, value) for key, value in method.predictive_record(config).items()}
+        predictive = {key: evaluation.get(key, value) for key, value in defaults.items()}
         key = (evaluation["n_samples"], *sorted(predictive.items()))
         if key not in temperatures:
             as_evaluated = dataclasses.replace(config, **predictive)
             n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])
             expected = {"n_samples": n_samples, "scoring": scorer.name, "seed": config.seed, **predictive}
-            if fitted_on := saved_heldout_prediction(run, heldout_examples, expected):
+            if fitted_on := saved_heldout_prediction(run, heldout_examples, expected, defaults):
                 temperatures[key] = fit_temperature(fitted_on.probs, fitted_on.labels)
                 return temperatures[key]
             torch.manual_seed(config.seed)
@@ -120,16 +121,19 @@ def calibrate(
     return records
 
 
-def saved_heldout_prediction(run: Path, heldout: Task, expected: dict[str, Any]) -> Prediction | None:
+def saved_heldout_prediction(
+    run: Path, heldout: Task, expected: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> Prediction | None:
     """The predictions the run's ``eval/<task>-heldout/`` holds for the held-out examples ``heldout``, if that
     evaluation predicted exactly them (same count, source and labels in the same order) as ``expected`` says
-    (its recorded number of samples, scoring, seed and predictive options): then they are draws of the same
+    (its recorded number of samples, scoring, seed and predictive options; a predictive option it does not record,
+    being older, is taken at its value in ``defaults``): then they are draws of the same
     predictive a new pass would make (identical ones at the same evaluation batch size), and temperature scaling
     needs no second pass over the held-out examples. None otherwise."""
     source = eval_dir(run, heldout.name)
     if not (source / METRICS_FILE).is_file():
         return None
-    saved = read_json(source / METRICS_FILE)
+    saved = {**(defaults or {}), **read_json(source / METRICS_FILE)}
     expected = {**expected, "n_examples": len(heldout.eval), "task_source": heldout.source}
     if any(saved.get(key) != value for key, value in expected.items()):
         return None

@@ -29,6 +29,7 @@ from ..runs import ADAPTER_DIR, TRAIN_SUMMARY, RunExistsError, eval_dir, read_ru
 from ..runs.adapters import load_adapter
 from ..runs.model_card import refresh_model_card
 from ..tasks import DATA_SEED, Task, load_task, seeded_heldout
+from ..tuners.trunk import sampled_layers
 from .common import build_scorer, check_eval_task, load_base, warn_unused_options
 
 #: The pseudo-method of a base model evaluated without an adapter.
@@ -155,16 +156,17 @@ def _evaluate_completions_and_write(
     scorer = build_scorer(eval_task, tokenizer, config)
     limit = limit if limit is not None else config.limit
     torch.manual_seed(config.seed)
-    metrics, per_example = evaluate_completions(
-        model,
-        scorer,
-        eval_examples(eval_task, limit),
-        n_samples=n_samples,
-        batch_size=batch_size or config.eval_batch_size,
-        progress=progress,
-        dropout=predictive.get("dropout", False),
-        members=predictive.get("members", ()),
-    )
+    with sampled_layers(model, predictive.get("sample_layers", "all")):
+        metrics, per_example = evaluate_completions(
+            model,
+            scorer,
+            eval_examples(eval_task, limit),
+            n_samples=n_samples,
+            batch_size=batch_size or config.eval_batch_size,
+            progress=progress,
+            dropout=predictive.get("dropout", False),
+            members=predictive.get("members", ()),
+        )
     record = _record(config, train_task, eval_task, scorer.name, metrics, limit, run_dir, summary)
     out_dir = out_dir or eval_dir(run_dir, eval_task.name)
     out_dir.mkdir(parents=True, exist_ok=True)

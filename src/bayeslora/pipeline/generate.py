@@ -13,6 +13,7 @@ import torch
 from ..evaluation.generation import Prompt, PromptAnswers, generate
 from ..methods import get_method
 from ..tasks.files import TaskFileError
+from ..tuners.trunk import sampled_layers
 from .common import load_run
 from .evaluate import resolve_samples
 
@@ -75,18 +76,19 @@ def generate_answers(
             f"use: generate with the run it was fitted on, or a Bayesian adapter (melora, blob)"
         )
     torch.manual_seed(config.seed)  # the same answers for the same seed
-    results: list[PromptAnswers] = generate(
-        loaded.model,
-        loaded.tokenizer,
-        list(prompts),
-        samples=n_samples if method.is_stochastic(config) else 0,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        dropout=predictive.get("dropout", False),
-        members=predictive.get("members", ()),
-        **generate_kwargs,
-    )
+    with sampled_layers(loaded.model, predictive.get("sample_layers", "all")):
+        results: list[PromptAnswers] = generate(
+            loaded.model,
+            loaded.tokenizer,
+            list(prompts),
+            samples=n_samples if method.is_stochastic(config) else 0,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            dropout=predictive.get("dropout", False),
+            members=predictive.get("members", ()),
+            **generate_kwargs,
+        )
     ids = list(range(1, len(results) + 1)) if ids is None else list(ids)
     return [
         {"id": i, **result.to_dict(), "samples": len(result.answers)} for i, result in zip(ids, results, strict=True)

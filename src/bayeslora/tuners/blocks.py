@@ -20,18 +20,18 @@ BLOCK_LIST_NAMES = ("layers", "layer", "h", "blocks", "block")
 _LAST = re.compile(r"last:(\d+)")
 
 
-def parse_bayesian_layers(spec: str) -> int | None:
+def parse_bayesian_layers(spec: str, option: str = "bayesian_layers") -> int | None:
     """The number K of top blocks that carry the posterior (``"last:K"``), or None for ``"all"``.
 
     Raises:
-        ValueError: for any other text, naming the two forms.
+        ValueError: for any other text, naming the two forms (and ``option``, the setting that held it).
     """
     if spec == "all":
         return None
     match = _LAST.fullmatch(spec.strip()) if isinstance(spec, str) else None
     if match is None:
         raise ValueError(
-            f"bayesian_layers must be 'all' or 'last:K' (the top K blocks and the head carry the posterior; "
+            f"{option} must be 'all' or 'last:K' (the top K blocks and the head carry the posterior; "
             f"'last:0' the head only), got {spec!r}"
         )
     return int(match.group(1))

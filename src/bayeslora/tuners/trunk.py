@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .base import BayesianLowRankLayer
-from .blocks import block_stack
+from .blocks import block_stack, is_bayesian_module, parse_bayesian_layers
 
 
 def samples_weights(module: nn.Module) -> bool:
@@ -55,6 +55,32 @@ def first_bayesian_block(model: nn.Module) -> int | None:
         elif first is None:
             first = len(blocks)
     return first if first else None
+
+
+@contextmanager
+def sampled_layers(model: nn.Module, spec: str = "all") -> Iterator[None]:
+    """Within the block, of the posterior the model carries only the layers that ``bayesian_layers=spec`` names
+    draw weights (``last:K``: those of the top K blocks and outside the stack, the LM head); the Bayesian layers
+    below predict with their posterior mean, so the blocks below the top K form a deterministic trunk that N
+    samples share (:func:`shared_trunk`). An approximation at prediction of a posterior trained in more layers
+    (the lower layers' noise is left out); ``"all"`` changes nothing. The layers are restored on exit."""
+    if parse_bayesian_layers(spec) is None:
+        yield
+        return
+    silenced = [
+        (module, adapter)
+        for key, module in model.named_modules()
+        if isinstance(module, BayesianLowRankLayer) and not is_bayesian_module(key, model, spec)
+        for adapter, stochastic in module.stochastic.items()
+        if stochastic
+    ]
+    for module, adapter in silenced:
+        module.stochastic[adapter] = False
+    try:
+        yield
+    finally:
+        for module, adapter in silenced:
+            module.stochastic[adapter] = True
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

@@ -14,9 +14,15 @@ Part 2, quality (``--quality``): reads the calibration benchmark's runs of the s
 ``benchmarks/calibration.py --tag sampling``, the command is printed) and tabulates accuracy, ECE and NLL in and out
 of distribution next to the cost.
 
+Part 3, at prediction only (``--prediction-only RUN...``): runs trained with the posterior in every layer, each
+evaluated again with ``--sample-layers last:K`` for every K (the posterior mean below the top K blocks: the cost of
+a ``last:K`` run, no retraining) on the questions of its own evaluation, with the same number of samples; accuracy,
+ECE and NLL, and each one's paired 95 % bootstrap interval against sampling every layer.
+
     python benchmarks/sampling.py --timing            # benchmarks/results/sampling.{json,md}
     python benchmarks/sampling.py --timing --quick    # 2 rounds
     python benchmarks/sampling.py --quality           # adds the quality table (after the calibration runs)
+    python benchmarks/sampling.py --prediction-only RUN [RUN ...]   # adds the prediction-only table
 """
 
 from __future__ import annotations
@@ -165,7 +171,92 @@ def quality(root: Path, tasks: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(timing: dict[str, Any], quality_rows: list[dict[str, Any]]) -> str:
+def prediction_only(runs: list[Path], evaluations: Path) -> list[dict[str, Any]]:
+    """Each run (posterior in every layer) evaluated with ``--sample-layers`` at every K of :data:`SPECS` (into
+    ``evaluations/<run>/<K>/``; an evaluation already there is reused) on the questions and with the samples of its
+    own evaluation of its training task, and compared with that evaluation (K = all) question by question."""
+    import bayeslora as bl
+    from bayeslora.evaluation import load_predictions
+    from bayeslora.evaluation.significance import calibrated_ece_floor, compare
+    from bayeslora.runs import eval_dir, read_run_config
+
+    rows = []
+    for run in runs:
+        task = read_run_config(run)["task"]
+        everywhere_dir = eval_dir(run, task)
+        everywhere, reference = read_json(everywhere_dir / "metrics.json"), load_predictions(everywhere_dir)
+        if (
+            everywhere.get("sample_layers", "all") != "all"
+            or read_run_config(run).get("bayesian_layers", "all") != "all"
+        ):
+            raise ValueError(f"{run}: --prediction-only needs a run with its posterior in every layer")
+        floor = calibrated_ece_floor(reference.probs)
+        for spec in SPECS:
+            if spec == "all":
+                metrics, prediction = everywhere, reference
+            else:
+                target = evaluations / run.name / spec.replace(":", "")
+                if not (eval_dir(target, task) / "metrics.json").is_file():
+                    bl.evaluate(run, sample_layers=spec, samples=everywhere["n_samples"], limit=everywhere["limit"],
+                                output_dir=target, overwrite=True, progress=False)  # fmt: skip
+                metrics, prediction = (
+                    read_json(eval_dir(target, task) / "metrics.json"),
+                    load_predictions(eval_dir(target, task)),
+                )
+            if not bool((prediction.labels == reference.labels).all()):
+                raise RuntimeError(f"{run}: the evaluation with {spec} holds other questions than the run's own")
+            differences = compare(prediction.probs, reference.probs, reference.labels)
+            rows.append(
+                {
+                    "run": str(run),
+                    "task": task,
+                    "sample_layers": spec,
+                    "n_examples": int(reference.labels.shape[0]),
+                    "n_samples": metrics["n_samples"],
+                    **{key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")},
+                    "minus_all": {name: d.to_dict() for name, d in differences.items()},
+                    "ece_floor": {"mean": floor[0], "std": floor[1]},
+                }
+            )
+            print(f"{run.name} {spec}: acc {metrics['accuracy']:.3f} ece {metrics['ece']:.3f} nll {metrics['nll']:.3f}")
+    return rows
+
+
+def _interval(difference: dict[str, Any], scale: float, digits: int) -> str:
+    """``+d [low, high]`` of a paired difference."""
+    values = (scale * difference[key] for key in ("difference", "low", "high"))
+    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*values, d=digits)
+
+
+def prediction_only_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the prediction-only table (see :func:`prediction_only`)."""
+    lines = [
+        "",
+        "At prediction only (`--sample-layers last:K` on a run trained with the posterior in every layer: the "
+        "posterior mean below the top K blocks, the cost of the row above with the same K), against sampling every "
+        "layer on the same questions; paired 95 % bootstrap intervals (a difference is real only where its interval "
+        "excludes 0); the ECE a perfectly calibrated model shows on these questions as the floor:",
+        "",
+        "| task | run | samples from | N | accuracy % | ECE % | NLL | Δ accuracy (pts) | Δ ECE (pts) | Δ NLL | "
+        "calibrated ECE % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        d = row["minus_all"]
+        same = row["sample_layers"] == "all"
+        lines.append(
+            f"| {row['task']} | {Path(row['run']).name} | {label(row['sample_layers'])} | {row['n_samples']} | "
+            f"{100 * row['accuracy']:.1f} | {100 * row['ece']:.1f} | {row['nll']:.3f} | "
+            f"{'–' if same else _interval(d['accuracy'], 100, 1)} | {'–' if same else _interval(d['ece'], 100, 1)} | "
+            f"{'–' if same else _interval(d['nll'], 1, 3)} | "
+            f"{100 * row['ece_floor']['mean']:.1f} ± {100 * row['ece_floor']['std']:.1f} |"
+        )
+    return lines
+
+
+def markdown(
+    timing: dict[str, Any], quality_rows: list[dict[str, Any]], prediction_rows: list[dict[str, Any]] = ()
+) -> str:
     lines = [
         "# Where the posterior lives: cost and calibration (SmolLM2-135M, Me-LoRA r = 8 on q, v, lm_head)",
         "",
@@ -206,6 +297,8 @@ def markdown(timing: dict[str, Any], quality_rows: list[dict[str, Any]]) -> str:
                 f"| {row['task']} | {label(row['bayesian_layers'])} | {row['seed']} | {100 * row['accuracy']:.1f} | "
                 f"{100 * row['ece']:.1f} | {row['nll']:.3f} | {ood or '-'} |"
             )
+    if prediction_rows:
+        lines += prediction_only_section(list(prediction_rows))
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timing", action="store_true", help="Measure the cost (part 1).")
     parser.add_argument("--quality", action="store_true", help="Tabulate the calibration runs (part 2).")
+    parser.add_argument(
+        "--prediction-only",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="RUN",
+        help="Runs with the posterior in every layer, evaluated with --sample-layers last:K for every K (part 3).",
+    )
     parser.add_argument("--quick", action="store_true", help="2 timing rounds.")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="Timings of each measure per process.")
@@ -230,12 +331,16 @@ def main(argv: list[str] | None = None) -> int:
             f"--ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics --variants {variants}"
         )
         result["quality"] = quality(args.out / "calibration" / "runs" / "sampling", args.tasks)
+    if args.prediction_only:
+        evaluations = args.out / "calibration" / "runs" / "sampling-prediction-only"
+        result["prediction_only"] = prediction_only(args.prediction_only, evaluations)
     if "timing" not in result:
         parser.error("no timing yet: run with --timing first")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_file, result)
-    write_text_atomic(args.out / "sampling.md", markdown(result["timing"], result.get("quality", [])))
-    print(markdown(result["timing"], result.get("quality", [])))
+    text = markdown(result["timing"], result.get("quality", []), result.get("prediction_only", []))
+    write_text_atomic(args.out / "sampling.md", text)
+    print(text)
     return 0
 
 

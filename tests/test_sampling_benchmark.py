@@ -1,0 +1,46 @@
+"""The sampling benchmark's prediction-only part (benchmarks/sampling.py --prediction-only): a run with its
+posterior in every layer, evaluated with --sample-layers last:K for every K against its own evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import sampling
+from _toy_models import train_toy
+
+
+def test_prediction_only_compares_each_k_with_sampling_every_layer(tiny_llama_dir, toy_task, tmp_path, monkeypatch):
+    import bayeslora as bl
+
+    monkeypatch.setattr(sampling, "SPECS", ("last:0", "last:1", "all"))
+    run = train_toy(tiny_llama_dir, toy_task, tmp_path / "run", method="melora", samples=3)
+    rows = sampling.prediction_only([run], tmp_path / "evaluations")
+    assert [row["sample_layers"] for row in rows] == ["last:0", "last:1", "all"]
+    own = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
+    everywhere = rows[-1]
+    assert everywhere["nll"] == own["nll"] and everywhere["minus_all"]["nll"]["difference"] == 0
+    head = json.loads((tmp_path / "evaluations" / "run" / "last0" / "eval" / "toy" / "metrics.json").read_text())
+    assert head["sample_layers"] == "last:0" and head["n_samples"] == own["n_samples"] == 3
+    assert rows[0]["nll"] == head["nll"]
+    assert rows[0]["minus_all"]["nll"]["difference"] == pytest.approx(head["nll"] - own["nll"], abs=1e-6)
+    text = sampling.prediction_only_section(rows)
+    assert sum(line.startswith("| toy") or line.startswith(f"| {own['task']}") for line in text) == 3
+
+    def no_new_evaluation(*args, **kwargs):
+        raise AssertionError("an existing evaluation is reused")
+
+    monkeypatch.setattr(bl, "evaluate", no_new_evaluation)
+    assert sampling.prediction_only([run], tmp_path / "evaluations") == rows
+    top = tmp_path / "top"  # the same run as if trained with its posterior in the top block only
+    shutil.copytree(run, top)
+    config = (top / "config.yaml").read_text()
+    assert "bayesian_layers: all" in config
+    (top / "config.yaml").write_text(config.replace("bayesian_layers: all", "bayesian_layers: last:1"))
+    with pytest.raises(ValueError, match="posterior in every layer"):
+        sampling.prediction_only([top], tmp_path / "evaluations")

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import in_fresh_process
+from _shared import evaluation_complete, in_fresh_process
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,7 +174,8 @@ def quality(root: Path, tasks: list[str]) -> list[dict[str, Any]]:
 def prediction_only(runs: list[Path], evaluations: Path) -> list[dict[str, Any]]:
     """Each run (posterior in every layer) evaluated with ``--sample-layers`` at every K of :data:`SPECS` (into
     ``evaluations/<run>/<K>/``; an evaluation already there is reused) on the questions and with the samples of its
-    own evaluation of its training task, and compared with that evaluation (K = all) question by question."""
+    own evaluation of its training task, and out of distribution on the tasks that evaluation was (the AUROCs of
+    telling them apart); compared with that evaluation (K = all) question by question."""
     import bayeslora as bl
     from bayeslora.evaluation import load_predictions
     from bayeslora.evaluation.significance import calibrated_ece_floor, compare
@@ -190,15 +191,16 @@ def prediction_only(runs: list[Path], evaluations: Path) -> list[dict[str, Any]]
             or read_run_config(run).get("bayesian_layers", "all") != "all"
         ):
             raise ValueError(f"{run}: --prediction-only needs a run with its posterior in every layer")
+        ood_tasks = sorted(everywhere.get("ood", {}))
         floor = calibrated_ece_floor(reference.probs)
         for spec in SPECS:
             if spec == "all":
                 metrics, prediction = everywhere, reference
             else:
                 target = evaluations / run.name / spec.replace(":", "")
-                if not (eval_dir(target, task) / "metrics.json").is_file():
+                if not evaluation_complete(eval_dir(target, task), ood_tasks):
                     bl.evaluate(run, sample_layers=spec, samples=everywhere["n_samples"], limit=everywhere["limit"],
-                                output_dir=target, overwrite=True, progress=False)  # fmt: skip
+                                ood_tasks=ood_tasks, output_dir=target, overwrite=True, progress=False)  # fmt: skip
                 metrics, prediction = (
                     read_json(eval_dir(target, task) / "metrics.json"),
                     load_predictions(eval_dir(target, task)),
@@ -215,6 +217,7 @@ def prediction_only(runs: list[Path], evaluations: Path) -> list[dict[str, Any]]
                     "n_samples": metrics["n_samples"],
                     **{key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")},
                     "minus_all": {name: d.to_dict() for name, d in differences.items()},
+                    "ood": {name: metrics["ood"][name] for name in ood_tasks},
                     "ece_floor": {"mean": floor[0], "std": floor[1]},
                 }
             )
@@ -251,6 +254,21 @@ def prediction_only_section(rows: list[dict[str, Any]]) -> list[str]:
             f"{'–' if same else _interval(d['nll'], 1, 3)} | "
             f"{100 * row['ece_floor']['mean']:.1f} ± {100 * row['ece_floor']['std']:.1f} |"
         )
+    ood_rows = [row for row in rows if row["ood"]]
+    if ood_rows:
+        lines += [
+            "",
+            "Telling each out-of-distribution task's questions from the training task's by the predictive's "
+            "uncertainty (AUROC by entropy / by mutual information; 0.5 = chance):",
+            "",
+            "| task | run | samples from | " + " | ".join(sorted(ood_rows[0]["ood"])) + " |",
+            "|---|---|---|" + "---|" * len(ood_rows[0]["ood"]),
+        ]
+        for row in ood_rows:
+            aurocs = " | ".join(
+                f"{o['auroc_entropy']:.3f} / {o['auroc_mutual_information']:.3f}" for _, o in sorted(row["ood"].items())
+            )
+            lines.append(f"| {row['task']} | {Path(row['run']).name} | {label(row['sample_layers'])} | {aurocs} |")
     return lines
 
 

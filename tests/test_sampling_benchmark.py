@@ -12,16 +12,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import sampling
-from _toy_models import train_toy
+from _toy_models import train_toy, write_word_task
 
 
 def test_prediction_only_compares_each_k_with_sampling_every_layer(tiny_llama_dir, toy_task, tmp_path, monkeypatch):
     import bayeslora as bl
 
-    monkeypatch.setattr(sampling, "SPECS", ("last:0", "last:1", "all"))
+    monkeypatch.setattr(sampling, "SPECS", ("last:0", "all"))
     run = train_toy(tiny_llama_dir, toy_task, tmp_path / "run", method="melora", samples=3)
+    other = write_word_task(tmp_path / "other.jsonl", 6)  # evaluated out of distribution too
+    bl.evaluate(run, ood_tasks=[str(other)], overwrite=True, progress=False)
     rows = sampling.prediction_only([run], tmp_path / "evaluations")
-    assert [row["sample_layers"] for row in rows] == ["last:0", "last:1", "all"]
+    assert [row["sample_layers"] for row in rows] == ["last:0", "all"]
+    assert all(set(row["ood"]) == {str(other)} and 0 <= row["ood"][str(other)]["auroc_entropy"] <= 1 for row in rows)
     own = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     everywhere = rows[-1]
     assert everywhere["nll"] == own["nll"] and everywhere["minus_all"]["nll"]["difference"] == 0
@@ -30,7 +33,7 @@ def test_prediction_only_compares_each_k_with_sampling_every_layer(tiny_llama_di
     assert rows[0]["nll"] == head["nll"]
     assert rows[0]["minus_all"]["nll"]["difference"] == pytest.approx(head["nll"] - own["nll"], abs=1e-6)
     text = sampling.prediction_only_section(rows)
-    assert sum(line.startswith("| toy") or line.startswith(f"| {own['task']}") for line in text) == 3
+    assert sum(line.startswith(f"| {own['task']} |") for line in text) == 4  # the metrics and the AUROC tables
 
     def no_new_evaluation(*args, **kwargs):
         raise AssertionError("an existing evaluation is reused")

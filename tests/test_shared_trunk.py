@@ -202,36 +202,3 @@ def test_an_evaluation_can_sample_the_top_blocks_only(tiny_llama_dir, toy_task, 
     assert everywhere["sample_layers"] == "all" and everywhere["nll"] != pytest.approx(metrics["nll"], abs=1e-7)
     with pytest.raises(ValueError, match="--sample-layers must be 'all' or 'last:K'"):
         bl.evaluate(run, sample_layers="top:1", output_dir=tmp_path / "bad", progress=False)
-
-
-@pytest.mark.parametrize(("spec", "first"), [("last:0", "lm_head"), ("last:1", "model.layers.3.self_attn.q_proj")])
-def test_the_first_bayesian_layer_runs_its_frozen_weight_once_for_identical_copies(
-    spec, first, smol_tokenizer, monkeypatch
-):
-    """Where N posterior copies reach a Bayesian layer still identical (the LM head after a shared trunk, the first
-    Bayesian block's projections), its frozen weight computes copy 0 only and the result is tiled: the same
-    per-sample probabilities as computing every copy, at 1/N of that layer's frozen matmul."""
-    import bayeslora.tuners.base as tuner_base
-    from bayeslora.tuners.sampling import identical_copies, rows_of_examples, sample_copies
-
-    model = adapted("melora", spec, vocab=len(smol_tokenizer))
-    scorer, batch = cloze_batch(smol_tokenizer)
-    frozen = model.base_model.model.get_submodule(first).base_layer
-    rows: list[int] = []
-    hook = frozen.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    results = {}
-    for share in (True, False):
-        if not share:
-            monkeypatch.setattr(tuner_base, "identical_copies", lambda x: 1)
-        torch.manual_seed(7)
-        results[share] = predict_batch(model, scorer, batch, n_samples=5)[1]
-    hook.remove()
-    assert rows[0] * 5 == rows[1]  # copy 0's positions only, then every copy's
-    torch.testing.assert_close(results[True], results[False], atol=1e-6, rtol=0)
-    tiled = torch.randn(2, 3, 4).repeat(3, 1, 1)
-    assert identical_copies(tiled) == 1  # outside a sampled pass: nothing is announced
-    with torch.no_grad(), rows_of_examples(torch.arange(6)), sample_copies(2):
-        assert identical_copies(tiled) == 3
-        changed = tiled.clone()
-        changed[5, 2, 3] += 1e-6  # one value of the last copy differs
-        assert identical_copies(changed) == 1

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .blocks import is_bayesian_module, parse_bayesian_layers
 from .costs import DEFAULT_BITS, AdapterStructure
-from .sampling import identical_copies, should_sample
+from .sampling import should_sample
 
 SigmaParam = Literal["softplus", "exp", "square"]
 _MIN_STD = 1e-8  # σ never reaches 0, so log σ in the KL stays finite
@@ -324,12 +324,7 @@ class BayesianLowRankLayer(nn.Module, BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         x = self.layer_input(x)
-        copies = identical_copies(x)
-        if copies > 1:  # N identical posterior copies: the frozen output once, tiled (exact; e.g. the LM head)
-            once = self.base_output(x[: x.shape[0] // copies], *args, **kwargs)
-            result = once.repeat(copies, *([1] * (once.dim() - 1)))
-        else:
-            result = self.base_output(x, *args, **kwargs)
+        result = self.base_output(x, *args, **kwargs)
         for adapter in self.active_adapters:
             if not self._has(adapter):
                 continue

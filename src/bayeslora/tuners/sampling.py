@@ -147,27 +147,6 @@ def current_row_copies() -> Tensor | None:
     return rows // per_copy
 
 
-def identical_copies(x: Tensor) -> int:
-    """The number N of posterior copies that the rows of ``x`` (a layer's input in the pass in progress, rows first)
-    form, if every copy holds exactly the same values as copy 0, else 1. That is the case where a sampled pass
-    meets its first Bayesian layer (the LM head after a shared trunk, the first Bayesian block's projections): a
-    deterministic function of ``x`` (the frozen weights' output) can then be computed on copy 0 and tiled. Only in
-    a tiled pass without autograd (:func:`sample_copies` announced, copy-major rows: ``k·R .. k·R + R − 1`` are
-    copy ``k``); the values are compared, so the answer is exact, at the cost of one comparison per element."""
-    copies = current_row_copies()
-    if copies is None or torch.is_grad_enabled() or copies.numel() != x.shape[0]:
-        return 1
-    count = int(copies[-1]) + 1
-    if count == 1 or x.shape[0] % count:
-        return 1
-    rows = x.shape[0] // count
-    blocks = x.reshape(count, rows, -1)  # (N, R, ...)
-    if not torch.equal(blocks[1, :1], blocks[0, :1]):  # most inputs differ already in their first row
-        return 1
-    layout = torch.arange(count, device=copies.device).repeat_interleave(rows)
-    return count if torch.equal(copies, layout) and bool((blocks == blocks[:1]).all()) else 1
-
-
 def frozen() -> bool:
     """Whether :func:`frozen_samples` (or :func:`noise_at_zero`) is in force."""
     return _FROZEN.get() is not None or _AT_ZERO.get() is not None

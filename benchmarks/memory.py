@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: (Wang-ML-Lab/bayesian-peft), against which bayeslora's BLoB (int8 signs) is compared
 METHODS = ("lora", "blob", "blob-reference", "melora")
 #: What a row keeps from its first round (the same in every round).
-MEMORY_KEYS = ("method", "width", "length", "rank", "trainable_params", "saved_for_backward_mib")
+MEMORY_KEYS = ("method", "width", "length", "rank", "trainable_params", "saved_for_backward_mib", "torch_threads")
 TARGETS = {
     "melora_params_vs_blob": 0.68,
     "melora_peak_vs_blob": 0.9,

@@ -3,10 +3,11 @@
 Every (model, task, variant, seed) is a real ``bayeslora.train`` run, on tasks where the 16-bit LoRA learns
 something (it beats the majority class by at least 5 points; every table shows the majority-class row, and the
 target table checks it): MiniLM-L6 on SST-2 (sequence classification; the GLUE validation split divided 70/30, of
-whose 610 training sentences 480 train and 130 are held out) and SmolLM2-135M on ARC-Easy, OBQA and BoolQ (cloze
+whose 610 training sentences 480 train and 130 are held out) and SmolLM2-135M on ARC-Easy and OBQA (cloze
 scoring; 320 training questions, 200 held out). MRPC and RTE are no longer here: MiniLM predicted the majority
-class on them whatever the method, and compressing an adapter that learned nothing measures nothing. Variants by
-default:
+class on them whatever the method, and compressing an adapter that learned nothing measures nothing. Nor is BoolQ:
+SmolLM2's cloze LoRA reached 60.3 % on 300 validation questions against the majority class's 61.7 % (58.5 % on the
+held-out ones). Variants by default:
 
 * ``lora``: PEFT's LoRA, rank 8, the 16-bit reference;
 * ``adalora``: PEFT's AdaLoRA, ranks pruned from 12 to an average of 8 (the same final budget; its bit
@@ -87,7 +88,7 @@ SUITES: dict[str, dict[str, Any]] = {
     },
     "smollm2": {
         "model": "smollm2-135m",
-        "tasks": ["arc-easy", "obqa", "boolq"],
+        "tasks": ["arc-easy", "obqa"],
         "recipe": {"train_size": 320, "epochs": 3, "batch_size": 4, "lr": 5e-4, "limit": 300},
         "heldout": 200,
     },

@@ -198,7 +198,11 @@ def prediction_only(runs: list[Path], evaluations: Path) -> list[dict[str, Any]]
                 metrics, prediction = everywhere, reference
             else:
                 target = evaluations / run.name / spec.replace(":", "")
-                if not evaluation_complete(eval_dir(target, task), ood_tasks):
+                made = eval_dir(target, task) / "metrics.json"
+                as_asked = {"sample_layers": spec, "n_samples": everywhere["n_samples"], "limit": everywhere["limit"]}
+                if not evaluation_complete(eval_dir(target, task), ood_tasks) or any(
+                    read_json(made).get(key) != value for key, value in as_asked.items()
+                ):
                     bl.evaluate(run, sample_layers=spec, samples=everywhere["n_samples"], limit=everywhere["limit"],
                                 ood_tasks=ood_tasks, output_dir=target, overwrite=True, progress=False)  # fmt: skip
                 metrics, prediction = (
@@ -254,7 +258,7 @@ def prediction_only_section(rows: list[dict[str, Any]]) -> list[str]:
             f"{'–' if same else _interval(d['nll'], 1, 3)} | "
             f"{100 * row['ece_floor']['mean']:.1f} ± {100 * row['ece_floor']['std']:.1f} |"
         )
-    ood_rows = [row for row in rows if row["ood"]]
+    ood_rows = [row for row in rows if row.get("ood")]
     if ood_rows:
         lines += [
             "",

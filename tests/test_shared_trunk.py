@@ -187,7 +187,7 @@ def test_sampling_the_top_block_of_an_every_layer_posterior_is_the_last_1_model(
 
 def test_an_evaluation_can_sample_the_top_blocks_only(tiny_llama_dir, toy_task, tmp_path):
     """``bayeslora eval --sample-layers last:1`` on a run with its posterior everywhere: recorded with the
-    evaluation, and temperature scaling fits that predictive its own T; a malformed value is refused."""
+    evaluation, another predictive than sampling every layer; a malformed value is refused."""
     import json
 
     import bayeslora as bl

@@ -197,3 +197,7 @@ def test_calibrate_reuses_the_runs_own_heldout_evaluation(tiny_llama_dir, tmp_pa
     bl.evaluate(run, heldout=10, overwrite=True, progress=False)  # other held-out examples: fitted afresh
     bl.calibrate(run, heldout=12, overwrite=True, progress=False)
     assert len(passes) == 2
+    for option in ({"cloze_normalization": "sum"}, {"max_length": 64}):  # scored another way: fitted afresh
+        bl.evaluate(run, heldout=12, overwrite=True, progress=False, **option)
+        assert calibrate_toy()["temperature"] == pytest.approx(fresh["temperature"], rel=1e-6)
+    assert len(passes) == 4

@@ -18,7 +18,7 @@ from ..runs.adapters import load_adapter
 from ..runs.model_card import refresh_model_card
 from ..tasks import HELDOUT_EXAMPLES, Task, load_task
 from .common import build_scorer, load_base
-from .evaluate import heldout_task, resolve_samples
+from .evaluate import PREDICTION_OPTIONS, heldout_task, resolve_samples
 
 #: The suffix of a temperature-scaled evaluation's folder: ``eval/<task>-ts/``.
 TS_SUFFIX = "-ts"
@@ -83,7 +83,15 @@ def calibrate(
         if key not in temperatures:
             as_evaluated = dataclasses.replace(config, **predictive)
             n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])
-            expected = {"n_samples": n_samples, "scoring": scorer.name, "seed": config.seed, **predictive}
+            expected = {
+                "n_samples": n_samples,
+                "scoring": scorer.name,
+                "cloze_normalization": config.cloze_normalization if scorer.name == "cloze" else None,
+                "chat_template": config.chat_template or None,  # recorded only when set
+                "seed": config.seed,
+                **{key: getattr(config, key) for key in PREDICTION_OPTIONS},
+                **predictive,
+            }
             if fitted_on := saved_heldout_prediction(run, heldout_examples, expected, defaults):
                 temperatures[key] = fit_temperature(fitted_on.probs, fitted_on.labels)
                 return temperatures[key]
@@ -126,8 +134,9 @@ def saved_heldout_prediction(
 ) -> Prediction | None:
     """The predictions the run's ``eval/<task>-heldout/`` holds for the held-out examples ``heldout``, if that
     evaluation predicted exactly them (same count, source and labels in the same order) as ``expected`` says
-    (its recorded number of samples, scoring, seed and predictive options; a predictive option it does not record,
-    being older, is taken at its value in ``defaults``): then they are draws of the same
+    (its recorded number of samples, scoring, seed, model options such as ``max_length`` and ``dtype``, and
+    predictive options; a predictive option it does not record, being older, is taken at its value in
+    ``defaults``; an evaluation older than the recorded model options is not reused): then they are draws of the same
     predictive a new pass would make (identical ones at the same evaluation batch size), and temperature scaling
     needs no second pass over the held-out examples. None otherwise."""
     source = eval_dir(run, heldout.name)

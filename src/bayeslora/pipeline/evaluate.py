@@ -101,6 +101,11 @@ def evaluate_and_write(
     return record
 
 
+#: Run options that change an evaluation's predictions besides scoring and predictive, recorded with it (so that
+#: calibrate reuses a held-out evaluation only if it was made with the run's own).
+PREDICTION_OPTIONS = ("max_length", "num_layers", "dtype", "load_in_4bit", "load_in_8bit")
+
+
 def _record(
     config: RunConfig,
     train_task: Task,
@@ -122,6 +127,7 @@ def _record(
         **({"chat_template": True} if config.chat_template else {}),
         **get_method(config.method).predictive_record(config),
         **metrics,
+        **{key: getattr(config, key) for key in PREDICTION_OPTIONS},
         "limit": limit,
         "seed": config.seed,
         "run": str(run_dir),

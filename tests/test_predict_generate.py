@@ -102,3 +102,44 @@ def test_ensembles_and_mc_dropout_answer_once_per_member_or_mask(
     run = train_toy(tiny_llama_dir, toy_task, tmp_path / method, method=method, **options)
     records = bl.generate_answers(run, ["Item 1: pick"], max_new_tokens=3, progress=False)
     assert records[0]["samples"] == answers and len(records[0]["answers"]) == answers
+
+
+def test_predict_and_generate_can_sample_the_top_blocks_only(melora_run, toy_task, tmp_path, monkeypatch, capsys):
+    """``--sample-layers last:1`` reaches the prediction of ``bayeslora predict`` and ``generate`` (the layers below
+    the top block predict with their posterior mean while they run); a malformed value is refused."""
+    import importlib
+
+    import bayeslora.tuners.trunk as trunk
+
+    asked: list[tuple[str, list[bool]]] = []
+
+    def spy(model, spec="all"):
+        """Record the spec and which layers sample inside the block."""
+        context = trunk.sampled_layers(model, spec)
+
+        class Recording:
+            def __enter__(self):
+                context.__enter__()
+                layers = [m for m in model.modules() if isinstance(m, trunk.BayesianLowRankLayer)]
+                flags = [flag for layer in layers for flag in layer.stochastic.values()]
+                asked.append((spec, flags))
+
+            def __exit__(self, *exc):
+                return context.__exit__(*exc)
+
+        return Recording()
+
+    for name in ("bayeslora.evaluation.predictive", "bayeslora.pipeline.generate"):
+        monkeypatch.setattr(importlib.import_module(name), "sampled_layers", spy)
+    rows = tmp_path / "rows.jsonl"
+    _unlabelled(toy_task, rows)
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--run", str(melora_run), "--input", str(rows), "--output", str(out), "--samples", "2",
+                 "--sample-layers", "last:1"]) == 0  # fmt: skip
+    assert main(["generate", "--run", str(melora_run), "--prompt", "Item 1: pick", "--samples", "2",
+                 "--max-new-tokens", "2", "--sample-layers", "last:1"]) == 0  # fmt: skip
+    assert [spec for spec, _ in asked] == ["last:1", "last:1"]
+    for _, flags in asked:  # the tiny Llama's 2 blocks: block 0's q and v stop sampling, block 1's and the head's not
+        assert flags.count(False) == 2 and flags.count(True) == len(flags) - 2
+    with pytest.raises(ValueError, match="--sample-layers must be 'all' or 'last:K'"):
+        bl.generate_answers(melora_run, ["Item 1"], sample_layers="top:1", progress=False)

@@ -103,6 +103,7 @@ EVAL_CONFIG_OPTIONS = (
     "sample_layers",
 )
 
+SAMPLE_LAYERS_HELP = "Sample the posterior of the top K blocks and the head only, its mean below (default: the run's)."
 FORCE_BASE_HELP = "Load the adapter even onto a base model other than the one it was trained on (not advised)."
 
 
@@ -144,6 +145,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .pipeline import predict_inputs
 
     options = {"force_base": True} if args.force_base else {}
+    if args.sample_layers:
+        options["sample_layers"] = args.sample_layers
     records = predict_inputs(
         args.run, args.input, samples=args.samples, batch_size=args.batch_size, progress=not args.quiet, **options
     )
@@ -171,6 +174,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chat_template=args.chat_template,
         progress=not args.quiet,
+        sample_layers=args.sample_layers,
         **{key: value for key, value in decoding.items() if value is not None},
     )
     _write_lines(records, args.output, args.overwrite)
@@ -382,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     predictor.add_argument("--output", metavar="OUT.jsonl", help="Write JSON lines here (default: standard output).")
     predictor.add_argument("--samples", type=int, help="Posterior samples (default: the method's; 0: posterior mean).")
     predictor.add_argument("--batch-size", type=int, help="Rows per forward pass (default: the run's).")
+    predictor.add_argument("--sample-layers", metavar="all|last:K", help=SAMPLE_LAYERS_HELP)
     predictor.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     predictor.add_argument("--force-base", action="store_true", help=FORCE_BASE_HELP)
     predictor.set_defaults(handler=_cmd_predict)
@@ -397,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", metavar="FILE.jsonl", help='Prompts {"prompt": text} or {"messages": [...]}, optionally with "id".'
     )
     generator.add_argument("--samples", type=int, help="Answers per prompt (default: the method's; 0: posterior mean).")
+    generator.add_argument("--sample-layers", metavar="all|last:K", help=SAMPLE_LAYERS_HELP)
     generator.add_argument("--max-new-tokens", type=int, default=32, help="Longest answer (default: 32).")
     generator.add_argument("--batch-size", type=int, default=4, help="Prompts per generate call (default: 4).")
     generator.add_argument(

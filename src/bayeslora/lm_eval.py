@@ -49,13 +49,23 @@ class BayesLoraLM(HFLM):
         dtype: the base model's dtype (default: the run's).
         softmax_dtype: the dtype of the log-softmax (default float32).
         force_base: load the adapter even onto another base model than it was trained on.
+        sample_layers: ``last:K`` samples the posterior of the top K blocks and the head only, its mean below
+            (default: the run's; see ``--sample-layers``).
         Others (``batch_size``, ``max_length``, ...) as lm-eval's ``hf`` model.
     """
 
     def __init__(
-        self, run: str, samples: int | None = None, dtype: str | None = None, force_base: bool = False, **kwargs: Any
+        self,
+        run: str,
+        samples: int | None = None,
+        dtype: str | None = None,
+        force_base: bool = False,
+        sample_layers: str | None = None,
+        **kwargs: Any,
     ) -> None:
         options = {"dtype": dtype} if dtype else {}
+        if sample_layers:  # the posterior sampled in the top K blocks and the head only (--sample-layers)
+            options["sample_layers"] = sample_layers
         loaded = load_run(run, progress=False, force_base=force_base, **options)
         if loaded.task.kind == "classification":
             raise ValueError(f"{run} was trained on a classification task: lm-eval needs a causal language model")

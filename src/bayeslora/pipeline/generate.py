@@ -55,13 +55,15 @@ def generate_answers(
     chat_template: bool | None = None,
     progress: bool = True,
     ids: Sequence[object] | None = None,
+    sample_layers: str | None = None,
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """A run's answers to ``prompts`` with their uncertainty, as JSON-ready records: ``id`` (from ``ids``, else the
     position from 1), ``prompt``, ``samples`` and the fields of :class:`~bayeslora.evaluation.generation.PromptAnswers`.
     The answers come from the run's predictive: N posterior samples of a Bayesian adapter (default: the method's
-    N), one per ensemble member, MC dropout masks, or the one deterministic answer of a LoRA run."""
-    loaded = load_run(run, progress=progress)
+    N; ``sample_layers="last:K"``: of its top K blocks and head only, the posterior mean below), one per ensemble
+    member, MC dropout masks, or the one deterministic answer of a LoRA run."""
+    loaded = load_run(run, progress=progress, **({"sample_layers": sample_layers} if sample_layers else {}))
     if loaded.task.kind == "classification":
         raise ValueError(
             f"{run} was trained on a classification task: its model has no language-model head to generate"

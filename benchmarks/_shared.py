@@ -194,6 +194,12 @@ def with_heldout(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]
     return record
 
 
+def interval_text(difference: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+    """``+d [low, high]`` of a paired difference (``PairedDifference.to_dict()``), times ``scale`` (100: points)."""
+    values = (scale * difference[key] for key in ("difference", "low", "high"))
+    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*values, d=digits)
+
+
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
     """``mean ± std`` of ``values × scale`` (just the value when there is one)."""
     values = [v * scale for v in values]

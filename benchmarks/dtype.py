@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _shared import interval_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "dtype" / "runs"
 DTYPES = ("float32", "bfloat16")
@@ -161,11 +163,6 @@ def quality(limit: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _interval(x: dict[str, Any], scale: float = 100) -> str:
-    """``+d [low, high]`` of a paired difference, in points."""
-    return f"{scale * x['difference']:+.1f} [{scale * x['low']:+.1f}, {scale * x['high']:+.1f}]"
-
-
 def markdown(verdict: dict[str, Any], timing_rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Precision and layout of the frozen base (SmolLM2-135M, 2 CPU threads)",
@@ -205,12 +202,11 @@ def markdown(verdict: dict[str, Any], timing_rows: list[dict[str, Any]], quality
         ]
         for row in quality_rows:
             fp32, bf16, d = row["float32"], row["bfloat16"], row["bf16_minus_fp32"]
-            nll = d["nll"]
             lines.append(
                 f"| {row['method']} | {100 * fp32['accuracy']:.1f} / {100 * fp32['ece']:.1f} / {fp32['nll']:.3f} | "
                 f"{100 * bf16['accuracy']:.1f} / {100 * bf16['ece']:.1f} / {bf16['nll']:.3f} | "
-                f"{_interval(d['accuracy'])} | {_interval(d['ece'])} | "
-                f"{nll['difference']:+.3f} [{nll['low']:+.3f}, {nll['high']:+.3f}] | "
+                f"{interval_text(d['accuracy'], 100, 1)} | {interval_text(d['ece'], 100, 1)} | "
+                f"{interval_text(d['nll'])} | "
                 f"{100 * row['ece_floor']['mean']:.1f} ± {100 * row['ece_floor']['std']:.1f} | "
                 f"{bf16['step_time_s'] / fp32['step_time_s']:.2f} |"
             )

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from _shared import interval_text
 from bayeslora.io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,7 +153,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"{100 * row['accuracy']:.1f}",
                 f"{100 * row['ece']:.1f}",
                 f"{row['nll']:.3f}",
-                f"{nll['difference']:+.3f} [{nll['low']:+.3f}, {nll['high']:+.3f}]",
+                interval_text(nll),
                 f"{row['mean_abs_diff']:.4f} / {row['max_abs_diff']:.3f}",
                 f"{100 * row['same_class']:.1f} %",
                 f"{row['time_vs_one_pass']:.2f}x",

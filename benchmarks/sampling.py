@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import evaluation_complete, in_fresh_process
+from _shared import evaluation_complete, in_fresh_process, interval_text
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -229,12 +229,6 @@ def prediction_only(runs: list[Path], evaluations: Path) -> list[dict[str, Any]]
     return rows
 
 
-def _interval(difference: dict[str, Any], scale: float, digits: int) -> str:
-    """``+d [low, high]`` of a paired difference."""
-    values = (scale * difference[key] for key in ("difference", "low", "high"))
-    return "{:+.{d}f} [{:+.{d}f}, {:+.{d}f}]".format(*values, d=digits)
-
-
 def prediction_only_section(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown: the prediction-only table (see :func:`prediction_only`)."""
     lines = [
@@ -254,8 +248,8 @@ def prediction_only_section(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {row['task']} | {Path(row['run']).name} | {label(row['sample_layers'])} | {row['n_samples']} | "
             f"{100 * row['accuracy']:.1f} | {100 * row['ece']:.1f} | {row['nll']:.3f} | "
-            f"{'–' if same else _interval(d['accuracy'], 100, 1)} | {'–' if same else _interval(d['ece'], 100, 1)} | "
-            f"{'–' if same else _interval(d['nll'], 1, 3)} | "
+            f"{'–' if same else interval_text(d['accuracy'], 100, 1)} | "
+            f"{'–' if same else interval_text(d['ece'], 100, 1)} | {'–' if same else interval_text(d['nll'])} | "
             f"{100 * row['ece_floor']['mean']:.1f} ± {100 * row['ece_floor']['std']:.1f} |"
         )
     ood_rows = [row for row in rows if row.get("ood")]

@@ -18,7 +18,7 @@ from ..runs.adapters import load_adapter
 from ..runs.model_card import refresh_model_card
 from ..tasks import HELDOUT_EXAMPLES, Task, load_task
 from .common import build_scorer, load_base
-from .evaluate import PREDICTION_OPTIONS, heldout_task, resolve_samples
+from .evaluate import heldout_task, prediction_settings, resolve_samples
 
 #: The suffix of a temperature-scaled evaluation's folder: ``eval/<task>-ts/``.
 TS_SUFFIX = "-ts"
@@ -85,11 +85,8 @@ def calibrate(
             n_samples = resolve_samples(as_evaluated, evaluation["n_samples"])
             expected = {
                 "n_samples": n_samples,
-                "scoring": scorer.name,
-                "cloze_normalization": config.cloze_normalization if scorer.name == "cloze" else None,
-                "chat_template": config.chat_template or None,  # recorded only when set
                 "seed": config.seed,
-                **{key: getattr(config, key) for key in PREDICTION_OPTIONS},
+                **prediction_settings(config, scorer.name),
                 **predictive,
             }
             if fitted_on := saved_heldout_prediction(run, heldout_examples, expected, defaults):

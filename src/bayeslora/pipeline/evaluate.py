@@ -106,6 +106,18 @@ def evaluate_and_write(
 PREDICTION_OPTIONS = ("max_length", "num_layers", "dtype", "load_in_4bit", "load_in_8bit")
 
 
+def prediction_settings(config: RunConfig, scoring: str) -> dict[str, Any]:
+    """How an evaluation with ``config`` scored and loaded the model: the scoring, the cloze normalisation (None
+    for other scorings), the chat template (None when unused) and :data:`PREDICTION_OPTIONS`. Its ``metrics.json``
+    records those that are not None, so ``record.get(key)`` gives each one back."""
+    return {
+        "scoring": scoring,
+        "cloze_normalization": config.cloze_normalization if scoring == "cloze" else None,
+        "chat_template": True if config.chat_template else None,
+        **{key: getattr(config, key) for key in PREDICTION_OPTIONS},
+    }
+
+
 def _record(
     config: RunConfig,
     train_task: Task,
@@ -122,12 +134,9 @@ def _record(
         "task": eval_task.name,
         "method": config.method,
         "model": config.model,
-        "scoring": scoring,
-        **({"cloze_normalization": config.cloze_normalization} if scoring == "cloze" else {}),
-        **({"chat_template": True} if config.chat_template else {}),
+        **{key: value for key, value in prediction_settings(config, scoring).items() if value is not None},
         **get_method(config.method).predictive_record(config),
         **metrics,
-        **{key: getattr(config, key) for key in PREDICTION_OPTIONS},
         "limit": limit,
         "seed": config.seed,
         "run": str(run_dir),

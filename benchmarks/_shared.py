@@ -173,6 +173,60 @@ def finished_record(
     return record
 
 
+#: The key under which a stored record keeps the options its run was trained with.
+RUN_OPTIONS_KEY = "run_options"
+
+
+@dataclass(frozen=True)
+class RecordStore:
+    """Finished runs' records kept in the repository (``<results>/records/<tag>/<run name>.json``), so that a
+    benchmark that outlives the machine it started on continues on another one from what was committed: run
+    directories (adapters, checkpoints) stay on the machine that trained them, while the record, everything the
+    tables are made from (per-question predictions included), travels with the code.
+
+    A stored record stands for its run only if the run would be made the same way now: the same method and
+    variant options, the same ``bayeslora.make_config`` options (the recipe), every out-of-distribution task
+    evaluated, and every key in ``needs`` (``heldout``, ``ts``: the evaluations added after training) present."""
+
+    directory: Path
+
+    def path(self, run_dir: Path) -> Path:
+        return self.directory / f"{Path(run_dir).name}.json"
+
+    def save(self, run_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> None:
+        """Keep ``record`` of the run at ``run_dir`` (trained with ``options``), replacing an earlier copy."""
+        recipe = _without_location(json.loads(json.dumps(options)))
+        write_json_atomic(self.path(run_dir), {**record, RUN_OPTIONS_KEY: recipe})
+
+    def load(
+        self,
+        run_dir: Path,
+        variant: Variant,
+        options: dict[str, Any],
+        ood_tasks: Sequence[str] = (),
+        needs: Sequence[str] = (),
+    ) -> dict[str, Any] | None:
+        """The stored record of the run at ``run_dir`` if it stands for the run described (see the class), else
+        None (with a line saying why, when a stored record was set aside)."""
+        path = self.path(run_dir)
+        if not path.is_file():
+            return None
+        stored = read_json(path)
+        recipe = stored.pop(RUN_OPTIONS_KEY, None)
+        if stored.get("method") != variant.method or stored.get("options", {}) != variant.options:
+            why = f"made with other options than '{variant.name}' has now"
+        elif recipe != _without_location(json.loads(json.dumps(options))):
+            why = "trained with another recipe than the benchmark's now"
+        elif missing := sorted(task_names(ood_tasks) - set(stored.get("ood", {}))):
+            why = f"without the evaluation on {', '.join(missing)}"
+        elif missing := [key for key in needs if key not in stored]:
+            why = f"without its {', '.join(missing)} evaluation"
+        else:
+            return stored
+        print(f"{path}: the stored record was {why}: not used", flush=True)
+        return None
+
+
 def metrics_row(metrics: dict[str, Any]) -> dict[str, float]:
     """Accuracy, ECE, NLL and Brier of an evaluation's metrics."""
     return {key: metrics[key] for key in ("accuracy", "ece", "nll", "brier")}

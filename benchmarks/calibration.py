@@ -32,7 +32,11 @@ training is only evaluated. ``--jobs 2`` trains two configurations at a time wit
     python benchmarks/calibration.py --tabulate                         # tables of what has finished
 
 Writes ``benchmarks/results/calibration/<tag>.json`` and ``<tag>.md``; runs go to
-``benchmarks/results/calibration/runs/<tag>/`` (not committed).
+``benchmarks/results/calibration/runs/<tag>/`` (not committed), and each finished run's record (everything the
+tables use, per-question predictions included) also to ``benchmarks/results/calibration/records/<tag>/``, which is
+committed: on another machine, or after the runs were deleted, a stored record stands for its run when the run
+would be made the same way now, so a benchmark longer than one machine's life continues where the last commit
+left it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from _shared import (
+    OPTIONS_FILE,
     TABULATE_HELP,
+    RecordStore,
     Variant,
     finished_record,
     finished_run,
@@ -252,19 +258,8 @@ def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant,
     return run_dir if finished_record(run_dir, lora) is not None else None
 
 
-def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
-    """Train + evaluate one configuration, or reuse its finished record; returns the record."""
-    import bayeslora as bl
-    from bayeslora.evaluation import load_predictions
-    from bayeslora.evaluation.metrics import classification_metrics
-    from bayeslora.io import read_json, write_json_atomic
-    from bayeslora.methods import get_method
-    from bayeslora.runs import eval_dir
-
-    run_dir = run_directory(settings["root"], task, variant, seed)
-    record_file = run_dir / "benchmark.json"
-    if (record := finished_record(run_dir, variant, settings.get("ood", {}).get(task, ()))) is not None:
-        return _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
+def run_options(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``bayeslora.make_config`` options of the run of (task, variant, seed) under the benchmark's settings."""
     options = dict(
         model=settings["model"],
         task=task,
@@ -285,6 +280,61 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     if ood_tasks := settings.get("ood", {}).get(task):
         options.update(eval_tasks=[task], ood_tasks=list(ood_tasks))
     options.update(variant.options)
+    return options
+
+
+def _store(settings: dict[str, Any]) -> RecordStore:
+    return RecordStore(Path(settings["store"]))
+
+
+def _added_evaluations(settings: dict[str, Any]) -> list[str]:
+    """The keys a finished record holds once the evaluations after training are in (held-out, temperature)."""
+    return [key for key, size in (("heldout", "heldout_eval"), ("ts", "ts_heldout")) if settings.get(size)]
+
+
+def stored_or_finished(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> tuple[str, Any]:
+    """(label, record or None) of a configuration for ``--tabulate``: its run's record, else the stored one."""
+    label, record = finished_run(settings["root"], task, variant, seed)
+    if record is None:
+        run_dir = run_directory(settings["root"], task, variant, seed)
+        ood = settings.get("ood", {}).get(task, ())
+        options = run_options(task, variant, seed, settings)
+        record = _store(settings).load(run_dir, variant, options, ood, _added_evaluations(settings))
+    return label, record
+
+
+def _finish(run_dir: Path, record: dict[str, Any], settings: dict[str, Any], options: dict[str, Any]) -> dict:
+    """The record with its held-out and temperature-scaled evaluations, also kept in the record store (with the
+    options the run was trained with, as it recorded them when it had them)."""
+    from bayeslora.io import read_json
+
+    record = _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
+    recorded = run_dir / OPTIONS_FILE
+    _store(settings).save(run_dir, record, read_json(recorded) if recorded.is_file() else options)
+    return record
+
+
+def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """Train + evaluate one configuration, or reuse its finished record (its run's, else the one in the record
+    store); returns the record."""
+    import bayeslora as bl
+    from bayeslora.evaluation import load_predictions
+    from bayeslora.evaluation.metrics import classification_metrics
+    from bayeslora.io import read_json, write_json_atomic
+    from bayeslora.methods import get_method
+    from bayeslora.runs import eval_dir
+
+    run_dir = run_directory(settings["root"], task, variant, seed)
+    record_file = run_dir / "benchmark.json"
+    ood_tasks = settings.get("ood", {}).get(task, ())
+    options = run_options(task, variant, seed, settings)
+    if (record := finished_record(run_dir, variant, ood_tasks)) is not None:
+        return _finish(run_dir, record, settings, options)
+    if (
+        record := _store(settings).load(run_dir, variant, options, ood_tasks, _added_evaluations(settings))
+    ) is not None:
+        print(f"== {task} {variant.name} seed {seed}: its record in {_store(settings).directory}", flush=True)
+        return record
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
     stochastic = bl.get_method(variant.method).is_stochastic(bl.make_config(**options))
@@ -335,7 +385,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
             }
     record["wall_time_min"] = round((time.time() - started) / 60, 1)
     write_json_atomic(record_file, record)
-    record = _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
+    record = _finish(run_dir, record, settings, options)
     f = record["final"]
     print(
         f"== {task} {variant.name} seed {seed}: acc {f['accuracy']:.3f} ece {f['ece']:.3f} nll {f['nll']:.3f} "
@@ -676,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate", "ood_tasks")}
     settings["ood"] = {spec.partition("=")[0]: spec.partition("=")[2].split(",") for spec in args.ood_tasks}
     settings["root"] = str(args.out / "runs" / args.tag)
+    settings["store"] = str(args.out / "records" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]
 
@@ -688,9 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         settings=settings,
         summarize=lambda results: summarize(results, settings, variants),
         target_checks=target_checks,
-        finished=(lambda task, variant, seed, _: finished_run(settings["root"], task, variant, seed))
-        if args.tabulate
-        else None,
+        finished=stored_or_finished if args.tabulate else None,
     )
     return 0
 

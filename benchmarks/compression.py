@@ -32,7 +32,8 @@ against the 16-bit LoRA adapter file.
     python benchmarks/compression.py --suites minilm --seeds 1 --tag quick
 
 Writes ``benchmarks/results/compression/<tag>.json`` and ``<tag>.md``; runs go to
-``benchmarks/results/compression/runs/<tag>/`` (not committed). Finished runs are reused; a stopped run
+``benchmarks/results/compression/runs/<tag>/`` (not committed), each finished run's record also to
+``benchmarks/results/compression/records/<tag>/`` (committed; see ``calibration.py``). Finished runs are reused; a stopped run
 continues from its last end-of-epoch checkpoint; ``--tabulate`` makes the tables from the runs finished so
 far, training nothing.
 """
@@ -49,6 +50,7 @@ from typing import Any
 
 from _shared import (
     TABULATE_HELP,
+    RecordStore,
     Variant,
     finished_record,
     finished_run,
@@ -95,6 +97,31 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 
 
+def run_options(suite: str, task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``bayeslora.make_config`` options of the run of (suite, task, variant, seed)."""
+    spec = SUITES[suite]
+    return {
+        **spec["recipe"],
+        "model": spec["model"],
+        "task": task,
+        "method": variant.method,
+        "seed": seed,
+        "rank": settings["rank"],
+        "logging_steps": 20,
+        **variant.options,
+    }
+
+
+def stored_or_finished(suite: str, task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> tuple:
+    """(label, record or None) of a configuration for ``--tabulate``: its run's record, else the stored one."""
+    label, record = finished_run(settings["root"], task, variant, seed)
+    if record is None:
+        run_dir = run_directory(settings["root"], task, variant, seed)
+        options = run_options(suite, task, variant, seed, settings)
+        record = RecordStore(Path(settings["store"])).load(run_dir, variant, options, needs=["heldout"])
+    return label, record
+
+
 def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Train + evaluate one configuration (and export B-LoRA), or reuse its finished record."""
     import bayeslora as bl
@@ -106,18 +133,15 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
     run_dir = run_directory(settings["root"], task, variant, seed)
     record_file = run_dir / "benchmark.json"
     held = {"heldout_eval": spec["heldout"]}
-    options = {
-        **spec["recipe"],
-        "model": spec["model"],
-        "task": task,
-        "method": variant.method,
-        "seed": seed,
-        "rank": settings["rank"],
-        "logging_steps": 20,
-        **variant.options,
-    }
+    options = run_options(suite, task, variant, seed, settings)
+    store = RecordStore(Path(settings["store"]))
     if (record := finished_record(run_dir, variant, options=options)) is not None:
-        return with_heldout(record, run_dir, held)
+        record = with_heldout(record, run_dir, held)
+        store.save(run_dir, record, options)
+        return record
+    if (record := store.load(run_dir, variant, options, needs=["heldout"])) is not None:
+        print(f"== {task} {variant.name} seed {seed}: its record in {store.directory}", flush=True)
+        return record
     started = time.time()
     print(f"== {task} {variant.name} seed {seed}: started", flush=True)
     _, config, callbacks = prepare_run(options, run_dir)
@@ -154,6 +178,7 @@ def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[s
     record["wall_time_min"] = round((time.time() - started) / 60, 1)
     write_json_atomic(record_file, record)
     record = with_heldout(record, run_dir, held)
+    store.save(run_dir, record, options)
     print(
         f"== {task} {variant.name} seed {seed}: acc {record['accuracy']:.3f} adapter BOPs "
         f"{record['adapter_bops_ratio']}x ({record['wall_time_min']} min)",
@@ -359,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v) for v in args.variants]
     settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate")}
     settings["root"] = str(args.out / "runs" / args.tag)
+    settings["store"] = str(args.out / "records" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [
         (suite, task, variant, seed, settings)
@@ -378,9 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         settings=settings,
         summarize=lambda results: summarize(results, settings, variants),
         target_checks=target_checks,
-        finished=(lambda _, task, variant, seed, __: finished_run(settings["root"], task, variant, seed))
-        if args.tabulate
-        else None,
+        finished=stored_or_finished if args.tabulate else None,
     )
     return 0
 

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 import bayeslora as bl
 from _toy_models import write_word_task
 from bayeslora.io import read_json, write_json_atomic
+from bayeslora.models import ModelLoadError
 from bayeslora.runs import eval_dir
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -117,3 +118,49 @@ def test_the_calibration_benchmark_records_every_ensemble_member_and_combines_th
         assert combined[-1][key] == pytest.approx(final[key], abs=1e-6)
     assert ensemble_epochs(history[:3], 2, "probs") == combined[:1]  # an epoch not every member reached: left out
     assert combined[-1]["nll"] != ensemble_epochs(history, 2, "logits")[-1]["nll"]
+
+
+def test_a_stored_record_stands_for_its_run_only_when_the_run_would_be_made_the_same_way(tmp_path):
+    """The record store (committed with the results) lets a benchmark continue on another machine: a stored
+    record is used for a run only with the same variant, the same recipe, every OOD task and every later
+    evaluation present."""
+    from _shared import RUN_OPTIONS_KEY, RecordStore
+
+    store = RecordStore(tmp_path / "records" / "tag")
+    run = tmp_path / "elsewhere" / "arc-easy-melora-seed1"
+    variant = Variant("melora", "melora", {"sigma_lr": 0.05})
+    options = {"task": "arc-easy", "method": "melora", "seed": 1, "sigma_lr": 0.05, "output_dir": str(run)}
+    record = {"task": "arc-easy", "method": "melora", "options": {"sigma_lr": 0.05}, "seed": 1, "heldout": {},
+              "ood": {"obqa": {}}}  # fmt: skip
+    store.save(run, record, options)
+    assert store.path(run) == tmp_path / "records" / "tag" / "arc-easy-melora-seed1.json"
+    assert RUN_OPTIONS_KEY not in store.load(run, variant, options)
+    assert store.load(run, variant, options) == record
+    moved = tmp_path / "moved" / run.name  # the same run made under another root
+    assert store.load(moved, variant, {**options, "output_dir": str(moved)}) == record
+    assert store.load(run, variant, options, ood_tasks=["obqa"], needs=["heldout"]) == record
+    assert store.load(run, Variant("melora", "melora", {"sigma_lr": 0.005}), options) is None  # other variant
+    assert store.load(run, variant, {**options, "seed": 2}) is None  # another recipe
+    assert store.load(run, variant, options, ood_tasks=["arc-challenge"]) is None  # an OOD task not evaluated
+    assert store.load(run, variant, options, needs=["ts"]) is None  # temperature scaling not done yet
+    assert store.load(tmp_path / "other-run", variant, options) is None
+
+
+def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_again(tmp_path):
+    from _shared import RecordStore
+    from calibration import run_one, run_options, stored_or_finished
+
+    settings = dict(model="no-such-model", train_size=8, epochs=1, batch_size=4, lr=1e-2, limit=4, samples=2,
+                    rank=2, alpha=4.0, heldout_eval=4, ts_heldout=4, ood={"arc-easy": ["obqa"]},
+                    root=str(tmp_path / "runs"), store=str(tmp_path / "records"))  # fmt: skip
+    variant = Variant("lora", "lora", {})
+    run_dir = tmp_path / "runs" / "arc-easy-lora-seed1"
+    record = {"task": "arc-easy", "variant": "lora", "method": "lora", "options": {}, "seed": 1, "heldout": {},
+              "ts": {}, "ood": {"obqa": {}}}  # fmt: skip
+    assert stored_or_finished("arc-easy", variant, 1, settings) == ("arc-easy lora seed 1", None)
+    RecordStore(tmp_path / "records").save(run_dir, record, run_options("arc-easy", variant, 1, settings))
+    assert run_one("arc-easy", variant, 1, settings) == record  # training would fail: there is no such model
+    assert not run_dir.exists()
+    assert stored_or_finished("arc-easy", variant, 1, settings) == ("arc-easy lora seed 1", record)
+    with pytest.raises(ModelLoadError):  # with another recipe the record does not stand for the run: it trains
+        run_one("arc-easy", variant, 1, {**settings, "lr": 5e-3})

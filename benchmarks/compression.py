@@ -33,9 +33,9 @@ against the 16-bit LoRA adapter file.
 
 Writes ``benchmarks/results/compression/<tag>.json`` and ``<tag>.md``; runs go to
 ``benchmarks/results/compression/runs/<tag>/`` (not committed), each finished run's record also to
-``benchmarks/results/compression/records/<tag>/`` (committed; see ``calibration.py``). Finished runs are reused; a stopped run
-continues from its last end-of-epoch checkpoint; ``--tabulate`` makes the tables from the runs finished so
-far, training nothing.
+``benchmarks/results/compression/records/<tag>/`` (committed; see ``calibration.py``). Finished runs are reused;
+a stopped run continues from its last end-of-epoch checkpoint; ``--tabulate`` makes the tables from the runs
+finished so far, training nothing.
 """
 
 from __future__ import annotations

@@ -234,4 +234,4 @@ def test_every_option_is_declared_once_in_a_section_or_a_group_that_a_method_use
     assert used == set(OPTION_GROUP_USERS)
     for group, (options, _) in OPTION_GROUPS.items():
         assert set(options) == {f.name for f in fields if f.metadata.get("group") == group}
-    assert sum(len(options) for options, _ in OPTION_GROUPS.values()) == 37
+    assert sum(len(options) for options, _ in OPTION_GROUPS.values()) == 38

@@ -427,6 +427,44 @@ def test_gate_cost_counts_nested_open_gates():
     assert float(expected_cost(model, "gates")) == pytest.approx(1 - 3 / 12, abs=1e-4)  # all 3 rank gates
 
 
+def test_a_gate_budget_penalises_only_the_expected_cost_above_it():
+    """--gate-budget b: λ·max(0, E[cost]/reference − b), whose gradient above b is the plain penalty's."""
+    from bayeslora.methods.blora import GatePenalty
+
+    model = blora(BLoraConfig(r=4, target_modules=["q", "v"], max_bits=16))
+    ratio = float(expected_cost(model, "bops").detach())
+    assert 0.2 < ratio < 1.0  # the initial gates: most on, not surely
+    plain = GatePenalty(0.5)(model, None).terms["gate_cost"]
+    plain_grads = torch.autograd.grad(plain, gate_parameters(model))
+    below = GatePenalty(0.5, budget=ratio - 0.1)(model, None).terms["gate_cost"]
+    assert float(below) == pytest.approx(0.5 * 0.1, rel=1e-4)
+    for ours, expected in zip(torch.autograd.grad(below, gate_parameters(model)), plain_grads, strict=True):
+        torch.testing.assert_close(ours, expected)
+    above = GatePenalty(0.5, budget=ratio + 0.1)(model, None)
+    assert float(above.terms["gate_cost"]) == 0.0 and above.logs["expected_bops_ratio"] == pytest.approx(ratio)
+    with pytest.raises(ValueError, match="budget"):
+        GatePenalty(0.5, budget=0.0)
+
+
+def test_gates_pushed_by_a_budgeted_penalty_alone_settle_at_the_budget():
+    """With no data to keep them on, a plain penalty closes the gates as far as it can; a budget stops them about
+    where the expected cost meets it (Adam on the gate logits, as in training; its momentum carries them a little
+    past the budget, and further at larger learning rates, where in training the data pushes back)."""
+    from bayeslora.methods.blora import GatePenalty
+
+    def train(penalty: GatePenalty) -> float:
+        model = blora(BLoraConfig(r=8, target_modules=["q", "v"], max_bits=16))
+        optimizer = torch.optim.Adam(gate_parameters(model), lr=0.01)
+        for _ in range(400):
+            optimizer.zero_grad()
+            penalty(model, None).terms["gate_cost"].backward()  # zero gradients below the budget, as in training
+            optimizer.step()
+        return float(expected_cost(model, "bops"))
+
+    assert train(GatePenalty(1.0)) < 0.1
+    assert train(GatePenalty(1.0, budget=0.3)) == pytest.approx(0.3, abs=0.05)
+
+
 def test_gate_schedule_phases_and_range_calibration():
     schedule = GateSchedule(warmup=0.2, fix=0.1)
     assert [schedule.phase_at(step, 10) for step in range(10)] == ["open"] * 2 + ["sample"] * 7 + ["fixed"]

@@ -231,6 +231,14 @@ class RunConfig:
         group="gates",
         check=">= 0",
     )
+    gate_budget: float | None = _opt(
+        None,
+        "Penalise the gates' expected cost only above this fraction of the 16-bit LoRA's: λ·max(0, E[cost]/reference "
+        "− budget) (default: no budget, λ·E[cost]/reference). The gates then compress to the budget and no further, "
+        "whatever λ and the task; 0.25 leaves room under a 0.3x target.",
+        group="gates",
+        check="> 0",
+    )
     gate_cost: str = _opt(
         "bops",
         "What a gate costs: bops (its expected bit operations) or gates (1 per gate).",

@@ -3,7 +3,8 @@ tuner: :mod:`bayeslora.tuners.blora`). In the transformers Trainer: the gates' p
 schedule (a callback).
 
 * Penalty: ``λ · E[cost] / cost of the reference``, the prior that favours switching gates off, with
-  nested probabilities (a gate counts only together with every gate below it):
+  nested probabilities (a gate counts only together with every gate below it); with ``--gate-budget b`` only the
+  excess over the budget, ``λ · max(0, E[cost] / reference − b)``:
   - ``bops`` (default): the expected bit operations of the adapter path (and of the base path when it is
     quantized), relative to the 16-bit LoRA of the same rank (see :mod:`bayeslora.bops`); gates that cost
     more bit operations cost more.
@@ -120,16 +121,25 @@ def structure_summary(model: nn.Module) -> dict[str, float]:
 
 
 class GatePenalty:
-    """The extra loss ``λ·E[cost]/reference`` (an :data:`~bayeslora.training.ExtraLoss`). In the open and
-    fixed phases it is only logged: the gates are not in play then."""
+    """The extra loss ``λ·E[cost]/reference``, or with a ``budget`` ``λ·max(0, E[cost]/reference − budget)`` (an
+    :data:`~bayeslora.training.ExtraLoss`). In the open and fixed phases it is only logged: the gates are not in
+    play then.
 
-    def __init__(self, weight: float, cost: str = "bops") -> None:
+    A budget makes the prior a constraint rather than a price: above it every gate is pushed towards off in
+    proportion to what it costs, below it only the data moves the gates, so the structure settles where the
+    expected cost meets the budget and the gates the data needs most are the ones that stay on (a fixed price
+    compresses as far as the data's gradients are weak, which differs from task to task and model to model)."""
+
+    def __init__(self, weight: float, cost: str = "bops", budget: float | None = None) -> None:
         if weight < 0:
             raise ValueError(f"the gate penalty weight must be >= 0, got {weight}")
         if cost not in GATE_COSTS:
             raise ValueError(f"unknown gate cost '{cost}': {', '.join(GATE_COSTS)}")
+        if budget is not None and budget <= 0:
+            raise ValueError(f"the gate budget must be > 0 (a fraction of the reference cost), got {budget}")
         self.weight = weight
         self.cost = cost
+        self.budget = budget
 
     def __call__(self, model: nn.Module, trainer) -> LossTerms:
         ratio = expected_cost(model, self.cost)
@@ -138,7 +148,8 @@ class GatePenalty:
         logs = {f"expected_{self.cost}_ratio": float(ratio.detach()), **structure_summary(model)}
         if phase != "sample":
             return LossTerms(logs=logs)
-        return LossTerms(terms={"gate_cost": self.weight * ratio}, logs=logs)
+        excess = ratio if self.budget is None else (ratio - self.budget).clamp(min=0)
+        return LossTerms(terms={"gate_cost": self.weight * excess}, logs=logs)
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -320,7 +331,7 @@ class BLora(Method):
             warn_if_gates_cannot_close(schedule, steps, gate_lr, initial_logit, config.gate_temperature)
         extras = variational_extras(model, config, n_train) if config.bayesian_core else TrainingExtras()
         return extras + TrainingExtras(
-            losses=[GatePenalty(config.gate_lambda, config.gate_cost)],
+            losses=[GatePenalty(config.gate_lambda, config.gate_cost, config.gate_budget)],
             callbacks=[schedule],
             special_lrs=[(gate_parameters(model), gate_lr)],
         )

@@ -233,9 +233,9 @@ class RunConfig:
     )
     gate_budget: float | None = _opt(
         None,
-        "Penalise the gates' expected cost only above this fraction of the 16-bit LoRA's: λ·max(0, E[cost]/reference "
-        "− budget) (default: no budget, λ·E[cost]/reference). The gates then compress to the budget and no further, "
-        "whatever λ and the task; 0.25 leaves room under a 0.3x target.",
+        "Apply the gates' penalty only while the structure as evaluated (every gate decided) costs more than this "
+        "fraction of the 16-bit LoRA's (default: always): the adapter then compresses to about the budget, whatever "
+        "λ and the task.",
         group="gates",
         check="> 0",
     )

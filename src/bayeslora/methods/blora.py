@@ -3,8 +3,8 @@ tuner: :mod:`bayeslora.tuners.blora`). In the transformers Trainer: the gates' p
 schedule (a callback).
 
 * Penalty: ``λ · E[cost] / cost of the reference``, the prior that favours switching gates off, with
-  nested probabilities (a gate counts only together with every gate below it); with ``--gate-budget b`` only the
-  excess over the budget, ``λ · max(0, E[cost] / reference − b)``:
+  nested probabilities (a gate counts only together with every gate below it); with ``--gate-budget b`` only
+  while the structure as evaluated (every gate decided) costs more than ``b`` of the reference:
   - ``bops`` (default): the expected bit operations of the adapter path (and of the base path when it is
     quantized), relative to the 16-bit LoRA of the same rank (see :mod:`bayeslora.bops`); gates that cost
     more bit operations cost more.
@@ -106,6 +106,55 @@ def expected_cost(model: nn.Module, cost: str = "bops") -> Tensor:
     return sum(t for t, _ in terms) / sum(ref for _, ref in terms)
 
 
+def structure_bops(layer: BLoraLayer, adapter: str) -> tuple[float, float]:
+    """``(BOPs, reference BOPs)`` per token of one layer as it is evaluated and exported (deterministic gates; the
+    base path included when this adapter quantizes it): what :func:`expected_bops` is the expectation of."""
+    structure = layer.adapter_structure(adapter)
+    n, m = layer.in_features, layer.out_features
+    x_bits = structure.bits.get("x", DEFAULT_BITS)
+    cost = adapter_bops(
+        n,
+        m,
+        structure.rank,
+        structure.bits["A"],
+        structure.bits["B"],
+        middle_bits=structure.middle_bits,
+        core=structure.core,
+        activation_bits=x_bits,
+    )
+    reference = reference_adapter_bops(n, m, layer.r[adapter])
+    if layer.quantize_base[adapter]:
+        cost += base_bops(n, m, structure.bits["W"], x_bits)
+        reference += base_bops(n, m)
+    return float(cost), float(reference)
+
+
+@torch.no_grad()
+def structure_cost(model: nn.Module, cost: str = "bops") -> float:
+    """The cost of the structure the adapter is evaluated and exported with (every gate decided: on when
+    P(z = 0) < 0.34) relative to the reference, the deterministic counterpart of :func:`expected_cost`: bit
+    operations (``bops``) or gates on, each counted only with every gate below it on (``gates``)."""
+    from ..tuners.blora.gates import deterministic_gates, prefix_length
+
+    if cost not in GATE_COSTS:
+        raise ValueError(f"unknown gate cost '{cost}': {', '.join(GATE_COSTS)}")
+    pairs = _active(model)
+    if not pairs:
+        raise ValueError("the model has no B-LoRA layers")
+    if cost == "bops":
+        terms = [structure_bops(layer, adapter) for layer, adapter in pairs]
+        return sum(t for t, _ in terms) / sum(ref for _, ref in terms)
+    on = total = 0
+    for layer, adapter in pairs:
+        chains = [layer.blora_rank[adapter]] + [
+            getattr(layer, f"blora_{t}_bits")[adapter] for t in layer.quantized_tensors(adapter)
+        ]
+        for chain in chains:
+            on += prefix_length(deterministic_gates(chain, layer.gate_temperature[adapter]))
+            total += chain.numel()
+    return on / total
+
+
 @torch.no_grad()
 def structure_summary(model: nn.Module) -> dict[str, float]:
     """Mean learned rank and bits of the evaluation-time structure, and the expected-BOPs ratio."""
@@ -121,14 +170,16 @@ def structure_summary(model: nn.Module) -> dict[str, float]:
 
 
 class GatePenalty:
-    """The extra loss ``λ·E[cost]/reference``, or with a ``budget`` ``λ·max(0, E[cost]/reference − budget)`` (an
-    :data:`~bayeslora.training.ExtraLoss`). In the open and fixed phases it is only logged: the gates are not in
-    play then.
+    """The extra loss ``λ·E[cost]/reference`` (an :data:`~bayeslora.training.ExtraLoss`), the prior that favours
+    switching gates off. In the open and fixed phases it is only logged: the gates are not in play then.
 
-    A budget makes the prior a constraint rather than a price: above it every gate is pushed towards off in
-    proportion to what it costs, below it only the data moves the gates, so the structure settles where the
-    expected cost meets the budget and the gates the data needs most are the ones that stay on (a fixed price
-    compresses as far as the data's gradients are weak, which differs from task to task and model to model)."""
+    With a ``budget`` the prior is a constraint rather than a price: the penalty applies only while the structure
+    the adapter would be evaluated and exported with (:func:`structure_cost`) costs more than ``budget`` of the
+    reference. Above the budget every gate is pushed towards off in proportion to what it costs; within it only
+    the data moves the gates. A fixed price compresses as far as the task's gradients are weak, which differs
+    from task to task and model to model; a budget compresses each to about the budget. The decided structure,
+    not the expectation, is what is held to it: gates that hover between on and off count in the expectation
+    but are off when decided, so an expected cost at the budget leaves a structure well under it."""
 
     def __init__(self, weight: float, cost: str = "bops", budget: float | None = None) -> None:
         if weight < 0:
@@ -148,8 +199,12 @@ class GatePenalty:
         logs = {f"expected_{self.cost}_ratio": float(ratio.detach()), **structure_summary(model)}
         if phase != "sample":
             return LossTerms(logs=logs)
-        excess = ratio if self.budget is None else (ratio - self.budget).clamp(min=0)
-        return LossTerms(terms={"gate_cost": self.weight * excess}, logs=logs)
+        weight = self.weight
+        if self.budget is not None:
+            decided = structure_cost(model, self.cost)
+            logs[f"structure_{self.cost}_ratio"] = decided
+            weight = weight if decided > self.budget else 0.0  # the term stays in the graph: the same on every process
+        return LossTerms(terms={"gate_cost": weight * ratio}, logs=logs)
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -140,16 +140,19 @@ def timings(rounds: int, repeats: int = 3) -> dict[str, Any]:
     return {"rounds": rounds, "base_dtype": dtype, "samples": SAMPLES, "eval_questions": EVAL_QUESTIONS, "rows": rows}
 
 
-def quality(root: Path, tasks: list[str]) -> list[dict[str, Any]]:
-    """Accuracy, ECE and NLL (in distribution and on each OOD task) of the calibration benchmark's runs."""
+def quality(root: Path, store: Path, tasks: list[str]) -> list[dict[str, Any]]:
+    """Accuracy, ECE and NLL (in distribution and on each OOD task) of the calibration benchmark's runs under
+    ``root``, or of their records in the record store ``store`` for runs that are not on this machine."""
     rows = []
     for task in tasks:
         for spec in SPECS:
-            for run in sorted(root.glob(f"{task}-{variant_name(spec)}-seed*")):
-                record_file = run / "benchmark.json"
-                if not record_file.is_file():
-                    continue
-                record = read_json(record_file)
+            pattern = f"{task}-{variant_name(spec)}-seed*"
+            records = {path.stem: path for path in store.glob(pattern + ".json")}
+            records.update(
+                {run.name: run / "benchmark.json" for run in root.glob(pattern) if (run / "benchmark.json").is_file()}
+            )
+            for name in sorted(records):
+                record = read_json(records[name])
                 final = record["final"]
                 row = {
                     "task": task,
@@ -164,7 +167,7 @@ def quality(root: Path, tasks: list[str]) -> list[dict[str, Any]]:
                         name: {
                             k: ood[k] for k in ("accuracy", "ece", "nll", "auroc_entropy", "auroc_mutual_information")
                         }
-                        for name, ood in (final.get("ood") or {}).items()
+                        for name, ood in (record.get("ood") or {}).items()
                     },
                 }
                 rows.append(row)
@@ -346,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             "the runs: python benchmarks/calibration.py --tag sampling --tasks arc-easy obqa --seeds 1 "
             f"--ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics --variants {variants}"
         )
-        result["quality"] = quality(args.out / "calibration" / "runs" / "sampling", args.tasks)
+        calibration = args.out / "calibration"
+        result["quality"] = quality(calibration / "runs" / "sampling", calibration / "records" / "sampling", args.tasks)
     if args.prediction_only:
         evaluations = args.out / "calibration" / "runs" / "sampling-prediction-only"
         result["prediction_only"] = prediction_only(args.prediction_only, evaluations)

@@ -47,3 +47,27 @@ def test_prediction_only_compares_each_k_with_sampling_every_layer(tiny_llama_di
     (top / "config.yaml").write_text(config.replace("bayesian_layers: all", "bayesian_layers: last:1"))
     with pytest.raises(ValueError, match="posterior in every layer"):
         sampling.prediction_only([top], tmp_path / "evaluations")
+
+
+def test_the_quality_table_reads_runs_and_stored_records_with_their_out_of_distribution_rows(tmp_path):
+    """--quality tabulates the calibration runs on this machine and, for runs that are not, their stored records;
+    the OOD rows come from the record's ``ood`` entry."""
+    from bayeslora.io import write_json_atomic
+
+    def record(seed: int, accuracy: float) -> dict:
+        metrics = {"accuracy": accuracy, "ece": 0.1, "nll": 1.0, "brier": 0.5}
+        ood = {"arc-challenge": {**metrics, "auroc_entropy": 0.6, "auroc_mutual_information": 0.7}}
+        return {"seed": seed, "final": metrics, "ood": ood, "eval_time_s": 3.0, "step_time_s": 1.0}
+
+    root, store = tmp_path / "runs", tmp_path / "records"
+    write_json_atomic(root / "obqa-melora-last1-seed1" / "benchmark.json", record(1, 0.4))
+    write_json_atomic(store / "obqa-melora-last1-seed1.json", record(1, 0.1))  # the run on this machine wins
+    write_json_atomic(store / "obqa-melora-last1-seed2.json", record(2, 0.5))
+    write_json_atomic(store / "obqa-melora-last2-seed1.json", record(1, 0.3))
+    rows = sampling.quality(root, store, ["obqa"])
+    assert [(r["bayesian_layers"], r["seed"], r["accuracy"]) for r in rows] == [
+        ("last:1", 1, 0.4),
+        ("last:1", 2, 0.5),
+        ("last:2", 1, 0.3),
+    ]
+    assert rows[0]["ood"]["arc-challenge"]["auroc_mutual_information"] == 0.7

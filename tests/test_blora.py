@@ -449,26 +449,46 @@ def test_the_decided_structure_costs_what_the_bit_operation_report_counts(quanti
     assert structure_cost(model, "gates") == pytest.approx(float(expected_cost(model, "gates")), rel=1e-4)
 
 
-def test_a_gate_budget_applies_the_penalty_only_while_the_decided_structure_exceeds_it():
-    """--gate-budget b: the plain penalty λ·E[cost]/reference (its gradient too) while the structure as evaluated
-    costs more than b of the reference; nothing once it is within b."""
-    from bayeslora.methods.blora import GatePenalty, structure_cost
+def test_under_a_budget_the_penalty_weight_is_learned_by_dual_ascent_and_survives_a_checkpoint(tmp_path):
+    """--gate-budget b: λ·E[cost]/reference with λ from the GateMultiplier, λ_{t+1} = max(0, λ_t + η·(c_t − b)) for
+    the decided structure's cost c_t after each step of the gate phase (none in the open phase); saved into a
+    checkpoint and read back at the first step of a run resumed from it."""
+    from types import SimpleNamespace
+
+    from bayeslora.methods.blora import GateMultiplier, GatePenalty, structure_cost
 
     model = blora(BLoraConfig(r=4, target_modules=["q", "v"], max_bits=16))
     decided = structure_cost(model)
     assert decided > 0.9  # the initial gates: all on
-    plain = GatePenalty(0.5)(model, None).terms["gate_cost"]
-    plain_grads = torch.autograd.grad(plain, gate_parameters(model))
-    over = GatePenalty(0.5, budget=decided - 0.1)(model, None)
-    torch.testing.assert_close(over.terms["gate_cost"], plain)
-    over_grads = torch.autograd.grad(over.terms["gate_cost"], gate_parameters(model))
-    for ours, expected in zip(over_grads, plain_grads, strict=True):
-        torch.testing.assert_close(ours, expected)
-    within = GatePenalty(0.5, budget=decided + 0.01)(model, None)
-    assert float(within.terms["gate_cost"]) == 0.0 and within.logs["structure_bops_ratio"] == pytest.approx(decided)
-    assert all(not g.any() for g in torch.autograd.grad(within.terms["gate_cost"], gate_parameters(model)))
+    multiplier = GateMultiplier(budget=0.25, rate=0.1)
+    penalty = GatePenalty(0.5, multiplier=multiplier)
+    assert float(penalty(model, None).terms["gate_cost"]) == 0.0  # λ_0 = 0
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=1, is_world_process_zero=True)
+    multiplier.on_step_end(args, state, None, model=model)
+    assert multiplier.value == pytest.approx(0.1 * (decided - 0.25))
+    terms = penalty(model, None)
+    torch.testing.assert_close(terms.terms["gate_cost"], multiplier.value * expected_cost(model, "bops"))
+    assert terms.logs["gate_multiplier"] == multiplier.value
+    assert terms.logs["structure_bops_ratio"] == pytest.approx(decided)
+    within = GateMultiplier(budget=2.0, rate=0.1)
+    within.value = 0.01
+    within.on_step_end(args, state, None, model=model)
+    assert within.value == 0.0  # never below 0
+    model.base_model.set_gate_phase("open")
+    multiplier.on_step_end(args, state, None, model=model)
+    assert multiplier.value == pytest.approx(0.1 * (decided - 0.25))  # the gates are not in play: unchanged
+
+    (tmp_path / "checkpoint-1").mkdir()
+    multiplier.on_save(args, state, None)
+    resumed = GateMultiplier(budget=0.25, rate=0.1)
+    resumed.on_step_begin(args, state, None)
+    assert resumed.value == multiplier.value
+    fresh = GateMultiplier(budget=0.25, rate=0.1)
+    fresh.on_step_begin(args, SimpleNamespace(global_step=0), None)
+    assert fresh.value == 0.0
     with pytest.raises(ValueError, match="budget"):
-        GatePenalty(0.5, budget=0.0)
+        GateMultiplier(budget=0.0, rate=0.1)
 
 
 def test_gate_schedule_phases_and_range_calibration():

@@ -33,13 +33,14 @@ bl.train(callbacks=[Slow()], progress=False, **OPTIONS)
 """
 
 
-@pytest.fixture()
-def options(tiny_llama_dir, tmp_path):
+@pytest.fixture(params=[{}, {"gate_budget": 0.5}], ids=["gates", "gate-budget"])
+def options(tiny_llama_dir, tmp_path, request):
+    """B-LoRA with a Bayesian core; with a gate budget also the penalty's learned multiplier is training state."""
     task = write_word_task(tmp_path / "toy.jsonl", 8)
     return dict(
         model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], method="blora", bayesian_core=True,
         rank=2, max_steps=8, batch_size=2, lr=1e-2, save_steps=2, gate_warmup=0.25, gate_fix=0.25,
-        logging_steps=1, samples=3, seed=5,
+        logging_steps=1, samples=3, seed=5, **request.param,
     )  # fmt: skip
 
 

@@ -173,8 +173,35 @@ def finished_record(
     return record
 
 
-#: The key under which a stored record keeps the options its run was trained with.
+#: The keys under which a stored record keeps the options its run was trained with, and its whole configuration.
 RUN_OPTIONS_KEY = "run_options"
+RUN_CONFIG_KEY = "run_config"
+#: Configuration entries a stored record is not held to: where and how a run is kept, and what is resolved only with
+#: the model and task loaded (the options that decide them are compared).
+NOT_COMPARED = ("output_dir", "overwrite", "resume", "target_modules", "scoring", "eval_tasks")
+
+
+def resolved_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of the run ``options`` describe as the code resolves it now (defaults and the method's own
+    resolution included), JSON-normalised: what a stored record's configuration is compared with."""
+    import dataclasses
+
+    import bayeslora as bl
+
+    config = bl.get_method(options["method"]).resolve(bl.make_config(**options))
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def changed_defaults(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The options whose value in a stored run's configuration differs from what the run would be made with now
+    (``key: old -> new``). An option the stored configuration lacks (added to the code later) counts as None
+    there, its value before it existed: a new option whose default is not None makes older records stale, which
+    errs towards training again."""
+    return [
+        f"{key}: {stored.get(key)!r} -> {value!r}"
+        for key, value in now.items()
+        if key not in NOT_COMPARED and json.loads(json.dumps(stored.get(key))) != value
+    ]
 
 
 @dataclass(frozen=True)
@@ -185,8 +212,11 @@ class RecordStore:
     tables are made from (per-question predictions included), travels with the code.
 
     A stored record stands for its run only if the run would be made the same way now: the same method and
-    variant options, the same ``bayeslora.make_config`` options (the recipe), every out-of-distribution task
-    evaluated, and every key in ``needs`` (``heldout``, ``ts``: the evaluations added after training) present."""
+    variant options, the same ``bayeslora.make_config`` options (the recipe), the same value of every option the
+    code resolves them to (a changed default makes a record stale: :func:`changed_defaults`), every
+    out-of-distribution task evaluated, and every key in ``needs`` (``heldout``, ``ts``: the evaluations added
+    after training) present. What the code does with the same options is not checked: a record made before a
+    change of behaviour is deleted from the store by whoever changes it."""
 
     directory: Path
 
@@ -194,9 +224,17 @@ class RecordStore:
         return self.directory / f"{Path(run_dir).name}.json"
 
     def save(self, run_dir: Path, record: dict[str, Any], options: dict[str, Any]) -> None:
-        """Keep ``record`` of the run at ``run_dir`` (trained with ``options``), replacing an earlier copy."""
+        """Keep ``record`` of the run at ``run_dir`` (trained with ``options``), replacing an earlier copy, with the
+        run's whole configuration: its ``config.yaml`` where it has one (what it was trained with), else the
+        options as the code resolves them now."""
+        from bayeslora.io import read_yaml
+        from bayeslora.runs import CONFIG_FILE
+
         recipe = _without_location(json.loads(json.dumps(options)))
-        write_json_atomic(self.path(run_dir), {**record, RUN_OPTIONS_KEY: recipe})
+        config_file = Path(run_dir) / CONFIG_FILE
+        config = read_yaml(config_file) if config_file.is_file() else resolved_options(options)
+        config = {key: value for key, value in json.loads(json.dumps(config)).items() if key not in NOT_COMPARED}
+        write_json_atomic(self.path(run_dir), {**record, RUN_OPTIONS_KEY: recipe, RUN_CONFIG_KEY: config})
 
     def load(
         self,
@@ -213,10 +251,13 @@ class RecordStore:
             return None
         stored = read_json(path)
         recipe = stored.pop(RUN_OPTIONS_KEY, None)
+        config = stored.pop(RUN_CONFIG_KEY, None)
         if stored.get("method") != variant.method or stored.get("options", {}) != variant.options:
             why = f"made with other options than '{variant.name}' has now"
         elif recipe != _without_location(json.loads(json.dumps(options))):
             why = "trained with another recipe than the benchmark's now"
+        elif config is not None and (changed := changed_defaults(config, resolved_options(options))):
+            why = f"made with other defaults than the code has now ({'; '.join(changed)})"
         elif missing := sorted(task_names(ood_tasks) - set(stored.get("ood", {}))):
             why = f"without the evaluation on {', '.join(missing)}"
         elif missing := [key for key in needs if key not in stored]:

@@ -146,6 +146,32 @@ def test_a_stored_record_stands_for_its_run_only_when_the_run_would_be_made_the_
     assert store.load(tmp_path / "other-run", variant, options) is None
 
 
+def test_a_stored_record_made_with_other_defaults_does_not_stand_for_its_run(tmp_path, capsys):
+    """A record keeps its run's whole configuration: when a default changes, the same options no longer make the
+    same run. An option added to the code later counts as None in older records."""
+    from _shared import RUN_CONFIG_KEY, RecordStore, resolved_options
+
+    store = RecordStore(tmp_path)
+    run = tmp_path / "runs" / "sst2-blora-seed1"
+    variant = Variant("blora", "blora", {})
+    options = {"task": "sst2", "method": "blora", "seed": 1}
+    store.save(run, {"method": "blora", "options": {}}, options)
+    saved = read_json(store.path(run))
+    assert saved[RUN_CONFIG_KEY]["gate_lambda"] == resolved_options(options)["gate_lambda"]
+    assert "output_dir" not in saved[RUN_CONFIG_KEY]
+    assert store.load(run, variant, options) is not None
+
+    older = {key: value for key, value in saved[RUN_CONFIG_KEY].items() if key != "gate_budget"}  # before it existed
+    write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: older})
+    assert store.load(run, variant, options) is not None  # its default, None, is how runs were made before
+    write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: {**older, "gate_lambda": 0.5}})
+    assert store.load(run, variant, options) is None  # the default has changed since
+    assert "gate_lambda: 0.5 -> " in capsys.readouterr().out
+    without = {key: value for key, value in older.items() if key != "gate_cost"}  # an option with a non-None default
+    write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: without})
+    assert store.load(run, variant, options) is None
+
+
 def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_again(tmp_path):
     from _shared import RecordStore
     from calibration import run_one, run_options, stored_or_finished

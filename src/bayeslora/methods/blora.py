@@ -4,8 +4,7 @@ schedule (a callback).
 
 * Penalty: ``λ · E[cost] / cost of the reference``, the prior that favours switching gates off, with
   nested probabilities (a gate counts only together with every gate below it); with ``--gate-budget b`` λ is
-  learned by dual ascent on "the structure as evaluated costs at most ``b`` of the reference"
-  (:class:`GateMultiplier`):
+  learned by dual ascent on "the expected cost is at most ``b`` of the reference" (:class:`GateMultiplier`):
   - ``bops`` (default): the expected bit operations of the adapter path (and of the base path when it is
     quantized), relative to the 16-bit LoRA of the same rank (see :mod:`bayeslora.bops`); gates that cost
     more bit operations cost more.
@@ -208,15 +207,18 @@ MULTIPLIER_PACE = 4.0
 
 class GateMultiplier(TrainerCallback):
     """The weight λ of the gates' penalty under a budget b (``--gate-budget``), learned by dual ascent on the
-    constraint "the structure as evaluated costs at most b of the reference":
+    constraint "the expected cost is at most b of the reference":
 
-        λ_{t+1} = max(0, λ_t + η·(c_t − b)),   λ_0 = 0,   η = pace · λ_scale / n
+        λ_{t+1} = max(0, λ_t + η·(E[c]_t − b)),   λ_0 = 0,   η = pace · λ_scale / n
 
-    with c_t the cost of the decided structure (:func:`structure_cost`) after optimizer step t of the gate phase,
-    n that phase's steps and λ_scale ``--gate-lambda``. A fixed λ makes every gate the data does not hold on fall at
-    Adam's full rate, together, far past any budget (SST-2: a structure of 0.67x fell to 0.07x in 20 steps); a λ
-    that rises from 0 while the structure is over budget closes first the gates the data holds least, and falls
-    again once it is within, letting the data reopen the gates it needs. λ is saved in every checkpoint and restored
+    with E[c]_t the expected cost (:func:`expected_cost`) after optimizer step t of the gate phase, n that phase's
+    steps and λ_scale ``--gate-lambda``. Under Adam a gate the data does not hold on falls at the full gate learning
+    rate once λ outweighs the data's pull, so a λ larger than needed makes the gates fall together, far past any
+    budget; a λ that rises from 0 stops rising as soon as the expected cost comes down to the budget. The
+    expectation answers at once to the gates' logits, where the decided structure moves only once a gate crosses
+    its threshold (a multiplier driven by the decided structure kept rising for the 20-40 steps the gates took to
+    cross, then the structure fell far below the budget). The decided structure sits at or below the expectation
+    (gates between on and off count in it, and are off once decided). λ is saved in every checkpoint and restored
     when a run resumes from one."""
 
     FILE = "gate_multiplier.json"
@@ -242,7 +244,9 @@ class GateMultiplier(TrainerCallback):
         tuner = blora_tuner(model)
         if tuner is None or tuner.bayesian_layers()[0].phase != "sample":
             return
-        self.value = max(0.0, self.value + self.rate * (structure_cost(model, self.cost) - self.budget))
+        with torch.no_grad():
+            excess = float(expected_cost(model, self.cost)) - self.budget
+        self.value = max(0.0, self.value + self.rate * excess)
 
     def on_save(self, args, state, control, **kwargs) -> None:
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -181,6 +181,26 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
     return record
 
 
+#: Methods whose adapters can carry a posterior: a record of theirs keeps its width (``bayeslora posterior``).
+POSTERIOR_METHODS = ("melora", "blob", "blora")
+
+
+def _with_posterior_width(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The record with its run's posterior width per module kind (``bayeslora posterior``: the median over the
+    kind's Bayesian layers of the noise against the mean update and against W0, σ / |M|, mean σ), computed once
+    and stored in the run's ``benchmark.json``; none for a method without a posterior."""
+    from bayeslora.io import write_json_atomic
+    from bayeslora.pipeline.common import load_run
+    from bayeslora.reporting.posterior import posterior_widths, summarize_widths
+
+    if "posterior_width" in record or record.get("method") not in POSTERIOR_METHODS:
+        return record
+    loaded = load_run(run_dir, progress=False)
+    record = {**record, "posterior_width": summarize_widths(posterior_widths(loaded.model))}
+    write_json_atomic(run_dir / "benchmark.json", record)
+    return record
+
+
 def _rounded(probs) -> list[list[float]]:
     """Per-question probabilities as lists, to 6 decimals (what the results file keeps)."""
     return [[round(float(p), 6) for p in row] for row in probs.tolist()]
@@ -309,6 +329,7 @@ def _finish(run_dir: Path, record: dict[str, Any], settings: dict[str, Any], opt
     from bayeslora.io import read_json
 
     record = _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
+    record = _with_posterior_width(record, run_dir)
     recorded = run_dir / OPTIONS_FILE
     _store(settings).save(run_dir, record, read_json(recorded) if recorded.is_file() else options)
     return record
@@ -534,6 +555,36 @@ def ood_section(results: list[dict[str, Any]], keys: list[tuple[str, str]]) -> l
     ]
 
 
+def posterior_width_section(results: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[str]:
+    """Markdown: per task, variant and module kind the posterior width of its runs (seed means of the median over
+    the kind's layers), measured on ΔW so that no rescaling of the factors changes it."""
+    lines = []
+    for task, name in keys:
+        rows = [r for r in results if (r["task"], r["variant"]) == (task, name) and r.get("posterior_width")]
+        for module in dict.fromkeys(w["module"] for r in rows for w in r["posterior_width"]):
+            widths = [w for r in rows for w in r["posterior_width"] if w["module"] == module]
+
+            def cell(key: str, widths: list[dict[str, Any]] = widths) -> str:
+                values = [w[key] for w in widths if w.get(key) is not None]
+                return mean_std(values, digits=3) if values else "–"
+
+            lines.append(
+                f"| {task} | {name} | {module} | {widths[0]['layers']} | {cell('noise_to_mean')} | "
+                f"{cell('noise_to_base')} | {cell('sigma_to_mean')} | {cell('sigma_mean')} |"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        "Posterior width (`bayeslora posterior`; per module kind the median over its Bayesian layers, seed means): the "
+        "noise √E‖ΔW − E ΔW‖²_F against the mean update ‖E ΔW‖_F and against ‖W0‖_F, and σ / |M| per random entry:",
+        "",
+        "| task | variant | module | layers | noise / mean update | noise / W0 | median σ / |M| | mean σ |",
+        "|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
 def selective_section(results: list[dict[str, Any]], keys: list[tuple[str, str]]) -> list[str]:
     """Markdown: selective prediction on the training task's evaluation (seed means)."""
     lines = []
@@ -628,6 +679,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
     lines += intervals_section(results, settings.get("pairs", []))
     lines += ood_section(results, keys)
     lines += selective_section(results, keys)
+    lines += posterior_width_section(results, keys)
     sampled = [k for k in keys if any("by_samples" in r for r in results if (r["task"], r["variant"]) == k)]
     if sampled:
         lines += ["", "ECE % by number of posterior samples averaged (seed means):", ""]
@@ -720,10 +772,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with cores / jobs threads).")
     parser.add_argument("--tabulate", action="store_true", help=TABULATE_HELP)
     parser.add_argument("--tag", default="default")
+    parser.add_argument(
+        "--table", default=None, help="Name of the results files (<table>.json, .md; default: the tag's)."
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
-    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate", "ood_tasks")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate", "ood_tasks", "table")}
     settings["ood"] = {spec.partition("=")[0]: spec.partition("=")[2].split(",") for spec in args.ood_tasks}
     settings["root"] = str(args.out / "runs" / args.tag)
     settings["store"] = str(args.out / "records" / args.tag)
@@ -735,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         [(*configuration, settings) for configuration in configurations],
         jobs=args.jobs,
         out=args.out,
-        tag=args.tag,
+        tag=args.table or args.tag,
         settings=settings,
         summarize=lambda results: summarize(results, settings, variants),
         target_checks=target_checks,

@@ -8,7 +8,8 @@
 #   benchmarks/evidence.sh seeds       # seeds 2 and 3 of the chosen variants (edit CHOSEN after `select`)
 #   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
 #   benchmarks/evidence.sh widths      # Me-LoRA on 80 and 1,280 ARC-Easy questions (320 is `select`'s), then the
-#                                      # posterior width of each: does it narrow as data grows?
+#                                      # posterior width of each (posterior-width-by-size.md): does it narrow as
+#                                      # data grows?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -42,10 +43,10 @@ case "${1:-select}" in
     done
     $PY benchmarks/calibration.py --tag evidence --tasks arc-easy --heldout-eval 200 --jobs 2 --seeds 1 \
         --variants "${SIZES[@]}"
-    R=benchmarks/results/calibration/runs/evidence
-    exec $PY -m bayeslora posterior $R/arc-easy-melora-free-slr0.05{-n80,,-n1280}-seed1 \
-        $R/arc-easy-melora-logu-slr${LOGU_SLR:-0.05}{-n80,,-n1280}-seed1 \
-        --output-dir benchmarks/results/calibration/posterior-width-by-size ;;
+    # the posterior width of each size (the 320-question runs are select's), from the runs' records
+    exec $PY benchmarks/calibration.py --tag evidence --table posterior-width-by-size --tasks arc-easy \
+        --heldout-eval 200 --seeds 1 --tabulate --variants "${SIZES[0]}" "melora-free-slr0.05=melora:$FREE,sigma_lr=0.05" \
+        "${SIZES[2]}" "${SIZES[1]}" "melora-logu-slr${LOGU_SLR:-0.05}=melora:$LOGU,sigma_lr=${LOGU_SLR:-0.05}" "${SIZES[3]}" ;;
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
                  --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" --pairs ${PAIRS:-} ;;
   *) echo "usage: $0 select|seeds|tabulate|widths" >&2; exit 2 ;;

@@ -190,3 +190,24 @@ def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_agai
     assert stored_or_finished("arc-easy", variant, 1, settings) == ("arc-easy lora seed 1", record)
     with pytest.raises(ModelLoadError):  # with another recipe the record does not stand for the run: it trains
         run_one("arc-easy", variant, 1, {**settings, "lr": 5e-3})
+
+
+def test_a_bayesian_runs_record_keeps_its_posterior_width_per_module_kind(tiny_llama_dir, tmp_path):
+    """The calibration benchmark's record of a Me-LoRA run holds what `bayeslora posterior` reports (the widths by
+    data size are tabulated from records, on any machine); a LoRA run's holds none."""
+    from _toy_models import train_toy
+    from bayeslora.pipeline.posterior import posterior_report
+    from calibration import _with_posterior_width, posterior_width_section
+
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    melora = train_toy(tiny_llama_dir, task, tmp_path / "melora", method="melora", samples=2)
+    record = _with_posterior_width({"task": "toy", "variant": "melora", "method": "melora", "seed": 1}, melora)
+    assert [w["module"] for w in record["posterior_width"]] == ["q_proj", "v_proj", "lm_head"]
+    assert read_json(melora / "benchmark.json")["posterior_width"] == record["posterior_width"]
+    posterior_report([melora], tmp_path / "report")
+    reported = read_json(tmp_path / "report" / "posterior.json")["summary"]
+    assert [{k: v for k, v in row.items() if k != "run"} for row in reported] == record["posterior_width"]
+    table = posterior_width_section([record], [("toy", "melora")])
+    assert any("| toy | melora | q_proj | 2 |" in line for line in table)
+    lora = {"task": "toy", "variant": "lora", "method": "lora", "seed": 1}
+    assert _with_posterior_width(lora, tmp_path / "no-run") == lora

@@ -450,45 +450,54 @@ def test_the_decided_structure_costs_what_the_bit_operation_report_counts(quanti
 
 
 def test_under_a_budget_the_penalty_weight_is_learned_by_dual_ascent_and_survives_a_checkpoint(tmp_path):
-    """--gate-budget b: λ·E[cost]/reference with λ from the GateMultiplier, λ_{t+1} = max(0, λ_t + η·(E[c]_t − b))
-    for the expected cost E[c]_t after each step of the gate phase (none in the open phase); saved into a
+    """--gate-budget b: λ·E[cost]/reference with λ from the GateMultiplier: from λ_scale / R, multiplied by e^κ after
+    each step of the gate phase while the expected cost exceeds b and by e^-κ within it, κ = log(R²) / n (it can
+    cross [λ_scale / R, λ_scale · R] in one phase), clipped to that range; unchanged in the open phase; saved into a
     checkpoint and read back at the first step of a run resumed from it."""
     from types import SimpleNamespace
 
-    from bayeslora.methods.blora import GateMultiplier, GatePenalty, structure_cost
+    from bayeslora.methods.blora import MULTIPLIER_RANGE, GateMultiplier, GatePenalty, structure_cost
 
     model = blora(BLoraConfig(r=4, target_modules=["q", "v"], max_bits=16))
-    expected = float(expected_cost(model, "bops").detach())
-    assert 0.9 < expected < 1 and structure_cost(model) > 0.99  # the initial gates: all on, not surely
-    multiplier = GateMultiplier(budget=0.25, rate=0.1)
+    assert float(expected_cost(model, "bops")) > 0.9  # the initial gates: all on
+    multiplier = GateMultiplier(budget=0.25, scale=0.05, steps=10)
+    low, rate = 0.05 / MULTIPLIER_RANGE, math.log(MULTIPLIER_RANGE**2) / 10
+    assert multiplier.value == pytest.approx(low)
     penalty = GatePenalty(0.5, multiplier=multiplier)
-    assert float(penalty(model, None).terms["gate_cost"]) == 0.0  # λ_0 = 0
+    torch.testing.assert_close(penalty(model, None).terms["gate_cost"], low * expected_cost(model, "bops"))
     args = SimpleNamespace(output_dir=str(tmp_path))
     state = SimpleNamespace(global_step=1, is_world_process_zero=True)
-    multiplier.on_step_end(args, state, None, model=model)
-    assert multiplier.value == pytest.approx(0.1 * (expected - 0.25))
+    for step in range(3):
+        multiplier.on_step_end(args, state, None, model=model)
+        assert multiplier.value == pytest.approx(low * math.exp(rate * (step + 1)))
     terms = penalty(model, None)
     torch.testing.assert_close(terms.terms["gate_cost"], multiplier.value * expected_cost(model, "bops"))
     assert terms.logs["gate_multiplier"] == multiplier.value
     assert terms.logs["structure_bops_ratio"] == pytest.approx(structure_cost(model))
-    within = GateMultiplier(budget=2.0, rate=0.1)
+    for _ in range(20):
+        multiplier.on_step_end(args, state, None, model=model)
+    assert multiplier.value == pytest.approx(0.05 * MULTIPLIER_RANGE)  # the whole range in one phase, then clipped
+    within = GateMultiplier(budget=2.0, scale=0.05, steps=10)
     within.value = 0.01
     within.on_step_end(args, state, None, model=model)
-    assert within.value == 0.0  # never below 0
+    assert within.value == pytest.approx(0.01 * math.exp(-rate))  # within the budget it falls
     model.base_model.set_gate_phase("open")
-    multiplier.on_step_end(args, state, None, model=model)
-    assert multiplier.value == pytest.approx(0.1 * (expected - 0.25))  # the gates are not in play: unchanged
+    before = within.value
+    within.on_step_end(args, state, None, model=model)
+    assert within.value == before  # the gates are not in play: unchanged
 
     (tmp_path / "checkpoint-1").mkdir()
     multiplier.on_save(args, state, None)
-    resumed = GateMultiplier(budget=0.25, rate=0.1)
+    resumed = GateMultiplier(budget=0.25, scale=0.05, steps=10)
     resumed.on_step_begin(args, state, None)
     assert resumed.value == multiplier.value
-    fresh = GateMultiplier(budget=0.25, rate=0.1)
+    fresh = GateMultiplier(budget=0.25, scale=0.05, steps=10)
     fresh.on_step_begin(args, SimpleNamespace(global_step=0), None)
-    assert fresh.value == 0.0
+    assert fresh.value == pytest.approx(low)
     with pytest.raises(ValueError, match="budget"):
-        GateMultiplier(budget=0.0, rate=0.1)
+        GateMultiplier(budget=0.0, scale=0.05, steps=10)
+    with pytest.raises(ValueError, match="gate-lambda"):
+        GateMultiplier(budget=0.25, scale=0.0, steps=10)
 
 
 def test_gate_schedule_phases_and_range_calibration():

@@ -234,8 +234,8 @@ class RunConfig:
     gate_budget: float | None = _opt(
         None,
         "Hold the gates' expected cost to this fraction of the 16-bit LoRA's: the penalty's weight is then learned "
-        "by dual ascent from 0 (rising while over the budget, falling within it; --gate-lambda sets its pace) "
-        "instead of being --gate-lambda throughout (default: no budget).",
+        "(multiplied up while over the budget, down within it, between --gate-lambda / 30 and × 30) instead of being "
+        "--gate-lambda throughout (default: no budget).",
         group="gates",
         check="> 0",
     )

@@ -17,9 +17,11 @@ held-out ones). Variants by default:
 * ``blora``, ``blora-t2``, ``blora-t8``, ``blora-t2-l01``, ``blora-l01``: B-LoRA (rank and bit-width gates on
   A, B, e; penalty on expected bit operations) whose gates can travel 4 (the default), 2 or 8 times the distance
   to switch-off in the run's length (``--gate-travel``), the last two with a 5x weaker penalty (``--gate-lambda``
-  0.01); which of them is the default is chosen on the held-out questions: among those at ≤ 0.3x LoRA's adapter
-  bit operations with held-out accuracy within one standard error of LoRA's on every task, the most accurate on
-  them;
+  0.01); ``blora-t8-b25``: travel 8 with a budget of 0.25x the bit operations (``--gate-budget``: the penalty's
+  weight learned, multiplied up while the expected cost is over the budget and down within it); which of them is
+  the default is chosen on the held-out questions (means over the seeds each variant shares with LoRA): among
+  those at ≤ 0.3x LoRA's adapter bit operations with held-out accuracy within one standard error of LoRA's on
+  every task, the most accurate on them;
 * ``blora-core``: B-LoRA on Me-LoRA's Gaussian core (calibrated and compressed; N posterior samples);
 * ``blora-base``: B-LoRA that also quantizes the frozen weights and input activations.
 
@@ -71,13 +73,14 @@ DEFAULT_VARIANTS = (
     "blora-t8=blora:gate_travel=8",
     "blora-t2-l01=blora:gate_travel=2,gate_lambda=0.01",
     "blora-l01=blora:gate_lambda=0.01",
+    "blora-t8-b25=blora:gate_travel=8,gate_budget=0.25",
     "blora-core=blora:bayesian_core=true",
     "blora-base=blora:quantize_base=true",
 )
 
 #: The B-LoRA variants the default is chosen among (on held-out questions, see the module docstring); ``--select``
 #: names others.
-SELECTED_FAMILY = ("blora-t2", "blora", "blora-t8", "blora-t2-l01", "blora-l01")
+SELECTED_FAMILY = ("blora-t2", "blora", "blora-t8", "blora-t2-l01", "blora-l01", "blora-t8-b25")
 
 #: Per model: the tasks, the training recipe of every variant (method options come on top) and how many held-out
 #: training examples (after the training subset) every run is also evaluated on.
@@ -238,33 +241,40 @@ def target_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def gate_selection(
     results: list[dict[str, Any]], family: tuple[str, ...] = SELECTED_FAMILY
 ) -> tuple[str | None, list[dict[str, Any]]]:
-    """The B-LoRA default chosen on held-out questions (seed 1) among ``family``: per variant and
-    task its adapter BOPs and held-out accuracy against LoRA's; the variant chosen is, among those at ≤ 0.3x the
-    BOPs with held-out accuracy within one standard error of LoRA's on every task, the most accurate on held-out
-    questions (the targets are constraints; what a user then gives up is accuracy), else the one meeting both on
-    most tasks, then the most accurate. Returns ``(chosen, rows)``."""
-    seed1 = [r for r in results if r["seed"] == 1 and "heldout" in r]
-    lora = {r["task"]: r["heldout"] for r in seed1 if r["variant"] == "lora"}
+    """The B-LoRA default chosen on held-out questions among ``family``: per variant and task its adapter BOPs and
+    held-out accuracy against LoRA's, each the mean over the seeds both have (the same held-out questions, so the
+    seeds average the training noise, not the questions'; one standard error is that of LoRA's mean accuracy at the
+    held-out size); the variant chosen is, among those at ≤ 0.3x the BOPs with held-out accuracy within one
+    standard error of LoRA's on every task, the most accurate on held-out questions (the targets are
+    constraints; what a user then gives up is accuracy), else the one meeting both on most tasks, then the most
+    accurate. Returns ``(chosen, rows)``."""
+    held = [r for r in results if "heldout" in r]
+    lora = {(r["task"], r["seed"]): r["heldout"] for r in held if r["variant"] == "lora"}
+    tasks = sorted({task for task, _ in lora})
     rows, scores = [], {}
     for variant in family:
-        runs = {r["task"]: r for r in seed1 if r["variant"] == variant and r["task"] in lora}
-        if not runs or set(runs) != set(lora):
+        runs = {(r["task"], r["seed"]): r for r in held if r["variant"] == variant and (r["task"], r["seed"]) in lora}
+        if {task for task, _ in runs} != set(tasks):
             continue
         met, gaps = 0, []
-        for task, run in sorted(runs.items()):
-            reference = lora[task]
-            one_se = standard_error(reference["accuracy"], reference["n_examples"])
-            gap = run["heldout"]["accuracy"] - reference["accuracy"]
-            ok = run["adapter_bops_ratio"] <= 0.3 and gap >= -one_se
+        for task in tasks:
+            seeds = sorted(seed for t, seed in runs if t == task)
+            accuracy = statistics.mean(runs[task, s]["heldout"]["accuracy"] for s in seeds)
+            reference = statistics.mean(lora[task, s]["accuracy"] for s in seeds)
+            bops = statistics.mean(runs[task, s]["adapter_bops_ratio"] for s in seeds)
+            one_se = standard_error(reference, lora[task, seeds[0]]["n_examples"])
+            gap = accuracy - reference
+            ok = bops <= 0.3 and gap >= -one_se
             met += ok
             gaps.append(gap)
             rows.append(
                 {
                     "variant": variant,
                     "task": task,
-                    "adapter_bops_ratio": run["adapter_bops_ratio"],
-                    "heldout_accuracy": run["heldout"]["accuracy"],
-                    "lora_heldout_accuracy": reference["accuracy"],
+                    "seeds": seeds,
+                    "adapter_bops_ratio": bops,
+                    "heldout_accuracy": accuracy,
+                    "lora_heldout_accuracy": reference,
                     "one_se": one_se,
                     "meets": ok,
                 }
@@ -343,15 +353,16 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
     if selection:
         lines += [
             "",
-            f"The B-LoRA default, chosen on held-out training questions (seed 1) among {', '.join(family)}: "
-            f"**{chosen}** (≤ 0.3x BOPs and held-out accuracy within one SE of LoRA's on every task, then the "
-            "highest held-out accuracy):",
+            f"The B-LoRA default, chosen on held-out training questions (means over the seeds the variant and LoRA "
+            f"both have) among {', '.join(family)}: **{chosen}** (≤ 0.3x BOPs and held-out accuracy within one SE "
+            "of LoRA's on every task, then the highest held-out accuracy):",
             "",
-            "| variant | task | adapter BOPs | held-out accuracy % | LoRA's % | 1 SE | meets both |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | task | seeds | adapter BOPs | held-out accuracy % | LoRA's % | 1 SE | meets both |",
+            "|---|---|---|---|---|---|---|---|",
             *(
-                f"| {r['variant']} | {r['task']} | {r['adapter_bops_ratio']:.3f} | {100 * r['heldout_accuracy']:.1f} "
-                f"| {100 * r['lora_heldout_accuracy']:.1f} | {100 * r['one_se']:.1f} | {'✓' if r['meets'] else '✗'} |"
+                f"| {r['variant']} | {r['task']} | {' '.join(map(str, r['seeds']))} | {r['adapter_bops_ratio']:.3f} | "
+                f"{100 * r['heldout_accuracy']:.1f} | {100 * r['lora_heldout_accuracy']:.1f} | {100 * r['one_se']:.1f} "
+                f"| {'✓' if r['meets'] else '✗'} |"
                 for r in selection
             ),
         ]

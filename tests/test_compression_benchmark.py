@@ -67,3 +67,23 @@ def test_among_variants_meeting_both_targets_the_most_accurate_on_held_out_quest
         _record("arc-easy", "blora-t8", 0.60, 0.60, bops=0.25),  # more bit operations, but more accurate held out
     ]
     assert gate_selection(results)[0] == "blora-t8"
+
+
+def test_the_held_out_choice_averages_the_seeds_a_variant_shares_with_lora():
+    """Seed means on the same held-out questions: a variant that one seed put just outside one standard error is
+    within it on the mean of three, and a seed LoRA lacks is left out of both sides."""
+
+    def seeded(task: str, variant: str, heldout: float, seed: int, bops: float = 1.0) -> dict:
+        return {**_record(task, variant, 0.6, heldout, bops), "seed": seed}
+
+    results = [
+        *(seeded("sst2", "lora", 0.60, seed) for seed in (1, 2, 3)),
+        seeded("sst2", "blora-t8", 0.555, 1, bops=0.1),  # 4.5 points below at seed 1: one SE is 3.5
+        seeded("sst2", "blora-t8", 0.60, 2, bops=0.1),
+        seeded("sst2", "blora-t8", 0.59, 3, bops=0.1),
+        seeded("sst2", "blora-t8", 0.10, 4, bops=0.1),  # LoRA has no seed 4
+    ]
+    assert gate_selection([r for r in results if r["seed"] == 1])[1][0]["meets"] is False
+    chosen, (row,) = gate_selection(results)
+    assert chosen == "blora-t8" and row["meets"] and row["seeds"] == [1, 2, 3]
+    assert row["heldout_accuracy"] == pytest.approx((0.555 + 0.60 + 0.59) / 3)

@@ -176,9 +176,18 @@ def finished_record(
 #: The keys under which a stored record keeps the options its run was trained with, and its whole configuration.
 RUN_OPTIONS_KEY = "run_options"
 RUN_CONFIG_KEY = "run_config"
-#: Configuration entries a stored record is not held to: where and how a run is kept, and what is resolved only with
-#: the model and task loaded (the options that decide them are compared).
-NOT_COMPARED = ("output_dir", "overwrite", "resume", "target_modules", "scoring", "eval_tasks")
+
+
+def _not_compared() -> tuple[str, ...]:
+    from bayeslora.runs.checkpoints import RUN_HANDLING
+
+    return (*RUN_HANDLING, "target_modules", "scoring", "eval_tasks")
+
+
+#: Configuration entries a stored record is not held to: how a run is kept (bayeslora's own list of the options
+#: that do not change a run's result), and what is resolved only with the model and task loaded (the options that
+#: decide them are compared).
+NOT_COMPARED = _not_compared()
 
 
 def resolved_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -194,9 +203,12 @@ def resolved_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def changed_defaults(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The options whose value in a stored run's configuration differs from what the run would be made with now
-    (``key: old -> new``). An option the stored configuration lacks (added to the code later) counts as None
-    there, its value before it existed: a new option whose default is not None makes older records stale, which
-    errs towards training again."""
+    (``key: old -> new``). An option the stored configuration lacks (added to the code later) has the value it had
+    before it existed where bayeslora records one (:func:`bayeslora.runs.layout.with_legacy_defaults`), else None:
+    a new option whose default is neither makes older records stale, which errs towards training again."""
+    from bayeslora.runs.layout import with_legacy_defaults
+
+    stored = with_legacy_defaults(stored)
     return [
         f"{key}: {stored.get(key)!r} -> {value!r}"
         for key, value in now.items()
@@ -215,8 +227,9 @@ class RecordStore:
     variant options, the same ``bayeslora.make_config`` options (the recipe), the same value of every option the
     code resolves them to (a changed default makes a record stale: :func:`changed_defaults`), every
     out-of-distribution task evaluated, and every key in ``needs`` (``heldout``, ``ts``: the evaluations added
-    after training) present. What the code does with the same options is not checked: a record made before a
-    change of behaviour is deleted from the store by whoever changes it."""
+    after training) present. What the code does with the same options is not checked: whoever changes a behaviour
+    deletes the records made before it from the store, and their run directories (a benchmark stores the record of
+    a finished run directory again)."""
 
     directory: Path
 

@@ -195,6 +195,8 @@ def _with_posterior_width(record: dict[str, Any], run_dir: Path) -> dict[str, An
 
     if "posterior_width" in record or record.get("method") not in POSTERIOR_METHODS:
         return record
+    if record["method"] == "blora" and not record.get("options", {}).get("bayesian_core"):
+        return record  # B-LoRA's deterministic core has no posterior
     loaded = load_run(run_dir, progress=False)
     record = {**record, "posterior_width": summarize_widths(posterior_widths(loaded.model))}
     write_json_atomic(run_dir / "benchmark.json", record)

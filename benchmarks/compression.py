@@ -242,19 +242,20 @@ def gate_selection(
     results: list[dict[str, Any]], family: tuple[str, ...] = SELECTED_FAMILY
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """The B-LoRA default chosen on held-out questions among ``family``: per variant and task its adapter BOPs and
-    held-out accuracy against LoRA's, each the mean over the seeds both have (the same held-out questions, so the
-    seeds average the training noise, not the questions'; one standard error is that of LoRA's mean accuracy at the
-    held-out size); the variant chosen is, among those at ≤ 0.3x the BOPs with held-out accuracy within one
-    standard error of LoRA's on every task, the most accurate on held-out questions (the targets are
-    constraints; what a user then gives up is accuracy), else the one meeting both on most tasks, then the most
-    accurate. Returns ``(chosen, rows)``."""
+    held-out accuracy against LoRA's, each the mean over the seeds that variant shares with LoRA (the table lists
+    them; variants with more seeds are judged on more evidence; the same held-out questions, so the seeds average
+    the training noise, not the questions'; one standard error is the binomial one of a single run's accuracy,
+    √(p(1 − p)/n) at LoRA's mean p and the held-out size n); the variant chosen is, among those at ≤ 0.3x the BOPs with
+    held-out accuracy within one standard error of LoRA's on every task, the most accurate on held-out questions
+    (the targets are constraints; what a user then gives up is accuracy), else the one meeting both on most tasks,
+    then the most accurate. Returns ``(chosen, rows)``."""
     held = [r for r in results if "heldout" in r]
     lora = {(r["task"], r["seed"]): r["heldout"] for r in held if r["variant"] == "lora"}
     tasks = sorted({task for task, _ in lora})
     rows, scores = [], {}
     for variant in family:
         runs = {(r["task"], r["seed"]): r for r in held if r["variant"] == variant and (r["task"], r["seed"]) in lora}
-        if {task for task, _ in runs} != set(tasks):
+        if not runs or {task for task, _ in runs} != set(tasks):
             continue
         met, gaps = 0, []
         for task in tasks:

@@ -494,6 +494,10 @@ def test_under_a_budget_the_penalty_weight_is_learned_by_dual_ascent_and_survive
     fresh = GateMultiplier(budget=0.25, scale=0.05, steps=10)
     fresh.on_step_begin(args, SimpleNamespace(global_step=0), None)
     assert fresh.value == pytest.approx(low)
+    unsaved = GateMultiplier(budget=0.25, scale=0.05, steps=10)  # a checkpoint saved without the multiplier's file
+    with pytest.warns(UserWarning, match="gate_multiplier.json is missing"):
+        unsaved.on_step_begin(args, SimpleNamespace(global_step=2), None)
+    assert unsaved.value == pytest.approx(low)
     with pytest.raises(ValueError, match="budget"):
         GateMultiplier(budget=0.0, scale=0.05, steps=10)
     with pytest.raises(ValueError, match="gate-lambda"):
@@ -783,3 +787,11 @@ def test_an_older_config_of_another_method_does_not_set_the_gate_learning_rate(t
         model = blora(BLoraConfig(r=4, target_modules=["q"]))
         config = make_config(method="blora", task="sst2", max_steps=400, gate_lr=0.05, gate_travel=2)
         get_method("blora").training_extras(model, config, n_train=64)
+
+
+def test_a_gate_budget_that_can_never_bind_is_refused():
+    from bayeslora.config import make_config
+
+    with pytest.raises(ValueError, match="never binds"):
+        make_config(method="blora", task="sst2", gate_budget=1.0)
+    assert make_config(method="blora", task="sst2", gate_budget=0.25).gate_budget == 0.25

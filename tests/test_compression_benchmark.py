@@ -87,3 +87,8 @@ def test_the_held_out_choice_averages_the_seeds_a_variant_shares_with_lora():
     chosen, (row,) = gate_selection(results)
     assert chosen == "blora-t8" and row["meets"] and row["seeds"] == [1, 2, 3]
     assert row["heldout_accuracy"] == pytest.approx((0.555 + 0.60 + 0.59) / 3)
+
+
+def test_no_default_is_chosen_before_lora_has_held_out_results():
+    assert gate_selection([]) == (None, [])
+    assert gate_selection([_record("sst2", "blora", 0.6, 0.6, bops=0.1)]) == (None, [])

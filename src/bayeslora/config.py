@@ -233,9 +233,10 @@ class RunConfig:
     )
     gate_budget: float | None = _opt(
         None,
-        "Hold the gates' expected cost to this fraction of the 16-bit LoRA's: the penalty's weight is then learned "
-        "(multiplied up while over the budget, down within it, between --gate-lambda / 30 and × 30) instead of being "
-        "--gate-lambda throughout (default: no budget).",
+        "Hold the gates' expected cost to this fraction (below 1) of the reference (the 16-bit LoRA's bit "
+        "operations; every gate with --gate-cost gates): the penalty's weight is then learned (multiplied up while "
+        "over the budget, down within it, between --gate-lambda / 30 and × 30) instead of being --gate-lambda "
+        "throughout (default: no budget).",
         group="gates",
         check="> 0",
     )
@@ -430,6 +431,12 @@ class RunConfig:
         if self.base_min_bits > self.base_max_bits:
             problems.append(
                 f"--base-min-bits ({self.base_min_bits}) must not exceed --base-max-bits ({self.base_max_bits})"
+            )
+        if self.gate_budget is not None and self.gate_budget >= 1:
+            problems.append(
+                f"--gate-budget {self.gate_budget:g} is a fraction of the reference cost (the 16-bit LoRA's bit "
+                "operations, or every gate with --gate-cost gates) that the gates already meet with every gate on: it "
+                "never binds. Give a fraction below 1 (e.g. 0.25), or leave it out for the fixed --gate-lambda"
             )
         if self.gate_warmup == 0:
             problems.append(

@@ -220,9 +220,9 @@ class GateMultiplier(TrainerCallback):
     on SmolLM2's ARC-Easy λ 0.07 still left the expected cost at 0.35. A geometric climb spends as long in each
     decade, so it comes upon a small threshold slowly and still reaches a large one within the phase; it falls
     again within the budget. The expectation answers at once to the gates' logits, where the decided structure
-    moves only once a gate crosses its threshold; the decided structure sits at or below the expectation (gates
-    between on and off count in it and are off once decided). λ is saved in every checkpoint and restored when a
-    run resumes from one."""
+    moves only once a gate crosses its threshold. The decided structure can cost more or less than the expectation
+    (a gate at P(on) = 0.7 counts 0.7 in it and 1 once decided, one at 0.6 counts 0.6 and 0); in the benchmark's
+    runs it cost less. λ is saved in every checkpoint and restored when a run resumes from one."""
 
     FILE = "gate_multiplier.json"
 
@@ -244,6 +244,14 @@ class GateMultiplier(TrainerCallback):
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE
         if state.global_step > 0 and saved.is_file():
             self.value = float(json.loads(saved.read_text())["multiplier"])
+        elif state.global_step > 0:  # a process killed between saving the checkpoint and this file
+            warnings.warn(
+                f"--gate-budget: {saved} is missing (the run stopped while that checkpoint was being saved), so the "
+                f"penalty's multiplier starts again at {self.value:.3g}; the run will not match an uninterrupted one. "
+                f"For an exact continuation delete {saved.parent} and resume from the checkpoint before it.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
         tuner = blora_tuner(model)

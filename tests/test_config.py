@@ -23,6 +23,8 @@ def test_precedence_defaults_then_recipe_then_overrides(tmp_path):
         ("alpha", 32, 32.0),
         ("overwrite", "true", True),
         ("max_steps", None, None),
+        ("gate_budget", "none", None),  # an optional option unset from the command line
+        ("gate_lr", "Null", None),
         ("target_modules", "q_proj,v_proj", ["q_proj", "v_proj"]),
         ("report_to", ["tensorboard"], ["tensorboard"]),
     ],
@@ -37,6 +39,7 @@ def test_coercion(name, value, expected):
         ("rank", "eight", "must be int"),
         ("overwrite", "maybe", "true or false"),
         ("rank", None, "cannot be empty"),
+        ("rank", "none", "must be int"),  # not optional
         ("ranks", 8, "Unknown option 'ranks'"),
     ],
 )

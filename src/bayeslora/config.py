@@ -530,6 +530,8 @@ def coerce_value(name: str, value: Any) -> Any:
     if name not in fields:
         raise ValueError(f"Unknown option '{name}'. Known options: {', '.join(fields)}.")
     scalar, is_list, optional = field_type(fields[name])
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        value = None  # `--gate-budget none` on the command line: the option unset
     if value is None:
         if optional:
             return None

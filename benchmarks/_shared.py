@@ -192,13 +192,19 @@ NOT_COMPARED = _not_compared()
 
 def resolved_options(options: dict[str, Any]) -> dict[str, Any]:
     """Every option of the run ``options`` describe as the code resolves it now (defaults and the method's own
-    resolution included), JSON-normalised: what a stored record's configuration is compared with."""
+    resolution included), JSON-normalised, without the method-specific options its method does not use (B-LoRA's
+    gate options in a LoRA run: their defaults cannot change it): what a stored record's configuration is compared
+    with."""
     import dataclasses
 
     import bayeslora as bl
+    from bayeslora.config import option_users
 
-    config = bl.get_method(options["method"]).resolve(bl.make_config(**options))
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    method = bl.get_method(options["method"])
+    config = method.resolve(bl.make_config(**options))
+    used = method.used_options(config)
+    resolved = json.loads(json.dumps(dataclasses.asdict(config)))
+    return {key: value for key, value in resolved.items() if key in used or option_users(key) is None}
 
 
 def changed_defaults(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -161,9 +161,13 @@ def test_a_stored_record_made_with_other_defaults_does_not_stand_for_its_run(tmp
     assert "output_dir" not in saved[RUN_CONFIG_KEY]
     assert store.load(run, variant, options) is not None
 
-    older = {key: value for key, value in saved[RUN_CONFIG_KEY].items() if key != "gate_budget"}  # before it existed
+    older = {key: value for key, value in saved[RUN_CONFIG_KEY].items() if key != "gate_lr"}  # before it existed
     write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: older})
     assert store.load(run, variant, options) is not None  # its default, None, is how runs were made before
+    unbudgeted = {key: value for key, value in older.items() if key != "gate_budget"}
+    write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: unbudgeted})
+    assert store.load(run, variant, options) is None  # made before the budget existed: none, not today's default
+    assert "gate_budget: None -> 0.25" in capsys.readouterr().out
     write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: {**older, "gate_lambda": 0.5}})
     assert store.load(run, variant, options) is None  # the default has changed since
     assert "gate_lambda: 0.5 -> " in capsys.readouterr().out

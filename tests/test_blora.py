@@ -794,4 +794,19 @@ def test_a_gate_budget_that_can_never_bind_is_refused():
 
     with pytest.raises(ValueError, match="never binds"):
         make_config(method="blora", task="sst2", gate_budget=1.0)
-    assert make_config(method="blora", task="sst2", gate_budget=0.25).gate_budget == 0.25
+    assert make_config(method="blora", task="sst2", gate_budget=0.5).gate_budget == 0.5
+    with pytest.raises(ValueError, match="--gate-budget none as well"):
+        make_config(method="blora", task="sst2", gate_lambda=0.0)  # the default budget needs a scale
+    assert make_config(method="blora", task="sst2", gate_lambda=0.0, gate_budget=None).gate_lambda == 0.0
+
+
+def test_the_default_b_lora_is_the_setting_chosen_on_held_out_questions(tmp_path):
+    """Travel 8 with a budget of 0.25x (benchmarks/results/compression/gates.md); a run written before the budget
+    existed had none, whatever today's default."""
+    from bayeslora.config import make_config
+    from bayeslora.runs.layout import with_legacy_defaults
+
+    config = make_config(method="blora", task="sst2")
+    assert (config.gate_travel, config.gate_budget) == (8.0, 0.25)
+    assert with_legacy_defaults({"method": "blora"})["gate_budget"] is None
+    assert with_legacy_defaults({"method": "blora", "gate_budget": 0.5})["gate_budget"] == 0.5

@@ -33,7 +33,7 @@ bl.train(callbacks=[Slow()], progress=False, **OPTIONS)
 """
 
 
-@pytest.fixture(params=[{}, {"gate_budget": 0.5}], ids=["gates", "gate-budget"])
+@pytest.fixture(params=[{"gate_budget": None}, {"gate_budget": 0.5}], ids=["gates", "gate-budget"])
 def options(tiny_llama_dir, tmp_path, request):
     """B-LoRA with a Bayesian core; with a gate budget also the penalty's learned multiplier is training state."""
     task = write_word_task(tmp_path / "toy.jsonl", 8)

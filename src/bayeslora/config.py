@@ -31,11 +31,15 @@ from .tuners.melora.config import MeLoraCoreOptions
 #: The sections of the options every method shares, in the order ``--help`` shows them.
 SECTIONS = ("what to train", "adapter", "training", "evaluation", "system")
 
-#: B-LoRA's default --gate-travel. Provisional: in the compression benchmark of 2026-12-04 (fixed --gate-lr), runs
-#: whose gates could travel 2.4 distances to switch-off kept 0.38x of LoRA's bit operations (ARC-Easy), 3.1 and 4.9
-#: reached 0.09x and 0.26x at LoRA's accuracy (SST-2, ARC-Easy), 6.2 lost 1.9 points (SST-2). Those were evaluation
-#: questions; benchmarks/compression.py chooses among 2, 4 and 8 on held-out training questions.
-GATE_TRAVEL = 4.0
+#: B-LoRA's default --gate-travel, with :data:`GATE_BUDGET`: chosen on held-out training questions by
+#: benchmarks/compression.py (results/compression/gates.md) among travel 2, 4 and 8, with and without a budget and a
+#: 5x weaker --gate-lambda: the only setting at <= 0.3x LoRA's adapter bit operations with held-out accuracy within one
+#: standard error of LoRA's on SST-2 (MiniLM), ARC-Easy and OBQA (SmolLM2), three seeds each.
+GATE_TRAVEL = 8.0
+
+#: B-LoRA's default --gate-budget (see :data:`GATE_TRAVEL`): without one, travel 8 cut SST-2 to 0.027x the bit
+#: operations and 4.8 points below LoRA; with it, 0.118x at 1.3 points below.
+GATE_BUDGET = 0.25
 
 #: --gate-lr's default before it was derived from the run's length: every config.yaml written then records it, for
 #: every method; a recipe of another method than B-LoRA that holds it did not set it (so it is not "given").
@@ -232,11 +236,11 @@ class RunConfig:
         check=">= 0",
     )
     gate_budget: float | None = _opt(
-        None,
+        GATE_BUDGET,
         "Hold the gates' expected cost to this fraction (below 1) of the reference (the 16-bit LoRA's bit "
         "operations; every gate with --gate-cost gates): the penalty's weight is then learned (multiplied up while "
         "over the budget, down within it, between --gate-lambda / 30 and × 30) instead of being --gate-lambda "
-        "throughout (default: no budget).",
+        "throughout; none for a fixed --gate-lambda.",
         group="gates",
         check="> 0",
     )
@@ -436,7 +440,13 @@ class RunConfig:
             problems.append(
                 f"--gate-budget {self.gate_budget:g} is a fraction of the reference cost (the 16-bit LoRA's bit "
                 "operations, or every gate with --gate-cost gates) that the gates already meet with every gate on: it "
-                "never binds. Give a fraction below 1 (e.g. 0.25), or leave it out for the fixed --gate-lambda"
+                f"never binds. Give a fraction below 1 (default {GATE_BUDGET:g}), or --gate-budget none for the fixed "
+                "--gate-lambda"
+            )
+        if self.gate_budget is not None and self.gate_lambda == 0:
+            problems.append(
+                f"--gate-lambda 0 with --gate-budget {self.gate_budget:g}: under a budget --gate-lambda is the scale "
+                "of the learned penalty weight, which must be > 0. For no penalty give --gate-budget none as well"
             )
         if self.gate_warmup == 0:
             problems.append(

@@ -119,5 +119,5 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def with_legacy_defaults(options: dict) -> dict:
     """A run's stored options, with the values that options added later had before they existed: a run written
-    before ``factor_norm`` trained its core with free factors."""
-    return {"factor_norm": "free", **options}
+    before ``factor_norm`` trained its core with free factors, one written before ``gate_budget`` had no budget."""
+    return {"factor_norm": "free", "gate_budget": None, **options}

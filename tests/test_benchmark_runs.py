@@ -176,6 +176,21 @@ def test_a_stored_record_made_with_other_defaults_does_not_stand_for_its_run(tmp
     assert store.load(run, variant, options) is None
 
 
+def test_a_stored_record_is_not_held_to_options_its_method_does_not_use(tmp_path, capsys):
+    """A LoRA run's record stays valid when B-LoRA's gate defaults change; a B-LoRA run's does not."""
+    from _shared import RUN_CONFIG_KEY, RecordStore
+
+    store = RecordStore(tmp_path)
+    for method in ("lora", "blora"):
+        run = tmp_path / "runs" / f"sst2-{method}-seed1"
+        variant, options = Variant(method, method, {}), {"task": "sst2", "method": method, "seed": 1}
+        store.save(run, {"method": method, "options": {}}, options)
+        saved = read_json(store.path(run))
+        write_json_atomic(store.path(run), {**saved, RUN_CONFIG_KEY: {**saved[RUN_CONFIG_KEY], "gate_travel": 4.0}})
+        assert (store.load(run, variant, options) is None) == (method == "blora")
+    assert "gate_travel: 4.0 -> 8.0" in capsys.readouterr().out
+
+
 def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_again(tmp_path):
     from _shared import RecordStore
     from calibration import run_one, run_options, stored_or_finished

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 import bayeslora  # noqa: F401  (registers the tuners)
-from _toy_models import tiny_llama_config
+from _toy_models import TwoLayers, tiny_llama_config
 from bayeslora.config import RunConfig
 from bayeslora.evaluation.predictive import predict_batch
 from bayeslora.evaluation.scoring import ClozeScorer
@@ -126,6 +126,27 @@ def test_a_deterministic_trunk_saves_and_loads(tmp_path):
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad(), posterior_mean():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_selection_that_names_every_block_or_every_bayesian_layer_warns_that_it_is_all():
+    """last:K with K >= the number of blocks is 'all'; so is sampling last:J of a run trained with last:K, J >= K."""
+    import warnings
+
+    from bayeslora.tuners.trunk import sampled_layers
+
+    with pytest.warns(UserWarning, match="names every block of this model \\(it has 4\\)"):
+        adapted("melora", "last:4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        top = adapted("melora", "last:2")
+        with sampled_layers(top, "last:1"):  # leaves block 2's posterior out: no warning
+            pass
+    with pytest.warns(UserWarning, match="the same as sample_layers='all'"), sampled_layers(top, "last:2"):
+        pass
+    stackless = get_peft_model(TwoLayers(), MeLoraConfig(r=2, target_modules=["q"]))
+    refused = pytest.raises(ValueError, match="sample_layers='last:1' needs a model with a stack of blocks")
+    with refused, sampled_layers(stackless, "last:1"):
+        pass
 
 
 @pytest.mark.parametrize("spec", ["top:2", "last:-1", "last:two", ""])

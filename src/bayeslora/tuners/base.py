@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import Tensor, nn
 
-from .blocks import is_bayesian_module, parse_bayesian_layers
+from .blocks import is_bayesian_module, parse_bayesian_layers, warn_if_every_block
 from .costs import DEFAULT_BITS, AdapterStructure
 from .sampling import should_sample
 
@@ -405,6 +405,8 @@ class BayesianLowRankModel(BaseTuner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for config in self.peft_config.values():
+            warn_if_every_block(self.model, config.bayesian_layers)
         self._regularised = False
         self._unregularised_passes = 0
         # on the wrapped model, which every PeftModel class calls (PeftModel.forward bypasses the tuner's forward)

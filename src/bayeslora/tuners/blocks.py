@@ -10,6 +10,7 @@ hidden states, so N samples need that trunk only once (:mod:`bayeslora.tuners.tr
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -58,18 +59,43 @@ def block_index(key: str, stack_name: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def is_bayesian_module(key: str, model: nn.Module, spec: str) -> bool:
-    """Whether the adapted module ``key`` of ``model`` carries the posterior under ``bayesian_layers=spec``: always
-    with ``all`` and outside the block stack, else when its block is among the top K."""
-    last = parse_bayesian_layers(spec)
-    if last is None:
-        return True
+def _required_stack(model: nn.Module, spec: str, option: str) -> tuple[str, nn.ModuleList]:
     stack = block_stack(model)
     if stack is None:
         raise ValueError(
-            f"bayesian_layers={spec!r} needs a model with a stack of blocks (a ModuleList named "
-            f"{', '.join(BLOCK_LIST_NAMES)}); {type(model).__name__} has none: use bayesian_layers='all'"
+            f"{option}={spec!r} needs a model with a stack of blocks (a ModuleList named "
+            f"{', '.join(BLOCK_LIST_NAMES)}); {type(model).__name__} has none: use {option}='all'"
         )
-    name, blocks = stack
+    return stack
+
+
+def is_bayesian_module(key: str, model: nn.Module, spec: str, option: str = "bayesian_layers") -> bool:
+    """Whether the adapted module ``key`` of ``model`` carries the posterior under ``option=spec``
+    (``bayesian_layers`` or ``sample_layers``): always with ``all`` and outside the block stack, else when its block
+    is among the top K.
+
+    Raises:
+        ValueError: for ``last:K`` on a model without a block stack, naming ``option``.
+    """
+    last = parse_bayesian_layers(spec, option)
+    if last is None:
+        return True
+    name, blocks = _required_stack(model, spec, option)
     index = block_index(key, name)
     return index is None or index >= len(blocks) - last
+
+
+def warn_if_every_block(model: nn.Module, spec: str, option: str = "bayesian_layers") -> None:
+    """Warn when ``option="last:K"`` names at least as many blocks as ``model`` has: it is then the same as
+    ``"all"``, which is probably not what was meant."""
+    last = parse_bayesian_layers(spec, option)
+    if last is None:
+        return
+    blocks = len(_required_stack(model, spec, option)[1])
+    if last >= blocks:
+        warnings.warn(
+            f"{option}={spec!r} names every block of this model (it has {blocks}): the same as {option}='all'. "
+            f"Give K < {blocks} for a deterministic trunk below the top K blocks.",
+            UserWarning,
+            stacklevel=3,
+        )

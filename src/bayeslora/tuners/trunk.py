@@ -14,6 +14,7 @@ by token, does not use it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -64,16 +65,28 @@ def sampled_layers(model: nn.Module, spec: str = "all") -> Iterator[None]:
     below predict with their posterior mean, so the blocks below the top K form a deterministic trunk that N
     samples share (:func:`shared_trunk`). An approximation at prediction of a posterior trained in more layers
     (the lower layers' noise is left out); ``"all"`` changes nothing. The layers are restored on exit."""
-    if parse_bayesian_layers(spec) is None:
+    if parse_bayesian_layers(spec, "sample_layers") is None:
         yield
         return
+    stochastic = [
+        (key, module, adapter)
+        for key, module in model.named_modules()
+        if isinstance(module, BayesianLowRankLayer)
+        for adapter, on in module.stochastic.items()
+        if on
+    ]
     silenced = [
         (module, adapter)
-        for key, module in model.named_modules()
-        if isinstance(module, BayesianLowRankLayer) and not is_bayesian_module(key, model, spec)
-        for adapter, stochastic in module.stochastic.items()
-        if stochastic
+        for key, module, adapter in stochastic
+        if not is_bayesian_module(key, model, spec, "sample_layers")
     ]
+    if stochastic and not silenced:
+        warnings.warn(
+            f"sample_layers={spec!r} samples every layer that carries this model's posterior (they are all in its "
+            f"top blocks or outside the stack): the same as sample_layers='all'.",
+            UserWarning,
+            stacklevel=3,
+        )
     for module, adapter in silenced:
         module.stochastic[adapter] = False
     try:

@@ -221,5 +221,12 @@ def test_an_evaluation_can_sample_the_top_blocks_only(tiny_llama_dir, toy_task, 
     assert metrics["sample_layers"] == "last:1" and metrics["n_samples"] == 3
     everywhere = json.loads((run / "eval" / "toy" / "metrics.json").read_text())
     assert everywhere["sample_layers"] == "all" and everywhere["nll"] != pytest.approx(metrics["nll"], abs=1e-7)
+    from bayeslora.reporting.report import run_report
+
+    table = run_report([run, tmp_path / "top"]).splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("| task"))
+    header, rows = table[start], table[start + 2 : start + 4]  # after the header's --- line: the two evaluations
+    column = header.split(" | ").index("predictive")
+    assert [row.split(" | ")[column] for row in rows] == ["–", "samples, last:1"]  # the default shows as –
     with pytest.raises(ValueError, match="--sample-layers must be 'all' or 'last:K'"):
         bl.evaluate(run, sample_layers="top:1", output_dir=tmp_path / "bad", progress=False)

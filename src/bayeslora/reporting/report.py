@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .tables import OOD_COLUMNS, REPORT_COLUMNS, format_table, ood_rows
+from .tables import OOD_COLUMNS, REPORT_COLUMNS, format_table, ood_rows, predictive_label
 
 
 def _bops_section(run: Path, report: dict[str, Any], sequence_length: int) -> list[str]:
@@ -76,7 +76,9 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
     tasks = list(dict.fromkeys(record["task"] for record, _ in evaluations))
     parts = ["# bayeslora report", ""]
     for task in tasks:
-        rows = [record for record, _ in evaluations if record["task"] == task]
+        rows = [
+            {**record, "predictive": predictive_label(record)} for record, _ in evaluations if record["task"] == task
+        ]
         parts += [f"## {task}", "", format_table(rows, REPORT_COLUMNS), ""]
     if not tasks:
         parts += ["(no evaluations)", ""]
@@ -114,7 +116,9 @@ def _write_html(out: Path, tasks: list[str], evaluations: list, runs: Sequence[s
 
     sections = []
     for task in tasks:
-        rows = [record for record, _ in evaluations if record["task"] == task]
+        rows = [
+            {**record, "predictive": predictive_label(record)} for record, _ in evaluations if record["task"] == task
+        ]
         name = eval_dir(out, task).name
         save_accuracy_ece_scatter(out / f"accuracy-ece-{name}.png", rows, title=f"accuracy against ECE on {task}")
         sections.append((task, rows, out / f"reliability-{name}.png", out / f"accuracy-ece-{name}.png"))

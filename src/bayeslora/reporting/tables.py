@@ -44,7 +44,9 @@ OOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
 REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     *COLUMNS[:2],
     ("seed", "seed", "{}"),
-    *COLUMNS[2:9],
+    *COLUMNS[2:3],
+    ("predictive", "predictive", "{}"),  # a posterior's predictive other than N samples of every layer
+    *COLUMNS[3:9],
     ("AURC", "aurc", "{:.3f}"),
     ("acc@80% %", "accuracy_at_coverage.0.8", "{:.1f}"),
     *COLUMNS[9:12],
@@ -53,6 +55,16 @@ REPORT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("eval s", "eval_time_s", "{:.0f}"),
     *COLUMNS[12:],
 )
+
+
+def predictive_label(metrics: dict[str, Any]) -> str | None:
+    """How an evaluation's posterior predicted, when not by samples of every Bayesian layer (the default): its
+    ``posterior_predictive`` (``glm``, ``probit``) and ``sample_layers`` (``last:K``), e.g. ``samples, last:1``;
+    None for the default and for a deterministic method."""
+    predictive, layers = metrics.get("posterior_predictive"), metrics.get("sample_layers", "all")
+    if predictive in (None, "samples") and layers == "all":
+        return None
+    return ", ".join(part for part in (predictive or "samples", None if layers == "all" else layers) if part)
 
 
 def _value(row: dict[str, Any], key: str) -> Any:

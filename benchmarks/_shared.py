@@ -222,6 +222,13 @@ def changed_defaults(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
+def stale_defaults(record: dict[str, Any]) -> list[str]:
+    """:func:`changed_defaults` of a stored record (its configuration against what its recipe resolves to now);
+    [] for a record without them (a run directory's ``benchmark.json``)."""
+    config, recipe = record.get(RUN_CONFIG_KEY), record.get(RUN_OPTIONS_KEY)
+    return changed_defaults(config, resolved_options(recipe)) if config is not None and recipe is not None else []
+
+
 @dataclass(frozen=True)
 class RecordStore:
     """Finished runs' records kept in the repository (``<results>/records/<tag>/<run name>.json``), so that a

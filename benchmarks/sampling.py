@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import evaluation_complete, in_fresh_process, interval_text
+from _shared import evaluation_complete, in_fresh_process, interval_text, stale_defaults
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,6 +153,13 @@ def quality(root: Path, store: Path, tasks: list[str]) -> list[dict[str, Any]]:
             )
             for name in sorted(records):
                 record = read_json(records[name])
+                if changed := stale_defaults(record):  # the calibration benchmark would train it again
+                    print(
+                        f"{records[name]}: made with other defaults than the code has now ({'; '.join(changed)}): "
+                        "not used",
+                        flush=True,
+                    )
+                    continue
                 final = record["final"]
                 row = {
                     "task": task,

@@ -52,6 +52,7 @@ def test_prediction_only_compares_each_k_with_sampling_every_layer(tiny_llama_di
 def test_the_quality_table_reads_runs_and_stored_records_with_their_out_of_distribution_rows(tmp_path):
     """--quality tabulates the calibration runs on this machine and, for runs that are not, their stored records;
     the OOD rows come from the record's ``ood`` entry."""
+    from _shared import resolved_options
     from bayeslora.io import write_json_atomic
 
     def record(seed: int, accuracy: float) -> dict:
@@ -64,10 +65,16 @@ def test_the_quality_table_reads_runs_and_stored_records_with_their_out_of_distr
     write_json_atomic(store / "obqa-melora-last1-seed1.json", record(1, 0.1))  # the run on this machine wins
     write_json_atomic(store / "obqa-melora-last1-seed2.json", record(2, 0.5))
     write_json_atomic(store / "obqa-melora-last2-seed1.json", record(1, 0.3))
+    options = {"task": "obqa", "method": "melora", "seed": 3, "bayesian_layers": "last:2"}
+    current = {"run_options": options, "run_config": resolved_options(options)}
+    write_json_atomic(store / "obqa-melora-last2-seed3.json", {**record(3, 0.35), **current})
+    stale = {**current, "run_config": {**current["run_config"], "sigma_init": 0.5}}  # a default changed since
+    write_json_atomic(store / "obqa-melora-last4-seed1.json", {**record(1, 0.2), **stale})
     rows = sampling.quality(root, store, ["obqa"])
     assert [(r["bayesian_layers"], r["seed"], r["accuracy"]) for r in rows] == [
         ("last:1", 1, 0.4),
         ("last:1", 2, 0.5),
         ("last:2", 1, 0.3),
-    ]
+        ("last:2", 3, 0.35),
+    ]  # not the stale last:4 record
     assert rows[0]["ood"]["arc-challenge"]["auroc_mutual_information"] == 0.7

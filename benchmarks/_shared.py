@@ -87,7 +87,9 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
     options = json.loads(json.dumps({**options, "output_dir": str(run_dir)}))
     recorded = read_json(run_dir / OPTIONS_FILE) if (run_dir / OPTIONS_FILE).is_file() else None
     callbacks = [EpochCheckpoints(), RecordOptions(run_dir / OPTIONS_FILE, options)]
-    if recorded is not None and _without_location(recorded) == _without_location(options):
+    if changed := run_made_with_other_defaults(run_dir, options):
+        reason = f"made with other defaults than the code has now: {'; '.join(changed)}"
+    elif recorded is not None and _without_location(recorded) == _without_location(options):
         if (run_dir / TRAIN_SUMMARY).is_file():
             if not evaluation_complete(eval_dir(run_dir, options["task"]), options.get("ood_tasks") or ()):
                 print(f"{run_dir}: trained, evaluating it", flush=True)
@@ -101,8 +103,10 @@ def prepare_run(options: dict[str, Any], run_dir: Path) -> tuple[str, Any, list]
         else:
             print(f"{run_dir}: continuing from its last checkpoint", flush=True)
             return "resumed", config, callbacks
+    elif recorded is None:
+        reason = "no benchmark options recorded"
     else:
-        reason = "no benchmark options recorded" if recorded is None else "it was started with other options"
+        reason = "it was started with other options"
     if run_dir.exists():
         print(f"{run_dir}: training again ({reason})", flush=True)
         shutil.rmtree(run_dir)
@@ -167,6 +171,9 @@ def finished_record(
         if _without_location(recorded) != _without_location(json.loads(json.dumps(options))):
             print(f"{run_dir} was trained with another recipe than the benchmark's now: not reused", flush=True)
             return None
+        if changed := run_made_with_other_defaults(run_dir, options):
+            print(f"{run_dir} was made with other defaults than the code has now ({'; '.join(changed)}): not reused")
+            return None
     if missing := sorted(task_names(ood_tasks) - set(record.get("ood", {}))):
         print(f"{run_dir}: its record lacks the evaluation on {', '.join(missing)}: completing it", flush=True)
         return None
@@ -200,8 +207,9 @@ def resolved_options(options: dict[str, Any]) -> dict[str, Any]:
     import bayeslora as bl
     from bayeslora.config import option_users
 
-    method = bl.get_method(options["method"])
-    config = method.resolve(bl.make_config(**options))
+    config = bl.make_config(**options)
+    method = bl.get_method(config.method)
+    config = method.resolve(config)
     used = method.used_options(config)
     resolved = json.loads(json.dumps(dataclasses.asdict(config)))
     return {key: value for key, value in resolved.items() if key in used or option_users(key) is None}
@@ -220,6 +228,19 @@ def changed_defaults(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
         for key, value in now.items()
         if key not in NOT_COMPARED and json.loads(json.dumps(stored.get(key))) != value
     ]
+
+
+def run_made_with_other_defaults(run_dir: Path, options: dict[str, Any]) -> list[str]:
+    """:func:`changed_defaults` of the run at ``run_dir`` (its ``config.yaml``, if it has one) against what
+    ``options`` resolve to now: a run of the same options made before a default changed is another run."""
+    from bayeslora.io import read_yaml
+    from bayeslora.runs import CONFIG_FILE
+
+    config_file = Path(run_dir) / CONFIG_FILE
+    if not config_file.is_file():
+        return []
+    options = {key: value for key, value in options.items() if key != "output_dir"}
+    return changed_defaults(read_yaml(config_file), resolved_options(options))
 
 
 def stale_defaults(record: dict[str, Any]) -> list[str]:

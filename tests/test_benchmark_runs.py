@@ -191,6 +191,27 @@ def test_a_stored_record_is_not_held_to_options_its_method_does_not_use(tmp_path
     assert "gate_travel: 4.0 -> 8.0" in capsys.readouterr().out
 
 
+def test_a_finished_run_made_before_a_default_changed_is_trained_again(tmp_path):
+    """A run directory of the same variant and recipe made with another default (B-LoRA's travel 4 before it was 8)
+    is neither reused as finished nor continued: it is another run."""
+    import yaml
+
+    from _shared import resolved_options
+
+    options = {"task": "sst2", "method": "blora", "seed": 1}
+    variant = Variant("blora", "blora", {})
+    for travel, current in ((8.0, True), (4.0, False)):
+        run = tmp_path / f"travel{travel:g}"
+        write_json_atomic(run / "benchmark.json", {"method": "blora", "options": {}})
+        write_json_atomic(run / OPTIONS_FILE, {**options, "output_dir": str(run)})
+        (run / "train_summary.json").write_text("{}")
+        config = {**resolved_options(options), "gate_travel": travel}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        assert (finished_record(run, variant, options=options) is not None) == current
+    state, _, _ = prepare_run(options, run)  # the travel-4 run
+    assert state == "new" and not run.exists()
+
+
 def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_again(tmp_path):
     from _shared import RecordStore
     from calibration import run_one, run_options, stored_or_finished

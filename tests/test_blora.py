@@ -19,6 +19,7 @@ import bayeslora  # noqa: F401  (registers the methods)
 from _toy_models import TwoLayers
 from bayeslora.methods.blora import GateSchedule, expected_cost, expected_rank_squared, gate_parameters
 from bayeslora.reporting.bops import bops_report
+from bayeslora.runs.layout import CONFIG_HEADER
 from bayeslora.tuners import BLoraConfig, BLoraLayer
 from bayeslora.tuners.blora.gates import (
     deterministic_gates,
@@ -781,12 +782,46 @@ def test_an_older_config_of_another_method_does_not_set_the_gate_learning_rate(t
 
     for method, expected in (("lora", None), ("blora", 0.05)):
         recipe = tmp_path / f"{method}.yaml"
-        recipe.write_text(f"method: {method}\ngate_lr: 0.05\n")
+        recipe.write_text(f"{CONFIG_HEADER} Reproduce with: ...\nmethod: {method}\ngate_lr: 0.05\n")
         assert make_config(recipe).gate_lr == expected
     with pytest.warns(UserWarning, match="--gate-travel 2 is ignored"):
         model = blora(BLoraConfig(r=4, target_modules=["q"]))
         config = make_config(method="blora", task="sst2", max_steps=400, gate_lr=0.05, gate_travel=2)
         get_method("blora").training_extras(model, config, n_train=64)
+
+
+def test_an_older_config_yaml_is_read_as_the_version_that_wrote_it_meant_it(tmp_path):
+    """Every method's config.yaml records B-LoRA's gate options at that day's defaults (travel 4, no budget): a LoRA
+    run's are not "given" (no warning about options LoRA does not use), a B-LoRA run's keep it a run without a
+    budget, and its travel next to an explicit --gate-lr is not warned about as chosen."""
+    import warnings
+
+    from bayeslora.config import make_config
+    from bayeslora.methods import get_method
+    from bayeslora.pipeline.common import given_options, warn_unused_options
+
+    old = "gate_lr: {lr}\ngate_travel: 4.0\ngate_budget: null\n"
+    (tmp_path / "lora.yaml").write_text(f"{CONFIG_HEADER} Reproduce with: ...\nmethod: lora\n" + old.format(lr=0.05))
+    lora = make_config(tmp_path / "lora.yaml")
+    assert (lora.gate_travel, lora.gate_budget, lora.gate_lr) == (8.0, 0.25, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warn_unused_options(lora, given_options(lora))
+    written = f"{CONFIG_HEADER} Reproduce with: ...\nmethod: blora\ntask: sst2\ngate_travel: 4.0\n"
+    (tmp_path / "blora.yaml").write_text(written)  # written before gate_budget existed
+    assert (make_config(tmp_path / "blora.yaml").gate_travel, make_config(tmp_path / "blora.yaml").gate_budget) == (
+        4.0,
+        None,
+    )
+    (tmp_path / "recipe.yaml").write_text("method: blora\ntask: sst2\n")  # a user's recipe gets today's defaults
+    assert make_config(tmp_path / "recipe.yaml").gate_budget == 0.25
+    (tmp_path / "given.yaml").write_text(
+        f"{CONFIG_HEADER} Reproduce with: ...\nmethod: blora\ntask: sst2\n" + old.format(lr=0.1)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = blora(BLoraConfig(r=4, target_modules=["q"]))
+        get_method("blora").training_extras(model, make_config(tmp_path / "given.yaml", max_steps=400), n_train=64)
 
 
 def test_a_gate_budget_that_can_never_bind_is_refused():
@@ -798,6 +833,7 @@ def test_a_gate_budget_that_can_never_bind_is_refused():
     with pytest.raises(ValueError, match="--gate-budget none as well"):
         make_config(method="blora", task="sst2", gate_lambda=0.0)  # the default budget needs a scale
     assert make_config(method="blora", task="sst2", gate_lambda=0.0, gate_budget=None).gate_lambda == 0.0
+    assert make_config(method="lora", task="sst2", gate_lambda=0.0).gate_lambda == 0.0  # LoRA warns it is unused
 
 
 def test_the_default_b_lora_is_the_setting_chosen_on_held_out_questions(tmp_path):

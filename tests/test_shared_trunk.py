@@ -128,14 +128,14 @@ def test_a_deterministic_trunk_saves_and_loads(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_a_selection_that_names_every_block_or_every_bayesian_layer_warns_that_it_is_all():
+def test_a_selection_that_names_every_block_or_every_bayesian_layer_warns_that_it_is_all(tmp_path):
     """last:K with K >= the number of blocks is 'all'; so is sampling last:J of a run trained with last:K, J >= K."""
     import warnings
 
     from bayeslora.tuners.trunk import sampled_layers
 
     with pytest.warns(UserWarning, match="names every block of this model \\(it has 4\\)"):
-        adapted("melora", "last:4")
+        every = adapted("melora", "last:4")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         top = adapted("melora", "last:2")
@@ -143,6 +143,10 @@ def test_a_selection_that_names_every_block_or_every_bayesian_layer_warns_that_i
             pass
     with pytest.warns(UserWarning, match="the same as sample_layers='all'"), sampled_layers(top, "last:2"):
         pass
+    every.save_pretrained(tmp_path)
+    with warnings.catch_warnings():  # said when the adapter was made; not again each time it is loaded
+        warnings.filterwarnings("error", message=".*names every block", category=UserWarning)
+        PeftModel.from_pretrained(four_block_llama(64), tmp_path)
     stackless = get_peft_model(TwoLayers(), MeLoraConfig(r=2, target_modules=["q"]))
     refused = pytest.raises(ValueError, match="sample_layers='last:1' needs a model with a stack of blocks")
     with refused, sampled_layers(stackless, "last:1"):
@@ -228,5 +232,9 @@ def test_an_evaluation_can_sample_the_top_blocks_only(tiny_llama_dir, toy_task, 
     header, rows = table[start], table[start + 2 : start + 4]  # after the header's --- line: the two evaluations
     column = header.split(" | ").index("predictive")
     assert [row.split(" | ")[column] for row in rows] == ["–", "samples, last:1"]  # the default shows as –
+    from bayeslora.reporting.tables import predictive_label
+
+    assert predictive_label({**metrics, "n_samples": 0}) is None  # the posterior mean: N says it
+    assert predictive_label({**metrics, "posterior_predictive": "probit", "sample_layers": "all"}) == "probit"
     with pytest.raises(ValueError, match="--sample-layers must be 'all' or 'last:K'"):
         bl.evaluate(run, sample_layers="top:1", output_dir=tmp_path / "bad", progress=False)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import read_yaml
+from .runs.layout import CONFIG_HEADER, with_legacy_defaults
 from .tuners.base import LowRankBayesConfig
 from .tuners.blocks import parse_bayesian_layers
 from .tuners.blora.config import BLoraConfig
@@ -41,9 +42,6 @@ GATE_TRAVEL = 8.0
 #: operations and 4.8 points below LoRA; with it, 0.118x at 1.3 points below.
 GATE_BUDGET = 0.25
 
-#: --gate-lr's default before it was derived from the run's length: every config.yaml written then records it, for
-#: every method; a recipe of another method than B-LoRA that holds it did not set it (so it is not "given").
-LEGACY_GATE_LR = 0.05
 
 #: Who uses each group of method-specific options (the ``group`` of a :class:`RunConfig` field); a method declares
 #: the groups it uses (:meth:`bayeslora.methods.Method.groups`). Every other option applies to every method.
@@ -231,14 +229,16 @@ class RunConfig:
     gate_temperature: float = _tuner_option(BLoraConfig, "gate_temperature", group="gates", check="> 0")
     gate_lambda: float = _opt(
         0.05,
-        "Weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss.",
+        "Weight λ of the gates' expected cost (relative to the 16-bit LoRA's) in the loss; under --gate-budget the "
+        "scale of the learned weight, which starts at λ / 30 and stays within [λ / 30, 30 λ].",
         group="gates",
         check=">= 0",
     )
     gate_budget: float | None = _opt(
         GATE_BUDGET,
         "Hold the gates' expected cost to this fraction (below 1) of the reference (the 16-bit LoRA's bit "
-        "operations; every gate with --gate-cost gates): the penalty's weight is then learned (multiplied up while "
+        "operations, with --quantize-base plus the 16-bit base layer's; every gate with --gate-cost gates): the "
+        "penalty's weight is then learned (multiplied up while "
         "over the budget, down within it, between --gate-lambda / 30 and × 30) instead of being --gate-lambda "
         "throughout; none for a fixed --gate-lambda.",
         group="gates",
@@ -443,7 +443,7 @@ class RunConfig:
                 f"never binds. Give a fraction below 1 (default {GATE_BUDGET:g}), or --gate-budget none for the fixed "
                 "--gate-lambda"
             )
-        if self.gate_budget is not None and self.gate_lambda == 0:
+        if self.method == "blora" and self.gate_budget is not None and self.gate_lambda == 0:
             problems.append(
                 f"--gate-lambda 0 with --gate-budget {self.gate_budget:g}: under a budget --gate-lambda is the scale "
                 "of the learned penalty weight, which must be > 0. For no penalty give --gate-budget none as well"
@@ -576,14 +576,16 @@ def _coerce_scalar(name: str, scalar: type, value: Any) -> Any:
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML recipe, checked against :class:`RunConfig` (unknown keys are errors)."""
+    """Options from a YAML recipe, checked against :class:`RunConfig` (unknown keys are errors). A run's
+    ``config.yaml`` (written by bayeslora) is read as the version that wrote it meant it
+    (:func:`~bayeslora.runs.layout.with_legacy_defaults`)."""
     data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"Recipe {path} must be a mapping of option: value, got {type(data).__name__}.")
-    if data.get("method") != "blora" and data.get("gate_lr") == LEGACY_GATE_LR:
-        data = {key: value for key, value in data.items() if key != "gate_lr"}  # a config.yaml of an older version
+    if Path(path).read_text(encoding="utf-8").startswith(CONFIG_HEADER):
+        data = with_legacy_defaults(data)
     return {key: coerce_value(key, value) for key, value in data.items()}
 
 

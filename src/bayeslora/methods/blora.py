@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from ..config import GATE_TRAVEL
 from ..io import write_text_atomic
+from ..runs.layout import LEGACY_GATE_OPTIONS
 from ..training.distributed import world
 from ..training.losses import LossTerms
 from ..training.trainer import total_steps
@@ -437,7 +438,7 @@ class BLora(Method):
             gate_lr = derived_gate_lr(gate_steps(schedule, steps), distance, config.gate_travel)
         else:
             gate_lr = config.gate_lr
-            if config.gate_travel != GATE_TRAVEL:
+            if config.gate_travel not in (GATE_TRAVEL, LEGACY_GATE_OPTIONS["gate_travel"]):  # given, not a default
                 warnings.warn(
                     f"--gate-travel {config.gate_travel:g} is ignored: --gate-lr {gate_lr:g} sets the gates' learning "
                     f"rate (leave --gate-lr out to derive it from --gate-travel).",

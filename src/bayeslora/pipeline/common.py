@@ -16,6 +16,7 @@ from ..methods import get_method
 from ..models import load_model
 from ..runs import ADAPTER_DIR, read_run_config
 from ..runs.adapters import load_adapter
+from ..runs.layout import CONFIG_HEADER
 from ..tasks import Task, load_task
 
 
@@ -88,10 +89,7 @@ def write_config(path: Path, config: RunConfig) -> None:
     """``config.yaml`` of a run: the resolved options, with the command that reproduces the run."""
     import yaml
 
-    header = (
-        "# bayeslora run configuration (resolved). Reproduce with:\n"
-        f"#   bayeslora train --config {path} --output-dir <new dir>\n"
-    )
+    header = f"{CONFIG_HEADER} Reproduce with:\n#   bayeslora train --config {path} --output-dir <new dir>\n"
     write_text_atomic(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 

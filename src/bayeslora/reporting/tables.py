@@ -62,8 +62,8 @@ def predictive_label(metrics: dict[str, Any]) -> str | None:
     ``posterior_predictive`` (``glm``, ``probit``) and ``sample_layers`` (``last:K``), e.g. ``samples, last:1``;
     None for the default and for a deterministic method."""
     predictive, layers = metrics.get("posterior_predictive"), metrics.get("sample_layers", "all")
-    if predictive in (None, "samples") and layers == "all":
-        return None
+    if predictive in (None, "samples") and (layers == "all" or metrics.get("n_samples", 1) <= 1):
+        return None  # N samples of every layer, or the posterior mean (N ≤ 1: the N column says so)
     return ", ".join(part for part in (predictive or "samples", None if layers == "all" else layers) if part)
 
 

@@ -117,7 +117,25 @@ def read_run_config(run_dir: str | Path) -> dict:
     return with_legacy_defaults(data)
 
 
+#: The first line bayeslora writes into a run's ``config.yaml`` (a recipe that starts with it is one).
+CONFIG_HEADER = "# bayeslora run configuration (resolved)."
+
+#: B-LoRA's gate options at the defaults of older versions (--gate-lr 0.05 before it was derived from the run's
+#: length, --gate-travel 4 and no --gate-budget before 2026-12-07). Every method's config.yaml records them.
+LEGACY_GATE_OPTIONS: dict[str, object] = {"gate_lr": 0.05, "gate_travel": 4.0, "gate_budget": None}
+
+
 def with_legacy_defaults(options: dict) -> dict:
-    """A run's stored options, with the values that options added later had before they existed: a run written
-    before ``factor_norm`` trained its core with free factors, one written before ``gate_budget`` had no budget."""
-    return {"factor_norm": "free", "gate_budget": None, **options}
+    """A run's stored options (its ``config.yaml``), read as the version that wrote it meant them: an option added
+    later has the value it had before it existed (a run written before ``factor_norm`` trained its core with free
+    factors, a B-LoRA run written before ``gate_budget`` had no budget), and in another method's configuration
+    B-LoRA's gate options at an older default (:data:`LEGACY_GATE_OPTIONS`) are dropped: they did nothing there,
+    and kept they would look chosen (warned about as options the method does not use) once the default changed."""
+    options = {"factor_norm": "free", **options}
+    if options.get("method") == "blora":
+        return {"gate_budget": None, **options}
+    return {
+        key: value
+        for key, value in options.items()
+        if not (key in LEGACY_GATE_OPTIONS and value == LEGACY_GATE_OPTIONS[key])
+    }

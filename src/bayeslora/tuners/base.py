@@ -406,7 +406,8 @@ class BayesianLowRankModel(BaseTuner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for config in self.peft_config.values():
-            warn_if_every_block(self.model, config.bayesian_layers)
+            if not config.inference_mode:  # when the adapter is made to be trained, not each time it is loaded
+                warn_if_every_block(self.model, config.bayesian_layers)
         self._regularised = False
         self._unregularised_passes = 0
         # on the wrapped model, which every PeftModel class calls (PeftModel.forward bypasses the tuner's forward)

@@ -51,6 +51,11 @@ def test_posterior_samples_average_probabilities_and_the_cli_runs_lm_eval(tiny_l
     again = _loglikelihoods(BayesLoraLM(run=str(run), samples=3, batch_size=4), task_dir)
     assert sampled == again  # the same posterior samples for the same run seed
     assert sampled != pytest.approx(mean, abs=1e-9)
+    head = _loglikelihoods(BayesLoraLM(run=str(run), samples=3, batch_size=4, sample_layers="last:0"), task_dir)
+    assert head != pytest.approx(sampled, abs=1e-9) and head != pytest.approx(mean, abs=1e-9)
+    with pytest.warns(UserWarning, match="the same as sample_layers='all'"):  # both blocks: every layer sampled
+        both = _loglikelihoods(BayesLoraLM(run=str(run), samples=3, batch_size=4, sample_layers="last:2"), task_dir)
+    assert both == sampled
     out = tmp_path / "lm-eval-out"
     code = main(["--quiet", "lm-eval", "--model", "bayeslora", "--model_args", f"run={run},samples=0",
                  "--tasks", "toy_mc", "--include_path", str(task_dir), "--output_path", str(out),

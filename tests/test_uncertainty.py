@@ -109,6 +109,17 @@ def test_early_stopping_keeps_the_epoch_with_the_lowest_heldout_nll(monkeypatch)
     assert stopping.record()["epochs_run"] == 4
 
 
+def test_early_stopping_resumed_from_a_checkpoint_without_its_choice_says_so(tmp_path):
+    """A checkpoint saved as its process was killed (by a version before the seal) lacks the history: warned."""
+    checkpoint = tmp_path / "checkpoint-20"
+    checkpoint.mkdir()
+    with pytest.warns(UserWarning, match="early_stopping.json is missing"):
+        stopping = early_stopping.EarlyStopping(scorer=None, heldout=[object()], checkpoint=checkpoint)
+    assert stopping.history == []
+    (checkpoint / early_stopping.HISTORY_FILE).write_text('{"history": [{"epoch": 1, "step": 10, "heldout_nll": 0.5}]}')
+    assert early_stopping.EarlyStopping(scorer=None, heldout=[object()], checkpoint=checkpoint).best["step"] == 10
+
+
 def test_a_run_with_early_stopping_saves_its_best_epoch(tiny_llama_dir, tmp_path):
     task = write_word_task(tmp_path / "words.jsonl", 16)
     run = bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[], rank=2, epochs=3, batch_size=4,

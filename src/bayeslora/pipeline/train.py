@@ -25,6 +25,7 @@ from ..reporting.structure import write_structure
 from ..runs import ADAPTER_DIR, CONFIG_FILE, TRAIN_LOG, TRAIN_SUMMARY, RunExistsError, eval_dir, new_run_dir
 from ..runs.adapters import attach_adapter, save_adapter, trainable_parameters
 from ..runs.checkpoints import (
+    CheckpointSeal,
     RuntimeLedger,
     checkpoint_folder,
     checkpoint_runtime,
@@ -334,6 +335,7 @@ def _fit(
     if progress:  # the progress bar also shows the loss terms
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(TermsProgress())
+    trainer.add_callback(CheckpointSeal())  # last: after every other callback has saved into a checkpoint
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return _Fit(
         trainer.model,

@@ -33,6 +33,9 @@ _FIT_RECORD = "fit.json"
 _WEIGHTS = "adapter_model.safetensors"
 #: The training time up to a checkpoint, written into it (all sessions of the run, not only the one saving).
 RUNTIME_FILE = "bayeslora_runtime.json"
+#: Written into a checkpoint after every callback has saved its part of the training state (see
+#: :class:`CheckpointSeal`).
+SEAL_FILE = "bayeslora_saved.json"
 
 #: Options that say where and how a run is written, not what it computes (free to differ on --resume).
 RUN_HANDLING = (
@@ -89,15 +92,30 @@ def checkpoint_folder(run: Path, member: str | None) -> Path:
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` whose saving finished (its trainer state is written last): a process
-    killed while saving leaves an incomplete one behind, which is skipped."""
+    """The newest ``checkpoint-<step>`` whose saving finished: a process killed while saving leaves an incomplete
+    one behind, which is skipped. The Trainer writes its state last, then the callbacks save theirs (the penalty's
+    multiplier, early stopping's choice, the training time) and :class:`CheckpointSeal` seals it; in a folder with
+    sealed checkpoints (a run of this version) only those count, in one without (an older version's) those with
+    the Trainer's state and the adapter."""
     if not folder.is_dir():
         return None
     steps = sorted(
         (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
     )
     complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
-    return complete[-1] if complete else None
+    sealed = [p for p in complete if (p / SEAL_FILE).is_file()]
+    return (sealed or complete or [None])[-1]
+
+
+class CheckpointSeal(TrainerCallback):
+    """Marks each checkpoint as whole once every other callback has saved into it: added to the Trainer last, so
+    that a process killed between the Trainer's save and the callbacks' is not continued from a checkpoint that
+    lacks their state (:func:`last_complete_checkpoint` takes the one before)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            write_text_atomic(checkpoint / SEAL_FILE, json.dumps({"step": state.global_step}) + "\n")
 
 
 def checkpoint_step(checkpoint: Path) -> int:

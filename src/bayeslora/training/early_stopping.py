@@ -10,6 +10,7 @@ pass without a new best. The choice and its history are saved into every checkpo
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,14 @@ class EarlyStopping(TrainerCallback):
             self.history = json.loads((checkpoint / HISTORY_FILE).read_text())["history"]
             if (checkpoint / BEST_STATE_FILE).is_file():
                 self.best_state = load_file(str(checkpoint / BEST_STATE_FILE))
+        elif checkpoint is not None:  # an older version's checkpoint, saved as its process was killed
+            warnings.warn(
+                f"early stopping: {checkpoint / HISTORY_FILE} is missing, so the epochs before {checkpoint.name} are "
+                "not among those it chooses from; the run will not match an uninterrupted one. For an exact "
+                f"continuation delete {checkpoint} and resume from the checkpoint before it.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @property
     def best(self) -> dict[str, float] | None:

@@ -5,7 +5,9 @@
 # (seed 1) from the same grid. Runs continue from their checkpoints when the script is started again.
 #
 #   benchmarks/evidence.sh select      # seed 1 of every variant, both tasks (the choice is made on these)
-#   benchmarks/evidence.sh seeds       # seeds 2 and 3 of the chosen variants (edit CHOSEN after `select`)
+#   CHOSEN="blob-slr0.05 melora-free-slr0.05 ..." benchmarks/evidence.sh seeds
+#                                      # seeds 2 and 3 of the variants chosen by `select` (their names; per task:
+#                                      # TASKS=arc-easy, TASKS=obqa), with the fixed ones and held-out Laplace
 #   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
 #   benchmarks/evidence.sh widths      # Me-LoRA on 80 and 1,280 ARC-Easy questions (320 is `select`'s), then the
 #                                      # posterior width of each (posterior-width-by-size.md): does it narrow as
@@ -26,9 +28,15 @@ MELOGU=($(family melora-logu melora "$LOGU"))
 SEARCHED=("${BLOB[@]}" "${MEFREE[@]}" "${MEUNIT[@]}" "${MELOGU[@]}")
 FIXED=(lora "lora-es=lora:early_stopping=true,early_stopping_patience=2" "blob-sched=blob:kl_schedule=blob")
 LAST=("laplace-heldout=laplace:laplace_prior=heldout")
-# filled in from the selection table after `select` (the chosen variant of each family, per task: see evidence.md)
-CHOSEN=(${CHOSEN:-})
-COMMON=(--tag evidence --tasks arc-easy obqa --heldout-eval 200 --jobs 2
+# the variants chosen by `select` (the selection table in evidence.md), by name
+CHOSEN_NAMES=${CHOSEN:-}
+CHOSEN=()
+for name in $CHOSEN_NAMES; do
+  spec=$(printf '%s\n' "${SEARCHED[@]}" | grep "^$name=") || { echo "CHOSEN: $name is none of ${SEARCHED[*]%%=*}" >&2; exit 2; }
+  CHOSEN+=("$spec")
+done
+TASKS=(${TASKS:-arc-easy obqa})
+COMMON=(--tag evidence --tasks "${TASKS[@]}" --heldout-eval 200 --jobs "${JOBS:-2}"
         --ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics
         --select "blob=$(names "${BLOB[@]}")" "melora-free=$(names "${MEFREE[@]}")" "melora-unit=$(names "${MEUNIT[@]}")"
                   "melora-logu=$(names "${MELOGU[@]}")")

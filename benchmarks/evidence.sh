@@ -23,7 +23,10 @@ family() { local name=$1 method=$2 options=$3; for lr in "${GRID[@]}"; do echo "
 names() { for v in "$@"; do echo -n "${v%%=*},"; done | sed 's/,$//'; }
 BLOB=($(family blob blob ""))
 MEFREE=($(family melora-free melora "$FREE"))
-MEUNIT=($(family melora-unit melora "$UNIT"))
+MEUNIT=($(family melora-unit melora "$UNIT")
+        # unit factors' core learning rate, 10x lower, at the σ learning rate the other families chose (0.05): at
+        # 0.05 (--core-lr's default with unit factors) the core over-fits from the second epoch on ARC-Easy
+        "melora-unit-clr0.005-slr0.05=melora:factor_norm=unit,prior_mean=zero,core_lr=0.005,sigma_lr=0.05")
 MELOGU=($(family melora-logu melora "$LOGU"))
 SEARCHED=("${BLOB[@]}" "${MEFREE[@]}" "${MEUNIT[@]}" "${MELOGU[@]}")
 FIXED=(lora "lora-es=lora:early_stopping=true,early_stopping_patience=2" "blob-sched=blob:kl_schedule=blob")

@@ -9,9 +9,10 @@
 #                                      # seeds 2 and 3 of the variants chosen by `select` (their names; per task:
 #                                      # TASKS=arc-easy, TASKS=obqa), with the fixed ones and held-out Laplace
 #   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
-#   benchmarks/evidence.sh widths      # Me-LoRA on 80 and 1,280 ARC-Easy questions (320 is `select`'s), then the
-#                                      # posterior width of each (posterior-width-by-size.md): does it narrow as
-#                                      # data grows?
+#   benchmarks/evidence.sh widths      # Me-LoRA (the chosen variant of the free, unit and log-uniform families,
+#                                      # or WIDTHS="name ...") on 80 and 1,280 ARC-Easy questions (320 is
+#                                      # `select`'s), then the posterior width of each (posterior-width-by-size.md):
+#                                      # does it narrow as data grows?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -47,17 +48,18 @@ case "${1:-select}" in
   select)   exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ;;
   seeds)    exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${CHOSEN[@]}" "${LAST[@]}" ;;
   widths)
-    SIZES=()
-    for n in 80 1280; do
-      SIZES+=("melora-free-slr0.05-n$n=melora:$FREE,sigma_lr=0.05,train_size=$n"
-              "melora-logu-slr${LOGU_SLR:-0.05}-n$n=melora:$LOGU,sigma_lr=${LOGU_SLR:-0.05},train_size=$n")
+    # each family's chosen variant (WIDTHS: names of searched variants) trained on 80 and 1,280 questions too
+    TRAINED=() TABLE=()
+    for name in ${WIDTHS:-melora-free-slr0.05 melora-unit-clr0.005-slr0.05 melora-logu-slr0.05}; do
+      spec=$(printf '%s\n' "${SEARCHED[@]}" | grep "^$name=") || { echo "WIDTHS: $name is not searched" >&2; exit 2; }
+      TRAINED+=("$name-n80=${spec#*=},train_size=80" "$name-n1280=${spec#*=},train_size=1280")
+      TABLE+=("$name-n80=${spec#*=},train_size=80" "$spec" "$name-n1280=${spec#*=},train_size=1280")
     done
-    $PY benchmarks/calibration.py --tag evidence --tasks arc-easy --heldout-eval 200 --jobs 2 --seeds 1 \
-        --variants "${SIZES[@]}"
+    $PY benchmarks/calibration.py --tag evidence --tasks arc-easy --heldout-eval 200 --jobs "${JOBS:-2}" --seeds 1 \
+        --variants "${TRAINED[@]}"
     # the posterior width of each size (the 320-question runs are select's), from the runs' records
     exec $PY benchmarks/calibration.py --tag evidence --table posterior-width-by-size --tasks arc-easy \
-        --heldout-eval 200 --seeds 1 --tabulate --variants "${SIZES[0]}" "melora-free-slr0.05=melora:$FREE,sigma_lr=0.05" \
-        "${SIZES[2]}" "${SIZES[1]}" "melora-logu-slr${LOGU_SLR:-0.05}=melora:$LOGU,sigma_lr=${LOGU_SLR:-0.05}" "${SIZES[3]}" ;;
+        --heldout-eval 200 --seeds 1 --tabulate --variants "${TABLE[@]}" ;;
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
                  --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" --pairs ${PAIRS:-} ;;
   *) echo "usage: $0 select|seeds|tabulate|widths" >&2; exit 2 ;;

@@ -61,6 +61,6 @@ case "${1:-select}" in
     exec $PY benchmarks/calibration.py --tag evidence --table posterior-width-by-size --tasks arc-easy \
         --heldout-eval 200 --seeds 1 --tabulate --variants "${TABLE[@]}" ;;
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
-                 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" --pairs ${PAIRS:-} ;;
+                 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ${PAIRS:+--pairs $PAIRS} ;;
   *) echo "usage: $0 select|seeds|tabulate|widths" >&2; exit 2 ;;
 esac

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The evidence benchmark: LoRA (8 epochs and early-stopped), BLoB (ELBO and its own schedule), Me-LoRA (free and
-# unit factors with a Gaussian prior, free factors with the log-uniform prior) and held-out Laplace on ARC-Easy and OBQA, three seeds, OBQA's runs also evaluated out of
-# distribution; the variance learning rate of BLoB and of both Me-LoRAs chosen on held-out training questions
-# (seed 1) from the same grid. Runs continue from their checkpoints when the script is started again.
+# unit factors with a Gaussian prior, free factors with the log-uniform prior) and held-out Laplace on ARC-Easy and
+# OBQA, three seeds, OBQA's runs also evaluated out of distribution; the variance learning rate of BLoB and of the
+# three Me-LoRAs chosen on held-out training questions (seed 1) from the same grid (the unit factors' core learning
+# rate also at 0.005). Runs continue from their checkpoints when the script is started again.
 #
 #   benchmarks/evidence.sh select      # seed 1 of every variant, both tasks (the choice is made on these)
 #   CHOSEN="blob-slr0.05 melora-free-slr0.05 ..." benchmarks/evidence.sh seeds
@@ -32,11 +33,17 @@ MELOGU=($(family melora-logu melora "$LOGU"))
 SEARCHED=("${BLOB[@]}" "${MEFREE[@]}" "${MEUNIT[@]}" "${MELOGU[@]}")
 FIXED=(lora "lora-es=lora:early_stopping=true,early_stopping_patience=2" "blob-sched=blob:kl_schedule=blob")
 LAST=("laplace-heldout=laplace:laplace_prior=heldout")
-# the variants chosen by `select` (the selection table in evidence.md), by name
-CHOSEN_NAMES=${CHOSEN:-}
+# the searched variant named $2 (for the setting named $1), exactly, else an error naming the searched ones
+searched() {
+  local v; for v in "${SEARCHED[@]}"; do [[ ${v%%=*} == "$2" ]] && { echo "$v"; return; }; done
+  echo "$1: $2 is none of ${SEARCHED[*]%%=*}" >&2; return 2
+}
+# the variants chosen by `select` (the selection table in evidence.md), by name, each once
+read -ra CHOSEN_NAMES <<< "${CHOSEN:-}"
 CHOSEN=()
-for name in $CHOSEN_NAMES; do
-  spec=$(printf '%s\n' "${SEARCHED[@]}" | grep "^$name=") || { echo "CHOSEN: $name is none of ${SEARCHED[*]%%=*}" >&2; exit 2; }
+for name in "${CHOSEN_NAMES[@]}"; do
+  spec=$(searched CHOSEN "$name") || exit 2
+  [[ " ${CHOSEN[*]%%=*} " == *" $name "* ]] && { echo "CHOSEN: $name is named twice" >&2; exit 2; }
   CHOSEN+=("$spec")
 done
 TASKS=(${TASKS:-arc-easy obqa})
@@ -46,12 +53,14 @@ COMMON=(--tag evidence --tasks "${TASKS[@]}" --heldout-eval 200 --jobs "${JOBS:-
                   "melora-logu=$(names "${MELOGU[@]}")")
 case "${1:-select}" in
   select)   exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ;;
-  seeds)    exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${CHOSEN[@]}" "${LAST[@]}" ;;
+  seeds)    [[ ${#CHOSEN[@]} -gt 0 ]] || { echo "seeds: CHOSEN names the variants select chose" >&2; exit 2; }
+            exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${CHOSEN[@]}" "${LAST[@]}" ;;
   widths)
     # each family's chosen variant (WIDTHS: names of searched variants) trained on 80 and 1,280 questions too
     TRAINED=() TABLE=()
-    for name in ${WIDTHS:-melora-free-slr0.05 melora-unit-clr0.005-slr0.05 melora-logu-slr0.05}; do
-      spec=$(printf '%s\n' "${SEARCHED[@]}" | grep "^$name=") || { echo "WIDTHS: $name is not searched" >&2; exit 2; }
+    read -ra WIDTH_NAMES <<< "${WIDTHS:-melora-free-slr0.05 melora-unit-clr0.005-slr0.05 melora-logu-slr0.05}"
+    for name in "${WIDTH_NAMES[@]}"; do
+      spec=$(searched WIDTHS "$name") || exit 2
       TRAINED+=("$name-n80=${spec#*=},train_size=80" "$name-n1280=${spec#*=},train_size=1280")
       TABLE+=("$name-n80=${spec#*=},train_size=80" "$spec" "$name-n1280=${spec#*=},train_size=1280")
     done

@@ -107,7 +107,7 @@ def test_checkpoints_hold_the_adapter_only_and_resume_from_it(tiny_llama_dir, tm
     checkpoint = load_file(str(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
     assert checkpoint.keys() == finished.keys() and all("lora_" in key for key in checkpoint)
 
-    from bayeslora.runs.checkpoints import SEAL_FILE, last_complete_checkpoint
+    from bayeslora.runs.checkpoints import SEAL_FILE, SEALED_FOLDER_FILE, last_complete_checkpoint
 
     checkpoints = run / "checkpoints"
     assert all((checkpoints / f"checkpoint-{step}" / SEAL_FILE).is_file() for step in (2, 4))
@@ -116,10 +116,14 @@ def test_checkpoints_hold_the_adapter_only_and_resume_from_it(tiny_llama_dir, tm
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (checkpoints / "checkpoint-4" / SEAL_FILE).unlink()
     assert last_complete_checkpoint(checkpoints).name == "checkpoint-2"
-    (checkpoints / "checkpoint-2" / SEAL_FILE).unlink()  # an older version's folder: no seals at all
+    (checkpoints / "checkpoint-2" / SEAL_FILE).unlink()
+    assert last_complete_checkpoint(checkpoints) is None  # no sealed one left in a folder this version trained in
+    (checkpoints / SEALED_FOLDER_FILE).unlink()  # an older version's folder: no seals at all
     assert last_complete_checkpoint(checkpoints).name == "checkpoint-4"
-    (checkpoints / "checkpoint-2" / SEAL_FILE).write_text("{}")
-    bl.train(output_dir=str(run), resume=True, progress=False)  # from checkpoint-2
+    shutil.rmtree(checkpoints / "checkpoint-4")
+    bl.train(output_dir=str(run), resume=True, progress=False)  # from checkpoint-2, which it seals
+    assert (checkpoints / SEALED_FOLDER_FILE).is_file()
+    assert all((checkpoints / f"checkpoint-{step}" / SEAL_FILE).is_file() for step in (2, 4))
     resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for key in finished:
         torch.testing.assert_close(resumed[key], finished[key], atol=1e-5, rtol=1e-5)

@@ -36,6 +36,9 @@ RUNTIME_FILE = "bayeslora_runtime.json"
 #: Written into a checkpoint after every callback has saved its part of the training state (see
 #: :class:`CheckpointSeal`).
 SEAL_FILE = "bayeslora_saved.json"
+#: Written into a checkpoint folder when a session of this version starts training in it: from then on only sealed
+#: checkpoints count there.
+SEALED_FOLDER_FILE = "bayeslora_sealed_checkpoints.json"
 
 #: Options that say where and how a run is written, not what it computes (free to differ on --resume).
 RUN_HANDLING = (
@@ -94,28 +97,46 @@ def checkpoint_folder(run: Path, member: str | None) -> Path:
 def last_complete_checkpoint(folder: Path) -> Path | None:
     """The newest ``checkpoint-<step>`` whose saving finished: a process killed while saving leaves an incomplete
     one behind, which is skipped. The Trainer writes its state last, then the callbacks save theirs (the penalty's
-    multiplier, early stopping's choice, the training time) and :class:`CheckpointSeal` seals it; in a folder with
-    sealed checkpoints (a run of this version) only those count, in one without (an older version's) those with
-    the Trainer's state and the adapter."""
+    multiplier, early stopping's choice, the training time) and :class:`CheckpointSeal` seals it; in a folder this
+    version trained in only sealed checkpoints count, in an older version's those with the Trainer's state and the
+    adapter."""
     if not folder.is_dir():
         return None
     steps = sorted(
         (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
     )
     complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
-    sealed = [p for p in complete if (p / SEAL_FILE).is_file()]
-    return (sealed or complete or [None])[-1]
+    if (folder / SEALED_FOLDER_FILE).is_file():
+        complete = [p for p in complete if (p / SEAL_FILE).is_file()]
+    return complete[-1] if complete else None
 
 
 class CheckpointSeal(TrainerCallback):
     """Marks each checkpoint as whole once every other callback has saved into it: added to the Trainer last, so
     that a process killed between the Trainer's save and the callbacks' is not continued from a checkpoint that
-    lacks their state (:func:`last_complete_checkpoint` takes the one before)."""
+    lacks their state (:func:`last_complete_checkpoint` takes the one before; with ``--save-total-limit 1`` the
+    Trainer has deleted it by then, and the run cannot be continued). When training starts it marks the folder
+    (only sealed checkpoints count there from then on) and seals the checkpoint the session continues from, which
+    an older version may have written."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir)
+        resumed = folder / f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and resumed.is_dir():
+            self._seal(resumed, state.global_step)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / SEALED_FOLDER_FILE, json.dumps({"seal": SEAL_FILE}) + "\n")
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            write_text_atomic(checkpoint / SEAL_FILE, json.dumps({"step": state.global_step}) + "\n")
+            self._seal(checkpoint, state.global_step)
+
+    @staticmethod
+    def _seal(checkpoint: Path, step: int) -> None:
+        write_text_atomic(checkpoint / SEAL_FILE, json.dumps({"step": step}) + "\n")
 
 
 def checkpoint_step(checkpoint: Path) -> int:

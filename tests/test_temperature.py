@@ -190,8 +190,11 @@ def test_calibrate_reuses_the_runs_own_heldout_evaluation(tiny_llama_dir, tmp_pa
     assert len(passes) == 1 and other_way["temperature"] == pytest.approx(fresh["temperature"], rel=1e-6)
 
     bl.evaluate(run, heldout=12, overwrite=True, progress=False)  # 3 samples, as eval/toy
+    loads = []
+    load_base = calibrate_module.load_base
+    monkeypatch.setattr(calibrate_module, "load_base", lambda *a, **k: loads.append(1) or load_base(*a, **k))
     reused = calibrate_toy()
-    assert len(passes) == 1  # no new pass
+    assert len(passes) == 1 and not loads  # no new pass, and no model loaded for it
     assert reused["temperature"] == pytest.approx(fresh["temperature"], rel=1e-6)
 
     bl.evaluate(run, heldout=10, overwrite=True, progress=False)  # other held-out examples: fitted afresh

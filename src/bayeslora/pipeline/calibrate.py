@@ -17,7 +17,7 @@ from ..runs import ADAPTER_DIR, RunExistsError, eval_dir, read_run_config
 from ..runs.adapters import load_adapter
 from ..runs.model_card import refresh_model_card
 from ..tasks import HELDOUT_EXAMPLES, Task, load_task
-from .common import build_scorer, load_base
+from .common import build_scorer, load_base, resolved_scoring
 from .evaluate import heldout_task, prediction_settings, resolve_samples
 
 #: The suffix of a temperature-scaled evaluation's folder: ``eval/<task>-ts/``.
@@ -39,7 +39,8 @@ def calibrate(
     its ``--train-size`` subset in the same seeded order), predicted the way the method predicts (posterior
     samples, MC dropout, ensemble members) with as many samples as the evaluation it rescales; where the run's
     ``eval/<task>-heldout/`` (``bayeslora eval --heldout``) already predicted exactly these examples that way,
-    its saved predictions are used instead of a second pass (see :func:`saved_heldout_prediction`). The saved
+    its saved predictions are used instead of a second pass (see :func:`saved_heldout_prediction`; the model is
+    then not loaded at all when every temperature comes from them). The saved
     predictions of every evaluation of the run (or of ``task``) are rescaled as softmax(log p / T) and
     written to ``eval/<task>-ts/`` as method ``<method>+ts``. Returns the new metrics records.
     """
@@ -68,9 +69,15 @@ def calibrate(
         raise RunExistsError(f"{', '.join(existing)} already exist(s). Pass --overwrite to replace.")
     heldout_examples = heldout_task(train_task, config.train_size, heldout)
     examples = heldout_examples.eval
-    network, tokenizer = load_base(config, train_task, progress=progress)
-    network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
-    scorer = build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)
+    loaded: list = []  # (model, scorer), loaded once a pass over the held-out examples is needed
+
+    def model_and_scorer() -> tuple:
+        if not loaded:
+            network, tokenizer = load_base(config, train_task, progress=progress)
+            network = load_adapter(network, run / ADAPTER_DIR, force=force_base)
+            loaded.append((network, build_scorer(train_task, tokenizer, config, num_classes=train_task.num_classes)))
+        return loaded[0]
+
     temperatures: dict[tuple, float] = {}
     defaults = method.predictive_record(config)  # how an evaluation that does not record them predicted
 
@@ -86,12 +93,13 @@ def calibrate(
             expected = {
                 "n_samples": n_samples,
                 "seed": config.seed,
-                **prediction_settings(config, scorer.name),
+                **prediction_settings(config, resolved_scoring(train_task, config.scoring)),  # the scorer's name
                 **predictive,
             }
             if fitted_on := saved_heldout_prediction(run, heldout_examples, expected, defaults):
                 temperatures[key] = fit_temperature(fitted_on.probs, fitted_on.labels)
                 return temperatures[key]
+            network, scorer = model_and_scorer()
             torch.manual_seed(config.seed)
             _, fitted_on = evaluate_model(
                 network,

@@ -208,21 +208,39 @@ def _rounded(probs) -> list[list[float]]:
     return [[round(float(p), 6) for p in row] for row in probs.tolist()]
 
 
+def _scored_members(results: list[dict[str, Any]], members: list[str], task: str) -> list[tuple]:
+    """(held-out NLL, variant, held-out accuracy, held-out ECE) of each of ``members`` on ``task`` (seed 1)."""
+    return [
+        (r["heldout"]["nll"], r["variant"], r["heldout"]["accuracy"], r["heldout"]["ece"])
+        for r in results
+        if r["task"] == task and r["variant"] in members and r["seed"] == 1 and "heldout" in r
+    ]
+
+
+def family_choices(results: list[dict[str, Any]], families: list[str]) -> dict[tuple[str, str], str]:
+    """``{(task, family name): chosen variant}``: of each family ``name=variant,variant,...`` the variant with the
+    lowest held-out NLL at seed 1, the seed the choice is made on (only the chosen one is run at other seeds)."""
+    choices = {}
+    for family in families:
+        name, _, members = family.partition("=")
+        for task in sorted({r["task"] for r in results}):
+            if scored := _scored_members(results, members.split(","), task):
+                choices[task, name] = min(scored)[1]
+    return choices
+
+
 def selection_section(results: list[dict[str, Any]], families: list[str]) -> list[str]:
     """Markdown: for each family ``name=variant,variant,...`` and task, the held-out NLL of each of its variants
     (seed 1: the seed the choice is made on) and the one chosen (lowest), never looking at the evaluation set."""
     lines = []
+    choices = family_choices(results, families)
     for family in families:
         name, _, members = family.partition("=")
         for task in sorted({r["task"] for r in results}):
-            scored = [
-                (r["heldout"]["nll"], r["variant"], r["heldout"]["accuracy"], r["heldout"]["ece"])
-                for r in results
-                if r["task"] == task and r["variant"] in members.split(",") and r["seed"] == 1 and "heldout" in r
-            ]
+            scored = _scored_members(results, members.split(","), task)
             if not scored:
                 continue
-            best = min(scored)[1]
+            best = choices[task, name]
             for nll, variant, acc, ece in sorted(scored, key=lambda s: members.split(",").index(s[1])):
                 chosen = " **chosen**" if variant == best else ""
                 lines.append(f"| {task} | {name} | {variant}{chosen} | {nll:.3f} | {100 * acc:.1f} | {100 * ece:.1f} |")
@@ -236,6 +254,22 @@ def selection_section(results: list[dict[str, Any]], families: list[str]) -> lis
         "| task | family | variant | held-out NLL | held-out accuracy % | held-out ECE % |",
         "|---|---|---|---|---|---|",
         *lines,
+    ]
+
+
+def without_unchosen_seeds(configurations: list[tuple], settings: dict[str, Any]) -> list[tuple]:
+    """``(task, variant, seed)`` configurations without the other seeds of the family members that seed 1 did not
+    choose (they are never run at them; a table would list them as missing forever)."""
+    seed_one = [
+        stored_or_finished(t, v, 1, settings)[1]
+        for t, v in {(t, v.name): (t, v) for t, v, _ in configurations}.values()
+    ]
+    choices = family_choices([r for r in seed_one if r is not None], settings["select"])
+    members = {v: name for family in settings["select"] for name, _, m in [family.partition("=")] for v in m.split(",")}
+    return [
+        (task, variant, seed)
+        for task, variant, seed in configurations
+        if seed == 1 or variant.name not in members or choices.get((task, members[variant.name])) == variant.name
     ]
 
 
@@ -786,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     settings["store"] = str(args.out / "records" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]
+    if args.tabulate and args.select:
+        configurations = without_unchosen_seeds(configurations, settings)
 
     run_benchmark(
         run_one,

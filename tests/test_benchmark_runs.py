@@ -212,6 +212,26 @@ def test_a_finished_run_made_before_a_default_changed_is_trained_again(tmp_path)
     assert state == "new" and not run.exists()
 
 
+def test_a_calibration_table_expects_other_seeds_of_the_chosen_variant_only(monkeypatch):
+    """Of a family searched at seed 1 only the variant with the lowest held-out NLL is run at other seeds: the
+    others are not listed as missing there; a variant outside every family is."""
+    import calibration
+
+    nll = {"a-lo": 1.2, "a-hi": 0.9, "fixed": 1.0}
+
+    def stored(task, variant, seed, settings):
+        heldout = {"nll": nll[variant.name], "accuracy": 0.5, "ece": 0.1}
+        return "", {"task": task, "variant": variant.name, "seed": seed, "heldout": heldout}
+
+    monkeypatch.setattr(calibration, "stored_or_finished", stored)
+    variants = [Variant(name, "lora", {}) for name in nll]
+    configurations = [("t", v, s) for v in variants for s in (1, 2, 3)]
+    kept = calibration.without_unchosen_seeds(configurations, {"select": ["a=a-lo,a-hi"]})
+    assert [(v.name, s) for _, v, s in kept] == [("a-lo", 1), ("a-hi", 1), ("a-hi", 2), ("a-hi", 3)] + [
+        ("fixed", s) for s in (1, 2, 3)
+    ]
+
+
 def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_again(tmp_path):
     from _shared import RecordStore
     from calibration import run_one, run_options, stored_or_finished

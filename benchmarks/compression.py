@@ -31,8 +31,13 @@ the adapter path and in total against the 16-bit LoRA of the same rank on a 16-b
 :mod:`bayeslora.reporting.bops`); mean learned rank and bits; and for B-LoRA runs the size of the packed export
 against the 16-bit LoRA adapter file.
 
-    python benchmarks/compression.py                                  # the recorded configuration
+    python benchmarks/compression.py --seeds 1 2 3 --tag gates --tabulate   # results/compression/gates.md from
+                                                      # the committed records (without --tabulate: trains what is
+                                                      # missing); every default variant on every suite
     python benchmarks/compression.py --suites minilm --seeds 1 --tag quick
+
+(``results/compression/default.md`` is the table of 2026-12-04, made before the tasks, the selection rule and
+B-LoRA's default changed; its variant names are that day's.)
 
 Writes ``benchmarks/results/compression/<tag>.json`` and ``<tag>.md``; runs go to
 ``benchmarks/results/compression/runs/<tag>/`` (not committed), each finished run's record also to

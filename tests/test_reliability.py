@@ -146,7 +146,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny_llama_dir, t
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"at step 3 \(non-finite term\(s\): nll\).*Lower --lr"):
         train_toy(tiny_llama_dir, toy_task, out, max_steps=6, save_steps=1, save_total_limit=2, callbacks=[Poison()])
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2", "checkpoint-3"]
     from safetensors.torch import load_file
 

@@ -120,19 +120,25 @@ class CheckpointSeal(TrainerCallback):
     an older version may have written."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
         folder = Path(args.output_dir)
+        if not state.is_world_process_zero or (state.global_step == 0 and args.save_strategy == "no"):
+            return  # a new run without --save-steps: marked at its first checkpoint, if a callback asks for one
         resumed = folder / f"checkpoint-{state.global_step}"
         if state.global_step > 0 and resumed.is_dir():
             self._seal(resumed, state.global_step)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / SEALED_FOLDER_FILE, json.dumps({"seal": SEAL_FILE}) + "\n")
+        self._mark(folder)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
+            self._mark(checkpoint.parent)  # a checkpoint asked for by a callback, with --save-steps unset
             self._seal(checkpoint, state.global_step)
+
+    @staticmethod
+    def _mark(folder: Path) -> None:
+        if not (folder / SEALED_FOLDER_FILE).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / SEALED_FOLDER_FILE, json.dumps({"seal": SEAL_FILE}) + "\n")
 
     @staticmethod
     def _seal(checkpoint: Path, step: int) -> None:

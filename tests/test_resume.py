@@ -129,6 +129,33 @@ def test_checkpoints_hold_the_adapter_only_and_resume_from_it(tiny_llama_dir, tm
         torch.testing.assert_close(resumed[key], finished[key], atol=1e-5, rtol=1e-5)
 
 
+def test_a_run_stopped_before_its_seal_keeps_the_checkpoint_before(tiny_llama_dir, tmp_path):
+    """With ``--save-total-limit 1``, a process stopped after the Trainer saved checkpoint-4 and before the seal
+    still has checkpoint-2 to continue from: the older checkpoints are deleted only once the new one is sealed."""
+    from transformers import TrainerCallback
+
+    from bayeslora.runs.checkpoints import last_complete_checkpoint
+
+    class StopBeforeTheSeal(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt  # the seal, the last callback, never runs
+
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    options = dict(
+        model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=6, batch_size=2,
+        lr=1e-2, save_steps=2, save_total_limit=1, seed=3, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        bl.train(**options, callbacks=[StopBeforeTheSeal()], progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert last_complete_checkpoint(checkpoints).name == "checkpoint-2"
+    run = bl.train(output_dir=options["output_dir"], resume=True, progress=False)
+    assert json.loads((run / "train_summary.json").read_text())["resumed_from_step"] == 2
+    assert [p.name for p in checkpoints.glob("checkpoint-*")] == ["checkpoint-6"]  # the limit holds once sealed
+
+
 @pytest.mark.parametrize("member1_checkpoint", [True, False])
 def test_ensemble_resumes_after_its_trained_members(tiny_llama_dir, tmp_path, member1_checkpoint):
     """Stopped in member 1 (after its step-2 checkpoint, or before any): member 0 is loaded, not trained again,

@@ -313,9 +313,11 @@ def _fit(
         stopping = EarlyStopping(scorer, heldout, patience, batch_size=batch, checkpoint=checkpoint)
     memory_probe = StepMemoryProbe()
     before_s = checkpoint_runtime(checkpoint) if checkpoint else 0.0
+    args = training_arguments(config, checkpoint_folder(run, member), progress=progress)
+    keep, args.save_total_limit = args.save_total_limit, None  # rotated by the seal, once the new one is whole
     trainer = bayesian_trainer(BayesLoraTrainer)(  # the method's terms, callbacks and learning rates
         model=model,
-        args=training_arguments(config, checkpoint_folder(run, member), progress=progress),
+        args=args,
         train_dataset=ExampleDataset(train_examples),
         data_collator=scorer.collate,
         scorer=scorer,
@@ -335,7 +337,7 @@ def _fit(
     if progress:  # the progress bar also shows the loss terms
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(TermsProgress())
-    trainer.add_callback(CheckpointSeal())  # last: after every other callback has saved into a checkpoint
+    trainer.add_callback(CheckpointSeal(keep))  # last: after every other callback has saved into a checkpoint
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return _Fit(
         trainer.model,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,20 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 class CheckpointSeal(TrainerCallback):
     """Marks each checkpoint as whole once every other callback has saved into it: added to the Trainer last, so
     that a process killed between the Trainer's save and the callbacks' is not continued from a checkpoint that
-    lacks their state (:func:`last_complete_checkpoint` takes the one before; with ``--save-total-limit 1`` the
-    Trainer has deleted it by then, and the run cannot be continued). When training starts it marks the folder
-    (only sealed checkpoints count there from then on) and seals the checkpoint the session continues from, which
-    an older version may have written."""
+    lacks their state (:func:`last_complete_checkpoint` takes the one before). When training starts it marks the
+    folder (only sealed checkpoints count there from then on) and seals the checkpoint the session continues from,
+    which an older version may have written.
+
+    Args:
+        keep: checkpoints kept (``--save-total-limit``), or None for all. The seal deletes the older ones once the
+            new checkpoint is sealed, so give the Trainer ``save_total_limit=None``: its own rotation runs before
+            the callbacks save, and a process killed in between would be left with an unsealed checkpoint only.
+    """
+
+    def __init__(self, keep: int | None = None) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"CheckpointSeal: keep={keep}; keep at least 1 checkpoint, or None for all.")
+        self.keep = keep
 
     def on_train_begin(self, args, state, control, **kwargs):
         folder = Path(args.output_dir)
@@ -133,6 +144,8 @@ class CheckpointSeal(TrainerCallback):
         if state.is_world_process_zero and checkpoint.is_dir():
             self._mark(checkpoint.parent)  # a checkpoint asked for by a callback, with --save-steps unset
             self._seal(checkpoint, state.global_step)
+            if self.keep is not None:
+                self._rotate(checkpoint.parent, self.keep)
 
     @staticmethod
     def _mark(folder: Path) -> None:
@@ -143,6 +156,19 @@ class CheckpointSeal(TrainerCallback):
     @staticmethod
     def _seal(checkpoint: Path, step: int) -> None:
         write_text_atomic(checkpoint / SEAL_FILE, json.dumps({"step": step}) + "\n")
+
+    @staticmethod
+    def _rotate(folder: Path, keep: int) -> None:
+        """Delete every checkpoint older than the newest ``keep`` sealed ones (incomplete ones included)."""
+        checkpoints = sorted(
+            (checkpoint_step(p), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
+        )
+        sealed = [step for step, p in checkpoints if (p / SEAL_FILE).is_file()]
+        if len(sealed) > keep:
+            oldest_kept = sealed[-keep]
+            for step, path in checkpoints:
+                if step < oldest_kept:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -311,7 +311,8 @@ def _lora_run_for_laplace(settings: dict[str, Any], task: str, variant: Variant,
         return None
     lora = Variant("lora", "lora", {})
     run_dir = run_directory(settings["root"], task, lora, seed)
-    return run_dir if finished_record(run_dir, lora) is not None else None
+    options = run_options(task, lora, seed, settings)
+    return run_dir if finished_record(run_dir, lora, options=options) is not None else None
 
 
 def run_options(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
@@ -385,7 +386,7 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
     record_file = run_dir / "benchmark.json"
     ood_tasks = settings.get("ood", {}).get(task, ())
     options = run_options(task, variant, seed, settings)
-    if (record := finished_record(run_dir, variant, ood_tasks)) is not None:
+    if (record := finished_record(run_dir, variant, ood_tasks, options)) is not None:
         return _finish(run_dir, record, settings, options)
     if (
         record := _store(settings).load(run_dir, variant, options, ood_tasks, _added_evaluations(settings))
@@ -401,6 +402,8 @@ def run_one(task: str, variant: Variant, seed: int, settings: dict[str, Any]) ->
         bl.laplace(
             lora_run, output_dir=run_dir, overwrite=True, progress=False, samples=options["samples"], **laplace_options
         )
+        # the recipe it stands for, as a trained run records it (a finished run is reused only with its recipe)
+        write_json_atomic(run_dir / OPTIONS_FILE, json.loads(json.dumps({**options, "output_dir": str(run_dir)})))
         history = read_json(lora_run / "benchmark.json")["epochs"]  # the posterior's mode is that LoRA
     else:
         state, config, callbacks = prepare_run(options, run_dir)

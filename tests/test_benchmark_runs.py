@@ -252,6 +252,25 @@ def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_agai
         run_one("arc-easy", variant, 1, {**settings, "lr": 5e-3})
 
 
+def test_the_calibration_benchmark_reuses_a_finished_run_only_with_its_recipe(tmp_path):
+    """A finished run directory (its benchmark.json) stands for the configuration only if the run recorded the
+    recipe the benchmark asks for now: with another learning rate it is trained again."""
+    from bayeslora.io import write_json_atomic
+    from calibration import run_one, run_options
+
+    settings = dict(model="no-such-model", train_size=8, epochs=1, batch_size=4, lr=1e-2, limit=4, samples=2,
+                    rank=2, alpha=4.0, root=str(tmp_path / "runs"), store=str(tmp_path / "records"))  # fmt: skip
+    variant = Variant("lora", "lora", {})
+    run_dir = tmp_path / "runs" / "arc-easy-lora-seed1"
+    record = {"task": "arc-easy", "variant": "lora", "method": "lora", "options": {}, "seed": 1}
+    write_json_atomic(run_dir / "benchmark.json", record)
+    options = run_options("arc-easy", variant, 1, settings)
+    write_json_atomic(run_dir / OPTIONS_FILE, {**options, "output_dir": str(run_dir)})
+    assert run_one("arc-easy", variant, 1, settings) == record  # training would fail: there is no such model
+    with pytest.raises(ModelLoadError):
+        run_one("arc-easy", variant, 1, {**settings, "lr": 5e-3})
+
+
 def test_a_bayesian_runs_record_keeps_its_posterior_width_per_module_kind(tiny_llama_dir, tmp_path):
     """The calibration benchmark's record of a Me-LoRA run holds what `bayeslora posterior` reports (the widths by
     data size are tabulated from records, on any machine); a LoRA run's holds none."""

@@ -391,7 +391,8 @@ def result_label(result: dict[str, Any]) -> str:
 
 def write_predictions(path: Path, results: Sequence[dict[str, Any]]) -> None:
     """The per-question predictions of every result that has them, gzipped JSON keyed by :func:`result_label`
-    (written atomically; nothing when no result has any)."""
+    (written atomically, the same bytes for the same predictions: no time or name in the gzip header; nothing when
+    no result has any)."""
     import gzip
 
     from bayeslora.io import atomic_path
@@ -399,8 +400,12 @@ def write_predictions(path: Path, results: Sequence[dict[str, Any]]) -> None:
     kept = {result_label(r): r[PREDICTIONS_KEY] for r in results if r.get(PREDICTIONS_KEY)}
     if not kept:
         return
-    with atomic_path(path) as tmp, gzip.open(tmp, "wt", encoding="utf-8") as handle:
-        json.dump(kept, handle)
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as packed,
+    ):
+        packed.write(json.dumps(kept).encode("utf-8"))
 
 
 def read_predictions(path: Path) -> dict[str, Any]:

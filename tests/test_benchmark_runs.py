@@ -290,3 +290,17 @@ def test_a_bayesian_runs_record_keeps_its_posterior_width_per_module_kind(tiny_l
     assert any("| toy | melora | q_proj | 2 |" in line for line in table)
     lora = {"task": "toy", "variant": "lora", "method": "lora", "seed": 1}
     assert _with_posterior_width(lora, tmp_path / "no-run") == lora
+
+
+def test_stored_predictions_are_the_same_bytes_for_the_same_predictions(tmp_path):
+    """A committed predictions file changes only when the predictions do (no time in its gzip header)."""
+    import time
+
+    from _shared import read_predictions, result_label, write_predictions
+
+    results = [{"task": "arc-easy", "variant": "lora", "seed": 1, "predictions": {"probs": [[0.25, 0.75]]}}]
+    write_predictions(tmp_path / "a.json.gz", results)
+    time.sleep(1.1)  # gzip's header time has a resolution of one second
+    write_predictions(tmp_path / "b.json.gz", results)
+    assert (tmp_path / "a.json.gz").read_bytes() == (tmp_path / "b.json.gz").read_bytes()
+    assert read_predictions(tmp_path / "a.json.gz") == {result_label(results[0]): {"probs": [[0.25, 0.75]]}}

@@ -672,6 +672,10 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
         f"(fixed seeded subset), N = {settings['samples']} posterior samples for Bayesian methods. "
         f"Seeds: {' '.join(map(str, settings['seeds']))}. Variants: {described}.",
         "",
+        "`step s` is each run's own median training step, timed while other runs shared the machine's cores (two at "
+        "once with `--jobs 2`): it describes that run, it does not compare methods (memory and step-time ratios "
+        "measured side by side: benchmarks/results/memory.md and model_memory.md).",
+        "",
         "| task | variant | seeds | N | accuracy % | ECE % | NLL | Brier | ECE of a calibrated model % | posterior "
         "mean: acc % / ECE % / NLL | trainable | step s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

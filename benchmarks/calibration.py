@@ -257,6 +257,11 @@ def selection_section(results: list[dict[str, Any]], families: list[str]) -> lis
     ]
 
 
+def _family_of(settings: dict[str, Any]) -> dict[str, str]:
+    """``{variant name: family name}`` of the ``--select`` families."""
+    return {v: name for family in settings["select"] for name, _, m in [family.partition("=")] for v in m.split(",")}
+
+
 def without_unchosen_seeds(configurations: list[tuple], settings: dict[str, Any]) -> list[tuple]:
     """``(task, variant, seed)`` configurations without the other seeds of the family members that seed 1 did not
     choose (they are never run at them; a table would list them as missing forever)."""
@@ -265,11 +270,31 @@ def without_unchosen_seeds(configurations: list[tuple], settings: dict[str, Any]
         for t, v in {(t, v.name): (t, v) for t, v, _ in configurations}.values()
     ]
     choices = family_choices([r for r in seed_one if r is not None], settings["select"])
-    members = {v: name for family in settings["select"] for name, _, m in [family.partition("=")] for v in m.split(",")}
+    members = _family_of(settings)
     return [
         (task, variant, seed)
         for task, variant, seed in configurations
         if seed == 1 or variant.name not in members or choices.get((task, members[variant.name])) == variant.name
+    ]
+
+
+def unfinished_choices(configurations: list[tuple], settings: dict[str, Any]) -> list[str]:
+    """The seed-1 runs a choice still waits for: ``task variant`` of every member of a ``--select`` family whose
+    other seeds are asked for in ``configurations`` and which has no finished seed-1 record with its held-out
+    evaluation (a choice made before all of them are in could pick another member)."""
+    members = _family_of(settings)
+    asked = {(task, members[v.name]) for task, v, seed in configurations if seed != 1 and v.name in members}
+    variants = {v.name: v for _, v, _ in configurations}
+    return [
+        f"{task} {name}"
+        for task, family in sorted(asked)
+        for name, member in members.items()
+        if member == family
+        and (
+            name not in variants
+            or (record := stored_or_finished(task, variants[name], 1, settings)[1]) is None
+            or "heldout" not in record
+        )
     ]
 
 
@@ -794,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="FAMILY=V1,V2,...",
-        help="Report, per task, which variant of each family has the lowest held-out NLL (seed 1).",
+        help="Report, per task, which variant of each family has the lowest held-out NLL (seed 1); other seeds are "
+        "run (and tabulated) for that variant only, once seed 1 of every member is finished.",
     )
     parser.add_argument(
         "--pairs",
@@ -827,7 +853,13 @@ def main(argv: list[str] | None = None) -> int:
     settings["store"] = str(args.out / "records" / args.tag)
     settings["variants"] = [vars(v) for v in variants]
     configurations = [(t, v, s) for t in args.tasks for v in variants for s in args.seeds]
-    if args.tabulate and args.select:
+    if args.select and not args.tabulate and (waiting := unfinished_choices(configurations, settings)):
+        parser.error(
+            "--select runs other seeds of each family's chosen variant only, chosen on seed 1, which is not finished "
+            f"for: {', '.join(waiting)}. Run --seeds 1 of every variant of the families first (and name them all in "
+            "--variants)."
+        )
+    if args.select:  # the members seed 1 did not choose are run (and tabulated) at seed 1 only
         configurations = without_unchosen_seeds(configurations, settings)
 
     run_benchmark(

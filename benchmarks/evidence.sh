@@ -6,9 +6,9 @@
 # rate also at 0.005). Runs continue from their checkpoints when the script is started again.
 #
 #   benchmarks/evidence.sh select      # seed 1 of every variant, both tasks (the choice is made on these)
-#   CHOSEN="blob-slr0.05 melora-free-slr0.05 ..." benchmarks/evidence.sh seeds
-#                                      # seeds 2 and 3 of the variants chosen by `select` (their names; per task:
-#                                      # TASKS=arc-easy, TASKS=obqa), with the fixed ones and held-out Laplace
+#   benchmarks/evidence.sh seeds       # seeds 2 and 3 of the fixed variants, held-out Laplace and, of each
+#                                      # searched family, the variant `select` chose for the task (lowest held-out
+#                                      # NLL at seed 1; refused until seed 1 of every member is finished)
 #   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
 #   benchmarks/evidence.sh widths      # Me-LoRA (the chosen variant of the free, unit and log-uniform families,
 #                                      # or WIDTHS="name ...") on 80 and 1,280 ARC-Easy questions (320 is
@@ -38,14 +38,6 @@ searched() {
   local v; for v in "${SEARCHED[@]}"; do [[ ${v%%=*} == "$2" ]] && { echo "$v"; return; }; done
   echo "$1: $2 is none of ${SEARCHED[*]%%=*}" >&2; return 2
 }
-# the variants chosen by `select` (the selection table in evidence.md), by name, each once
-read -ra CHOSEN_NAMES <<< "${CHOSEN:-}"
-CHOSEN=()
-for name in "${CHOSEN_NAMES[@]}"; do
-  spec=$(searched CHOSEN "$name") || exit 2
-  [[ " ${CHOSEN[*]%%=*} " == *" $name "* ]] && { echo "CHOSEN: $name is named twice" >&2; exit 2; }
-  CHOSEN+=("$spec")
-done
 TASKS=(${TASKS:-arc-easy obqa})
 COMMON=(--tag evidence --tasks "${TASKS[@]}" --heldout-eval 200 --jobs "${JOBS:-2}"
         --ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics
@@ -53,8 +45,8 @@ COMMON=(--tag evidence --tasks "${TASKS[@]}" --heldout-eval 200 --jobs "${JOBS:-
                   "melora-logu=$(names "${MELOGU[@]}")")
 case "${1:-select}" in
   select)   exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ;;
-  seeds)    [[ ${#CHOSEN[@]} -gt 0 ]] || { echo "seeds: CHOSEN names the variants select chose" >&2; exit 2; }
-            exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${CHOSEN[@]}" "${LAST[@]}" ;;
+  # --select runs other seeds of each family's chosen variant only
+  seeds)    exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 2 3 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ;;
   widths)
     # each family's chosen variant (WIDTHS: names of searched variants) trained on 80 and 1,280 questions too
     TRAINED=() TABLE=()

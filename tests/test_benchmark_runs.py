@@ -232,6 +232,33 @@ def test_a_calibration_table_expects_other_seeds_of_the_chosen_variant_only(monk
     ]
 
 
+def test_other_seeds_run_for_the_chosen_variant_only_once_the_choice_is_made(monkeypatch, tmp_path, capsys):
+    """`--select` with seeds other than 1: refused while a member's seed 1 lacks its held-out evaluation (the
+    choice could still change), then only the chosen member (and the variants outside every family) is run."""
+    import calibration
+
+    nll = {"a-lo": 1.2, "a-hi": 0.9}
+
+    def stored(task, variant, seed, settings):
+        if variant.name not in nll:
+            return "", None
+        heldout = {"nll": nll[variant.name], "accuracy": 0.5, "ece": 0.1}
+        return "", {"task": task, "variant": variant.name, "seed": seed, "heldout": heldout}
+
+    run = []
+    monkeypatch.setattr(calibration, "stored_or_finished", stored)
+    monkeypatch.setattr(
+        calibration, "run_benchmark", lambda _, configurations, **kw: run.extend(c[:3] for c in configurations)
+    )
+    argv = ["--tasks", "t", "--seeds", "2", "--select", "a=a-lo,a-hi,a-new", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):  # a-new has no seed-1 run yet
+        calibration.main([*argv, "--variants", "fixed=lora", "a-lo=lora", "a-hi=lora", "a-new=lora"])
+    assert "not finished for: t a-new" in capsys.readouterr().err
+    nll["a-new"] = 1.0
+    calibration.main([*argv, "--variants", "fixed=lora", "a-lo=lora", "a-hi=lora", "a-new=lora"])
+    assert [(task, v.name, seed) for task, v, seed in run] == [("t", "fixed", 2), ("t", "a-hi", 2)]
+
+
 def test_the_calibration_benchmark_uses_a_stored_record_instead_of_training_again(tmp_path):
     from _shared import RecordStore
     from calibration import run_one, run_options, stored_or_finished

@@ -11,8 +11,9 @@ process: a process holding all six had its timings spread 2-3x by page faults), 
 each measure after a warm-up; the settings are interleaved over the rounds and the table gives medians over them.
 
 Part 2, quality (``--quality``): reads the calibration benchmark's runs of the same variants (trained with
-``benchmarks/calibration.py --tag sampling``, the command is printed) and tabulates accuracy, ECE and NLL in and out
-of distribution next to the cost.
+``benchmarks/calibration.py --tag sampling``, the command is printed; the posterior in every layer is the evidence
+benchmark's default Me-LoRA, :data:`EVERY_LAYER`) and tabulates accuracy, ECE and NLL in and out of distribution,
+the held-out NLL the choice of K is made on, and each K's paired intervals against every layer.
 
 Part 3, at prediction only (``--prediction-only RUN...``): runs trained with the posterior in every layer, each
 evaluated again with ``--sample-layers last:K`` for every K (the posterior mean below the top K blocks: the cost of
@@ -140,17 +141,38 @@ def timings(rounds: int, repeats: int = 3) -> dict[str, Any]:
     return {"rounds": rounds, "base_dtype": dtype, "samples": SAMPLES, "eval_questions": EVAL_QUESTIONS, "rows": rows}
 
 
-def quality(root: Path, store: Path, tasks: list[str]) -> list[dict[str, Any]]:
-    """Accuracy, ECE and NLL (in distribution and on each OOD task) of the calibration benchmark's runs under
-    ``root``, or of their records in the record store ``store`` for runs that are not on this machine."""
+#: The calibration benchmark's run with the posterior in every layer: the evidence benchmark's Me-LoRA with the
+#: default recipe (free factors, σ learning rate 0.05, what `bayesian_layers: all` resolves to), not run twice.
+EVERY_LAYER = ("evidence", "melora-free-slr0.05")
+
+
+def _records(root: Path, store: Path, pattern: str) -> dict[str, Path]:
+    """``{run name: record file}`` of the runs matching ``pattern``: the stored records, replaced by the run's own
+    ``benchmark.json`` where the run is on this machine."""
+    records = {path.stem: path for path in store.glob(pattern + ".json")}
+    records.update(
+        {run.name: run / "benchmark.json" for run in root.glob(pattern) if (run / "benchmark.json").is_file()}
+    )
+    return records
+
+
+def quality(
+    root: Path, store: Path, tasks: list[str], every_layer: tuple[Path, Path, str] | None = None
+) -> list[dict[str, Any]]:
+    """Accuracy, ECE and NLL (in distribution, on the held-out training questions the choice is made on, and on
+    each OOD task) of the calibration benchmark's runs under ``root``, or of their records in the record store
+    ``store`` for runs that are not on this machine; for ``all`` the runs of ``every_layer`` = (root, store,
+    variant) if given. Each row with per-question predictions also has its paired 95 % bootstrap intervals
+    against the run of the same task and seed with the posterior in every layer (``minus_all``)."""
+    import torch
+
+    from bayeslora.evaluation.significance import compare
+
     rows = []
     for task in tasks:
         for spec in SPECS:
-            pattern = f"{task}-{variant_name(spec)}-seed*"
-            records = {path.stem: path for path in store.glob(pattern + ".json")}
-            records.update(
-                {run.name: run / "benchmark.json" for run in root.glob(pattern) if (run / "benchmark.json").is_file()}
-            )
+            where = (root, store, variant_name(spec)) if spec != "all" or every_layer is None else every_layer
+            records = _records(where[0], where[1], f"{task}-{where[2]}-seed*")
             for name in sorted(records):
                 record = read_json(records[name])
                 if changed := stale_defaults(record):  # the calibration benchmark would train it again
@@ -168,6 +190,9 @@ def quality(root: Path, store: Path, tasks: list[str]) -> list[dict[str, Any]]:
                     "accuracy": final["accuracy"],
                     "ece": final["ece"],
                     "nll": final["nll"],
+                    "heldout": {k: record["heldout"][k] for k in ("accuracy", "ece", "nll")}
+                    if "heldout" in record
+                    else None,
                     "eval_time_s": record.get("eval_time_s"),
                     "step_time_s": record.get("step_time_s"),
                     "ood": {
@@ -176,8 +201,24 @@ def quality(root: Path, store: Path, tasks: list[str]) -> list[dict[str, Any]]:
                         }
                         for name, ood in (record.get("ood") or {}).items()
                     },
+                    "predictions": record.get("predictions"),
                 }
                 rows.append(row)
+    for row in rows:  # against the posterior in every layer, question by question
+        everywhere = [
+            r for r in rows if (r["task"], r["seed"], r["bayesian_layers"]) == (row["task"], row["seed"], "all")
+        ]
+        if everywhere and row["predictions"] and everywhere[0]["predictions"]:
+            mine, theirs = row["predictions"], everywhere[0]["predictions"]
+            if mine["labels"] != theirs["labels"]:
+                raise RuntimeError(f"{row['task']} seed {row['seed']}: {row['bayesian_layers']} and all were evaluated "
+                                   "on other questions")  # fmt: skip
+            differences = compare(
+                torch.tensor(mine["probs"]), torch.tensor(theirs["probs"]), torch.tensor(mine["labels"])
+            )
+            row["minus_all"] = {metric: d.to_dict() for metric, d in differences.items()}
+    for row in rows:
+        del row["predictions"]
     return rows
 
 
@@ -307,11 +348,15 @@ def markdown(
     if quality_rows:
         lines += [
             "",
-            "Quality (`benchmarks/calibration.py --tag sampling`, 300 validation questions, N = 10; OOD: trained on "
-            "OBQA, evaluated on the other tasks):",
+            "Trained with the posterior where it is sampled (`--bayesian-layers`; `benchmarks/calibration.py --tag "
+            f"sampling`, all blocks: the evidence benchmark's `{EVERY_LAYER[1]}`), 300 validation questions, N = 10; "
+            "held-out: the 200 training questions after each run's subset, what a choice is made on; Δ: against the "
+            "posterior in every layer on the same questions, paired 95 % bootstrap interval (real only where it "
+            "excludes 0); OOD: trained on OBQA, evaluated on the other tasks:",
             "",
-            "| task | posterior in | seed | accuracy | ECE | NLL | OOD accuracy / ECE / NLL / AUROC (MI) |",
-            "|---|---|---|---|---|---|---|",
+            "| task | posterior in | seed | held-out NLL | accuracy % | ECE % | NLL | Δ accuracy (pts) | Δ ECE (pts) "
+            "| Δ NLL | OOD accuracy / ECE / NLL / AUROC (MI) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in quality_rows:
             ood = "; ".join(
@@ -319,9 +364,17 @@ def markdown(
                 f"{o['auroc_mutual_information']:.3f}"
                 for name, o in row["ood"].items()
             )
+            d = row.get("minus_all") if row["bayesian_layers"] != "all" else None
+            deltas = (
+                f"{interval_text(d['accuracy'], 100, 1)} | {interval_text(d['ece'], 100, 1)} | "
+                f"{interval_text(d['nll'])}"
+                if d
+                else "– | – | –"
+            )
+            heldout = f"{row['heldout']['nll']:.3f}" if row.get("heldout") else "–"
             lines.append(
-                f"| {row['task']} | {label(row['bayesian_layers'])} | {row['seed']} | {100 * row['accuracy']:.1f} | "
-                f"{100 * row['ece']:.1f} | {row['nll']:.3f} | {ood or '-'} |"
+                f"| {row['task']} | {label(row['bayesian_layers'])} | {row['seed']} | {heldout} | "
+                f"{100 * row['accuracy']:.1f} | {100 * row['ece']:.1f} | {row['nll']:.3f} | {deltas} | {ood or '-'} |"
             )
     if prediction_rows:
         lines += prediction_only_section(list(prediction_rows))
@@ -351,13 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.timing:
         result["timing"] = timings(2 if args.quick else args.rounds, args.repeats)
     if args.quality:
-        variants = " ".join(f"{variant_name(s)}=melora:bayesian_layers={s}" for s in SPECS)
+        variants = " ".join(f"{variant_name(s)}=melora:bayesian_layers={s}" for s in SPECS if s != "all")
         print(
             "the runs: python benchmarks/calibration.py --tag sampling --tasks arc-easy obqa --seeds 1 "
-            f"--ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics --variants {variants}"
+            "--heldout-eval 200 --ood-tasks obqa=arc-challenge,arc-easy,mmlu:college_chemistry,mmlu:college_physics "
+            f"--variants {variants} (all: the evidence benchmark's {EVERY_LAYER[1]})"
         )
         calibration = args.out / "calibration"
-        result["quality"] = quality(calibration / "runs" / "sampling", calibration / "records" / "sampling", args.tasks)
+        tag, every_layer = EVERY_LAYER
+        result["quality"] = quality(
+            calibration / "runs" / "sampling",
+            calibration / "records" / "sampling",
+            args.tasks,
+            every_layer=(calibration / "runs" / tag, calibration / "records" / tag, every_layer),
+        )
     if args.prediction_only:
         evaluations = args.out / "calibration" / "runs" / "sampling-prediction-only"
         result["prediction_only"] = prediction_only(args.prediction_only, evaluations)

@@ -78,3 +78,37 @@ def test_the_quality_table_reads_runs_and_stored_records_with_their_out_of_distr
         ("last:2", 3, 0.35),
     ]  # not the stale last:4 record
     assert rows[0]["ood"]["arc-challenge"]["auroc_mutual_information"] == 0.7
+
+
+def test_the_quality_table_compares_each_k_with_the_every_layer_run_question_by_question(tmp_path):
+    """The `all` row comes from the evidence benchmark's run (not trained twice); every other row of the same task
+    and seed gets its paired intervals against it, and its held-out NLL (what the choice of K is made on)."""
+    import torch
+
+    from bayeslora.evaluation.significance import compare
+    from bayeslora.io import write_json_atomic
+
+    labels = [0, 1, 1, 0]
+
+    def record(probs: list[list[float]], heldout_nll: float) -> dict:
+        metrics = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}
+        heldout = {"accuracy": 0.5, "ece": 0.1, "nll": heldout_nll}
+        return {"seed": 1, "final": metrics, "heldout": heldout, "predictions": {"probs": probs, "labels": labels}}
+
+    head = [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]]
+    every = [[0.6, 0.4], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    write_json_atomic(tmp_path / "records" / "arc-easy-melora-last0-seed1.json", record(head, 0.8))
+    write_json_atomic(tmp_path / "evidence" / "arc-easy-melora-free-slr0.05-seed1.json", record(every, 0.9))
+    rows = sampling.quality(
+        tmp_path / "runs", tmp_path / "records", ["arc-easy"],
+        every_layer=(tmp_path / "no-runs", tmp_path / "evidence", "melora-free-slr0.05"),
+    )  # fmt: skip
+    assert [(r["bayesian_layers"], r["heldout"]["nll"]) for r in rows] == [("last:0", 0.8), ("all", 0.9)]
+    expected = compare(torch.tensor(head), torch.tensor(every), torch.tensor(labels))["nll"]
+    assert rows[0]["minus_all"]["nll"]["difference"] == pytest.approx(expected.difference)
+    assert rows[0]["minus_all"]["nll"]["difference"] < 0  # the head-only run is the sharper, right one here
+    assert rows[1]["minus_all"]["nll"]["difference"] == 0
+    assert "predictions" not in rows[0]
+    timing = {"eval_questions": 16, "samples": 10, "base_dtype": "bfloat16", "rounds": 1, "rows": []}
+    text = sampling.markdown(timing, rows)
+    assert "| arc-easy | lm_head only | 1 | 0.800 |" in text and "| arc-easy | all blocks | 1 | 0.900 |" in text

@@ -156,6 +156,32 @@ def test_a_run_stopped_before_its_seal_keeps_the_checkpoint_before(tiny_llama_di
     assert [p.name for p in checkpoints.glob("checkpoint-*")] == ["checkpoint-6"]  # the limit holds once sealed
 
 
+def test_a_checkpoint_asked_for_by_a_callback_counts_only_once_sealed(tiny_llama_dir, tmp_path):
+    """Without --save-steps, a checkpoint a callback asks for (the benchmarks' end-of-epoch ones) is written into a
+    folder already marked as sealed-only: a process stopped before the seal leaves nothing to continue from, not
+    a checkpoint without the callbacks' state."""
+    from transformers import TrainerCallback
+
+    from bayeslora.runs.checkpoints import SEALED_FOLDER_FILE, last_complete_checkpoint
+
+    class SaveAtStepTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = control.should_save or state.global_step == 2
+
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt  # stopped after the Trainer's save, before the seal
+
+    task = write_word_task(tmp_path / "toy.jsonl", 8)
+    with pytest.raises(KeyboardInterrupt):
+        bl.train(model=str(tiny_llama_dir), task=str(task), eval_tasks=[str(task)], rank=2, max_steps=4,
+                 batch_size=2, lr=1e-2, seed=3, output_dir=str(tmp_path / "run"), callbacks=[SaveAtStepTwo()],
+                 progress=False)  # fmt: skip
+    checkpoints = next(tmp_path.glob("run*")) / "checkpoints"
+    assert (checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (checkpoints / SEALED_FOLDER_FILE).is_file()
+    assert last_complete_checkpoint(checkpoints) is None
+
+
 @pytest.mark.parametrize("member1_checkpoint", [True, False])
 def test_ensemble_resumes_after_its_trained_members(tiny_llama_dir, tmp_path, member1_checkpoint):
     """Stopped in member 1 (after its step-2 checkpoint, or before any): member 0 is loaded, not trained again,

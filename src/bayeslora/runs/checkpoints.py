@@ -95,6 +95,13 @@ def checkpoint_folder(run: Path, member: str | None) -> Path:
     return run / CHECKPOINTS / member if member else run / CHECKPOINTS
 
 
+def numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-<step>`` folder in ``folder``, oldest first."""
+    return sorted(
+        (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
+    )
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
     """The newest ``checkpoint-<step>`` whose saving finished: a process killed while saving leaves an incomplete
     one behind, which is skipped. The Trainer writes its state last, then the callbacks save theirs (the penalty's
@@ -103,10 +110,7 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     adapter."""
     if not folder.is_dir():
         return None
-    steps = sorted(
-        (int(p.name.rsplit("-", 1)[-1]), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
-    )
-    complete = [p for _, p in steps if (p / "trainer_state.json").is_file() and has_adapter(p)]
+    complete = [p for _, p in numbered_checkpoints(folder) if (p / "trainer_state.json").is_file() and has_adapter(p)]
     if (folder / SEALED_FOLDER_FILE).is_file():
         complete = [p for p in complete if (p / SEAL_FILE).is_file()]
     return complete[-1] if complete else None
@@ -139,10 +143,24 @@ class CheckpointSeal(TrainerCallback):
             self._seal(resumed, state.global_step)
         self._mark(folder)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mark_before_a_save(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._mark_before_a_save(args, state, control)
+
+    def _mark_before_a_save(self, args, state, control) -> None:
+        """A checkpoint asked for by a callback, with --save-steps unset (the Trainer saves after these hooks, and
+        this callback runs last): the folder is marked before the checkpoint is written, so that a process killed
+        before its seal does not leave an unmarked folder whose unsealed checkpoint would count."""
+        if control.should_save and state.is_world_process_zero:
+            self._mark(Path(args.output_dir))
+
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _wait_for_every_process()  # each process has saved its part (its random state) before the seal
         if state.is_world_process_zero and checkpoint.is_dir():
-            self._mark(checkpoint.parent)  # a checkpoint asked for by a callback, with --save-steps unset
+            self._mark(checkpoint.parent)
             self._seal(checkpoint, state.global_step)
             if self.keep is not None:
                 self._rotate(checkpoint.parent, self.keep)
@@ -160,15 +178,21 @@ class CheckpointSeal(TrainerCallback):
     @staticmethod
     def _rotate(folder: Path, keep: int) -> None:
         """Delete every checkpoint older than the newest ``keep`` sealed ones (incomplete ones included)."""
-        checkpoints = sorted(
-            (checkpoint_step(p), p) for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()
-        )
+        checkpoints = numbered_checkpoints(folder)
         sealed = [step for step, p in checkpoints if (p / SEAL_FILE).is_file()]
         if len(sealed) > keep:
             oldest_kept = sealed[-keep]
             for step, path in checkpoints:
                 if step < oldest_kept:
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def _wait_for_every_process() -> None:
+    """A barrier across the processes of a distributed run (nothing in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -51,9 +51,24 @@ def run_directory(root: str | Path, task: str, variant: Variant, seed: int) -> P
     return Path(root) / f"{task}-{variant.name}-seed{seed}"
 
 
-def finished_run(root: str | Path, task: str, variant: Variant, seed: int) -> tuple[str, dict[str, Any] | None]:
-    """(label, the finished run's ``benchmark.json`` or None): what ``run_benchmark(finished=...)`` takes."""
-    return f"{task} {variant.name} seed {seed}", finished_record(run_directory(root, task, variant, seed), variant)
+def finished_or_stored(
+    settings: dict[str, Any],
+    task: str,
+    variant: Variant,
+    seed: int,
+    options: dict[str, Any],
+    ood_tasks: Sequence[str] = (),
+    needs: Sequence[str] = (),
+) -> tuple[str, dict[str, Any] | None]:
+    """(label, record or None) of a configuration, what ``run_benchmark(finished=...)`` takes (``--tabulate``):
+    its run's ``benchmark.json`` under ``settings["root"]`` if the run was made with ``options`` (the recipe, the
+    defaults of now, every OOD task), else its record in the record store ``settings["store"]`` under the same
+    conditions and with every key in ``needs``."""
+    run_dir = run_directory(settings["root"], task, variant, seed)
+    record = finished_record(run_dir, variant, ood_tasks, options)
+    if record is None:
+        record = RecordStore(Path(settings["store"])).load(run_dir, variant, options, ood_tasks, needs)
+    return f"{task} {variant.name} seed {seed}", record
 
 
 #: The options a benchmark run was started with, in the run: only a run started with the same options is continued.
@@ -169,10 +184,14 @@ def finished_record(
     if options is not None:
         recorded = read_json(run_dir / OPTIONS_FILE) if (run_dir / OPTIONS_FILE).is_file() else {}
         if _without_location(recorded) != _without_location(json.loads(json.dumps(options))):
-            print(f"{run_dir} was trained with another recipe than the benchmark's now: not reused", flush=True)
+            why = "another recipe than the benchmark's now" if recorded else "no recipe recorded"
+            print(f"{run_dir} was trained with {why}: not reused", flush=True)
             return None
         if changed := run_made_with_other_defaults(run_dir, options):
-            print(f"{run_dir} was made with other defaults than the code has now ({'; '.join(changed)}): not reused")
+            print(
+                f"{run_dir} was made with other defaults than the code has now ({'; '.join(changed)}): not reused",
+                flush=True,
+            )
             return None
     if missing := sorted(task_names(ood_tasks) - set(record.get("ood", {}))):
         print(f"{run_dir}: its record lacks the evaluation on {', '.join(missing)}: completing it", flush=True)
@@ -247,7 +266,13 @@ def stale_defaults(record: dict[str, Any]) -> list[str]:
     """:func:`changed_defaults` of a stored record (its configuration against what its recipe resolves to now);
     [] for a record without them (a run directory's ``benchmark.json``)."""
     config, recipe = record.get(RUN_CONFIG_KEY), record.get(RUN_OPTIONS_KEY)
-    return changed_defaults(config, resolved_options(recipe)) if config is not None and recipe is not None else []
+    if config is None or recipe is None:
+        return []
+    try:
+        resolved = resolved_options(recipe)
+    except ValueError as why:  # a recipe the code refuses now (an option combination since forbidden)
+        return [f"its recipe is refused now: {str(why).splitlines()[0]}"]
+    return changed_defaults(config, resolved)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ from _shared import (
     TABULATE_HELP,
     RecordStore,
     Variant,
+    finished_or_stored,
     finished_record,
-    finished_run,
     mean_std,
     metrics_row,
     parse_variant,
@@ -376,13 +376,8 @@ def _added_evaluations(settings: dict[str, Any]) -> list[str]:
 
 def stored_or_finished(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> tuple[str, Any]:
     """(label, record or None) of a configuration for ``--tabulate``: its run's record, else the stored one."""
-    label, record = finished_run(settings["root"], task, variant, seed)
-    if record is None:
-        run_dir = run_directory(settings["root"], task, variant, seed)
-        ood = settings.get("ood", {}).get(task, ())
-        options = run_options(task, variant, seed, settings)
-        record = _store(settings).load(run_dir, variant, options, ood, _added_evaluations(settings))
-    return label, record
+    options, ood = run_options(task, variant, seed, settings), settings.get("ood", {}).get(task, ())
+    return finished_or_stored(settings, task, variant, seed, options, ood, _added_evaluations(settings))
 
 
 def _finish(run_dir: Path, record: dict[str, Any], settings: dict[str, Any], options: dict[str, Any]) -> dict:

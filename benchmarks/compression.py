@@ -60,8 +60,8 @@ from _shared import (
     TABULATE_HELP,
     RecordStore,
     Variant,
+    finished_or_stored,
     finished_record,
-    finished_run,
     mean_std,
     parse_variant,
     prepare_run,
@@ -124,12 +124,8 @@ def run_options(suite: str, task: str, variant: Variant, seed: int, settings: di
 
 def stored_or_finished(suite: str, task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> tuple:
     """(label, record or None) of a configuration for ``--tabulate``: its run's record, else the stored one."""
-    label, record = finished_run(settings["root"], task, variant, seed)
-    if record is None:
-        run_dir = run_directory(settings["root"], task, variant, seed)
-        options = run_options(suite, task, variant, seed, settings)
-        record = RecordStore(Path(settings["store"])).load(run_dir, variant, options, needs=["heldout"])
-    return label, record
+    options = run_options(suite, task, variant, seed, settings)
+    return finished_or_stored(settings, task, variant, seed, options, needs=["heldout"])
 
 
 def run_one(suite: str, task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> dict[str, Any]:

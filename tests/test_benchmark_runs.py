@@ -283,7 +283,7 @@ def test_the_calibration_benchmark_reuses_a_finished_run_only_with_its_recipe(tm
     """A finished run directory (its benchmark.json) stands for the configuration only if the run recorded the
     recipe the benchmark asks for now: with another learning rate it is trained again."""
     from bayeslora.io import write_json_atomic
-    from calibration import run_one, run_options
+    from calibration import run_one, run_options, stored_or_finished
 
     settings = dict(model="no-such-model", train_size=8, epochs=1, batch_size=4, lr=1e-2, limit=4, samples=2,
                     rank=2, alpha=4.0, root=str(tmp_path / "runs"), store=str(tmp_path / "records"))  # fmt: skip
@@ -294,6 +294,8 @@ def test_the_calibration_benchmark_reuses_a_finished_run_only_with_its_recipe(tm
     options = run_options("arc-easy", variant, 1, settings)
     write_json_atomic(run_dir / OPTIONS_FILE, {**options, "output_dir": str(run_dir)})
     assert run_one("arc-easy", variant, 1, settings) == record  # training would fail: there is no such model
+    assert stored_or_finished("arc-easy", variant, 1, settings)[1] == record
+    assert stored_or_finished("arc-easy", variant, 1, {**settings, "lr": 5e-3})[1] is None  # nor tabulated
     with pytest.raises(ModelLoadError):
         run_one("arc-easy", variant, 1, {**settings, "lr": 5e-3})
 
@@ -331,3 +333,13 @@ def test_stored_predictions_are_the_same_bytes_for_the_same_predictions(tmp_path
     write_predictions(tmp_path / "b.json.gz", results)
     assert (tmp_path / "a.json.gz").read_bytes() == (tmp_path / "b.json.gz").read_bytes()
     assert read_predictions(tmp_path / "a.json.gz") == {result_label(results[0]): {"probs": [[0.25, 0.75]]}}
+
+
+def test_a_stored_record_whose_recipe_is_refused_now_is_stale_not_a_crash():
+    """`gate_lambda: 0` with a gate budget is refused since the budget became a default: such a stored record is
+    set aside (the table reader skips it) instead of stopping the tabulation."""
+    from _shared import RUN_CONFIG_KEY, RUN_OPTIONS_KEY, stale_defaults
+
+    recipe = {"task": "sst2", "method": "blora", "seed": 1, "gate_lambda": 0.0}
+    (why,) = stale_defaults({RUN_OPTIONS_KEY: recipe, RUN_CONFIG_KEY: {}})
+    assert why.startswith("its recipe is refused now:")

@@ -35,7 +35,8 @@ SECTIONS = ("what to train", "adapter", "training", "evaluation", "system")
 #: B-LoRA's default --gate-travel, with :data:`GATE_BUDGET`: chosen on held-out training questions by
 #: benchmarks/compression.py (results/compression/gates.md) among travel 2, 4 and 8, with and without a budget and a
 #: 5x weaker --gate-lambda: the only setting at <= 0.3x LoRA's adapter bit operations with held-out accuracy within one
-#: standard error of LoRA's on SST-2 (MiniLM), ARC-Easy and OBQA (SmolLM2), three seeds each.
+#: standard error of LoRA's on SST-2 (MiniLM), ARC-Easy and OBQA (SmolLM2) (three seeds each for it, travel 4 and
+#: travel 8 without a budget; one seed on ARC-Easy and OBQA for the others, each of which missed there).
 GATE_TRAVEL = 8.0
 
 #: B-LoRA's default --gate-budget (see :data:`GATE_TRAVEL`): without one, travel 8 cut SST-2 to 0.027x the bit
@@ -439,7 +440,8 @@ class RunConfig:
         if self.gate_budget is not None and self.gate_budget >= 1:
             problems.append(
                 f"--gate-budget {self.gate_budget:g} is a fraction of the reference cost (the 16-bit LoRA's bit "
-                "operations, or every gate with --gate-cost gates) that the gates already meet with every gate on: it "
+                "operations, with --quantize-base plus the 16-bit base layer's; every gate with --gate-cost gates) "
+                "that the gates already meet with every gate on: it "
                 f"never binds. Give a fraction below 1 (default {GATE_BUDGET:g}), or --gate-budget none for the fixed "
                 "--gate-lambda"
             )

@@ -217,14 +217,18 @@ def _scored_members(results: list[dict[str, Any]], members: list[str], task: str
     ]
 
 
+def parse_families(families: list[str]) -> list[tuple[str, list[str]]]:
+    """``[(family name, [variant, ...])]`` of ``--select``'s ``name=variant,variant,...`` specs."""
+    return [(name, members.split(",")) for name, _, members in (family.partition("=") for family in families)]
+
+
 def family_choices(results: list[dict[str, Any]], families: list[str]) -> dict[tuple[str, str], str]:
     """``{(task, family name): chosen variant}``: of each family ``name=variant,variant,...`` the variant with the
     lowest held-out NLL at seed 1, the seed the choice is made on (only the chosen one is run at other seeds)."""
     choices = {}
-    for family in families:
-        name, _, members = family.partition("=")
+    for name, members in parse_families(families):
         for task in sorted({r["task"] for r in results}):
-            if scored := _scored_members(results, members.split(","), task):
+            if scored := _scored_members(results, members, task):
                 choices[task, name] = min(scored)[1]
     return choices
 
@@ -234,14 +238,13 @@ def selection_section(results: list[dict[str, Any]], families: list[str]) -> lis
     (seed 1: the seed the choice is made on) and the one chosen (lowest), never looking at the evaluation set."""
     lines = []
     choices = family_choices(results, families)
-    for family in families:
-        name, _, members = family.partition("=")
+    for name, members in parse_families(families):
         for task in sorted({r["task"] for r in results}):
-            scored = _scored_members(results, members.split(","), task)
+            scored = _scored_members(results, members, task)
             if not scored:
                 continue
             best = choices[task, name]
-            for nll, variant, acc, ece in sorted(scored, key=lambda s: members.split(",").index(s[1])):
+            for nll, variant, acc, ece in sorted(scored, key=lambda s: members.index(s[1])):
                 chosen = " **chosen**" if variant == best else ""
                 lines.append(f"| {task} | {name} | {variant}{chosen} | {nll:.3f} | {100 * acc:.1f} | {100 * ece:.1f} |")
     if not lines:
@@ -259,7 +262,7 @@ def selection_section(results: list[dict[str, Any]], families: list[str]) -> lis
 
 def _family_of(settings: dict[str, Any]) -> dict[str, str]:
     """``{variant name: family name}`` of the ``--select`` families."""
-    return {v: name for family in settings["select"] for name, _, m in [family.partition("=")] for v in m.split(",")}
+    return {v: name for name, members in parse_families(settings["select"]) for v in members}
 
 
 def without_unchosen_seeds(configurations: list[tuple], settings: dict[str, Any]) -> list[tuple]:

@@ -129,3 +129,20 @@ def test_a_gate_warm_up_of_zero_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"--gate-warmup 0 .* B starts at zero"):
         make_config(method="blora", gate_warmup=0.0).validate()
     make_config(method="blora", gate_warmup=0.05).validate()
+
+
+@pytest.mark.parametrize("method", ["lora", "blora", "melora"])
+def test_config_yaml_records_the_options_its_method_uses_and_reads_back_to_the_same_run(tmp_path, method):
+    """Method-specific options another method uses (B-LoRA's gates in a LoRA run) are left out: their defaults
+    cannot change the run, and an old default recorded there would have to be recognised forever."""
+    from bayeslora.config import make_config, option_users
+    from bayeslora.io import read_yaml
+    from bayeslora.pipeline.common import write_config
+
+    config = make_config(method=method, task="arc-easy", rank=4)
+    write_config(tmp_path / "config.yaml", config)
+    written = read_yaml(tmp_path / "config.yaml")
+    assert ("gate_travel" in written) == (method == "blora")
+    assert ("sigma_init" in written) == (method == "melora")
+    assert all(option_users(key) is None or key in written for key in ("rank", "lr", "task"))
+    assert make_config(**load_recipe(tmp_path / "config.yaml")) == config

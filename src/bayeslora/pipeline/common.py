@@ -86,11 +86,15 @@ def load_eval_tasks(config: RunConfig, train_task: Task, names: Sequence[str]) -
 
 
 def write_config(path: Path, config: RunConfig) -> None:
-    """``config.yaml`` of a run: the resolved options, with the command that reproduces the run."""
+    """``config.yaml`` of a run: the resolved options, with the command that reproduces the run. Of the
+    method-specific options only those the run's method uses are written (a LoRA run records no gate options, whose
+    defaults cannot change it: reading it back fills in each default)."""
     import yaml
 
+    used = get_method(config.method).used_options(config)
+    options = {key: value for key, value in config.to_dict().items() if key in used or option_users(key) is None}
     header = f"{CONFIG_HEADER} Reproduce with:\n#   bayeslora train --config {path} --output-dir <new dir>\n"
-    write_text_atomic(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    write_text_atomic(path, header + yaml.safe_dump(options, sort_keys=False, allow_unicode=True))
 
 
 def given_options(config: RunConfig) -> list[str]:

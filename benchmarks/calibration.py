@@ -244,8 +244,10 @@ def selection_section(results: list[dict[str, Any]], families: list[str]) -> lis
             if not scored:
                 continue
             best = choices[task, name]
+            # with seed 1 of some members still to come, the choice so far may change
+            mark = " **chosen**" if len(scored) == len(members) else f" (best so far: {len(scored)} of {len(members)})"
             for nll, variant, acc, ece in sorted(scored, key=lambda s: members.index(s[1])):
-                chosen = " **chosen**" if variant == best else ""
+                chosen = mark if variant == best else ""
                 lines.append(f"| {task} | {name} | {variant}{chosen} | {nll:.3f} | {100 * acc:.1f} | {100 * ece:.1f} |")
     if not lines:
         return []

@@ -343,3 +343,15 @@ def test_a_stored_record_whose_recipe_is_refused_now_is_stale_not_a_crash():
     recipe = {"task": "sst2", "method": "blora", "seed": 1, "gate_lambda": 0.0}
     (why,) = stale_defaults({RUN_OPTIONS_KEY: recipe, RUN_CONFIG_KEY: {}})
     assert why.startswith("its recipe is refused now:")
+
+
+def test_the_selection_table_says_when_a_choice_waits_for_members():
+    from calibration import selection_section
+
+    def record(variant: str, nll: float) -> dict:
+        return {"task": "t", "variant": variant, "seed": 1, "heldout": {"nll": nll, "accuracy": 0.5, "ece": 0.1}}
+
+    partial = "\n".join(selection_section([record("a-lo", 1.2)], ["a=a-lo,a-hi"]))
+    assert "| t | a | a-lo (best so far: 1 of 2) | 1.200 |" in partial and "**chosen**" not in partial
+    complete = "\n".join(selection_section([record("a-lo", 1.2), record("a-hi", 0.9)], ["a=a-lo,a-hi"]))
+    assert "| t | a | a-hi **chosen** | 0.900 |" in complete and "| t | a | a-lo | 1.200 |" in complete

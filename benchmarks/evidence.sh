@@ -10,6 +10,7 @@
 #                                      # searched family, the variant `select` chose for the task (lowest held-out
 #                                      # NLL at seed 1; refused until seed 1 of every member is finished)
 #   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
+#   benchmarks/evidence.sh all         # select, seeds, widths, tabulate in turn (what is finished is not redone)
 #   benchmarks/evidence.sh widths      # Me-LoRA (the chosen variant of the free, unit and log-uniform families,
 #                                      # or WIDTHS="name ...") on 80 and 1,280 ARC-Easy questions (320 is
 #                                      # `select`'s), then the posterior width of each (posterior-width-by-size.md):
@@ -63,5 +64,6 @@ case "${1:-select}" in
         --heldout-eval 200 --seeds 1 --tabulate --variants "${TABLE[@]}" ;;
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
                  --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ${PAIRS:+--pairs $PAIRS} ;;
-  *) echo "usage: $0 select|seeds|tabulate|widths" >&2; exit 2 ;;
+  all)      for mode in select seeds widths tabulate; do bash "$0" "$mode"; done ;;
+  *) echo "usage: $0 select|seeds|tabulate|widths|all" >&2; exit 2 ;;
 esac

@@ -10,6 +10,11 @@ from typing import Any
 from .tables import OOD_COLUMNS, REPORT_COLUMNS, format_table, ood_rows, predictive_label
 
 
+def _task_rows(evaluations: list[tuple[dict[str, Any], Any]], task: str) -> list[dict[str, Any]]:
+    """The evaluation records of ``task``, each with its predictive's label (how its probabilities were made)."""
+    return [{**record, "predictive": predictive_label(record)} for record, _ in evaluations if record["task"] == task]
+
+
 def _bops_section(run: Path, report: dict[str, Any], sequence_length: int) -> list[str]:
     scale = sequence_length / report.get("sequence_length", 1)
     unit = "per token" if sequence_length == 1 else f"for {sequence_length} tokens"
@@ -76,9 +81,7 @@ def run_report(runs: Sequence[str | Path], sequence_length: int = 1, out: str | 
     tasks = list(dict.fromkeys(record["task"] for record, _ in evaluations))
     parts = ["# bayeslora report", ""]
     for task in tasks:
-        rows = [
-            {**record, "predictive": predictive_label(record)} for record, _ in evaluations if record["task"] == task
-        ]
+        rows = _task_rows(evaluations, task)
         parts += [f"## {task}", "", format_table(rows, REPORT_COLUMNS), ""]
     if not tasks:
         parts += ["(no evaluations)", ""]
@@ -116,9 +119,7 @@ def _write_html(out: Path, tasks: list[str], evaluations: list, runs: Sequence[s
 
     sections = []
     for task in tasks:
-        rows = [
-            {**record, "predictive": predictive_label(record)} for record, _ in evaluations if record["task"] == task
-        ]
+        rows = _task_rows(evaluations, task)
         name = eval_dir(out, task).name
         save_accuracy_ece_scatter(out / f"accuracy-ece-{name}.png", rows, title=f"accuracy against ECE on {task}")
         sections.append((task, rows, out / f"reliability-{name}.png", out / f"accuracy-ece-{name}.png"))

@@ -204,12 +204,11 @@ def quality(
                     "predictions": record.get("predictions"),
                 }
                 rows.append(row)
+    everywhere = {(r["task"], r["seed"]): r["predictions"] for r in rows if r["bayesian_layers"] == "all"}
     for row in rows:  # against the posterior in every layer, question by question
-        everywhere = [
-            r for r in rows if (r["task"], r["seed"], r["bayesian_layers"]) == (row["task"], row["seed"], "all")
-        ]
-        if everywhere and row["predictions"] and everywhere[0]["predictions"]:
-            mine, theirs = row["predictions"], everywhere[0]["predictions"]
+        theirs = everywhere.get((row["task"], row["seed"]))
+        if row["predictions"] and theirs:
+            mine = row["predictions"]
             if mine["labels"] != theirs["labels"]:
                 raise RuntimeError(f"{row['task']} seed {row['seed']}: {row['bayesian_layers']} and all were evaluated "
                                    "on other questions")  # fmt: skip

@@ -46,6 +46,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,7 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
     questions the run never saw, applied to its evaluation and to every out-of-distribution one), computed once
     and stored in the run's ``benchmark.json`` with the rescaled per-question probabilities."""
     import bayeslora as bl
-    from bayeslora.evaluation import load_predictions
     from bayeslora.io import write_json_atomic
-    from bayeslora.runs import eval_dir
 
     heldout = settings.get("ts_heldout", 0)
     if not heldout or "ts" in record:
@@ -171,12 +170,41 @@ def _with_temperature(record: dict[str, Any], run_dir: Path, settings: dict[str,
     scaled = {r["task"]: r for r in bl.calibrate(run_dir, heldout=heldout, overwrite=True, progress=False)}
     own = scaled[record["task"]]
     record = {**record, "ts": {**metrics_row(own), "temperature": own["temperature"]}}
-    predictions = record.setdefault("predictions", {})
-    predictions["ts"] = _rounded(load_predictions(Path(own["calibrated_from"] + "-ts")).probs)
     for ood_task, ood in record.get("ood", {}).items():
         ood["ts"] = metrics_row(scaled[ood_task])
-        target = eval_dir(run_dir, ood_task).with_name(eval_dir(run_dir, ood_task).name + "-ts")
-        predictions.setdefault("ood", {}).setdefault(ood_task, {})["ts"] = _rounded(load_predictions(target).probs)
+    _add_scaled_predictions(record, run_dir)
+    write_json_atomic(run_dir / "benchmark.json", record)
+    return record
+
+
+def _add_scaled_predictions(record: dict[str, Any], run_dir: Path) -> None:
+    """Put the temperature-scaled per-question probabilities of the run's evaluations (``eval/<task>-ts/``, on its
+    task and on every out-of-distribution one) in ``record["predictions"]``."""
+    from bayeslora.evaluation import load_predictions
+    from bayeslora.pipeline.calibrate import TS_SUFFIX
+    from bayeslora.runs import eval_dir
+
+    def scaled(task: str) -> list[list[float]]:
+        folder = eval_dir(run_dir, task)
+        return _rounded(load_predictions(folder.with_name(folder.name + TS_SUFFIX)).probs)
+
+    predictions = record.setdefault("predictions", {})
+    predictions["ts"] = scaled(record["task"])
+    for ood_task in record.get("ood", {}):
+        predictions.setdefault("ood", {}).setdefault(ood_task, {})["ts"] = scaled(ood_task)
+
+
+def _with_exact_predictions(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The record with its per-question probabilities read again from its run's evaluations if it kept them in an
+    older, lossy format (6 decimals: every probability below 5e-7 became 0, and an NLL recomputed from them was
+    that of the smallest float64), written back to the run's ``benchmark.json``."""
+    from bayeslora.io import write_json_atomic
+
+    if "predictions" not in record or record["predictions"].get("format") == PREDICTION_FORMAT:
+        return record
+    record = {**record, "predictions": _evaluation_records(run_dir, record["task"], settings)["predictions"]}
+    if "ts" in record:
+        _add_scaled_predictions(record, run_dir)
     write_json_atomic(run_dir / "benchmark.json", record)
     return record
 
@@ -203,9 +231,16 @@ def _with_posterior_width(record: dict[str, Any], run_dir: Path) -> dict[str, An
     return record
 
 
+#: How a record keeps its per-question probabilities (``predictions["format"]``): each to 6 significant digits.
+#: Records without it kept 6 decimals, which turned every probability below 5e-7 into 0.
+PREDICTION_FORMAT = "6 significant digits"
+
+
 def _rounded(probs) -> list[list[float]]:
-    """Per-question probabilities as lists, to 6 decimals (what the results file keeps)."""
-    return [[round(float(p), 6) for p in row] for row in probs.tolist()]
+    """Per-question probabilities as lists, each to 6 significant digits (what the results file keeps): a
+    relative error below 5e-6, so an NLL recomputed from them is within about 5e-6 nats of the evaluation's
+    however small the probability of the answer."""
+    return [[float(f"{p:.6g}") for p in row] for row in probs.tolist()]
 
 
 def _scored_members(results: list[dict[str, Any]], members: list[str], task: str) -> list[tuple]:
@@ -312,7 +347,11 @@ def _evaluation_records(run_dir: Path, task: str, settings: dict[str, Any]) -> d
 
     final = read_json(eval_dir(run_dir, task) / "metrics.json")
     own = load_predictions(eval_dir(run_dir, task))
-    predictions: dict[str, Any] = {"probs": _rounded(own.probs), "labels": own.labels.tolist()}
+    predictions: dict[str, Any] = {
+        "format": PREDICTION_FORMAT,
+        "probs": _rounded(own.probs),
+        "labels": own.labels.tolist(),
+    }
     added: dict[str, Any] = {
         "selective": {key: final.get(key) for key in ("aurc", "accuracy_at_coverage")},
         "uncertainty": {key: final.get(key) for key in ("mean_entropy", "mean_mutual_information")},
@@ -390,6 +429,7 @@ def _finish(run_dir: Path, record: dict[str, Any], settings: dict[str, Any], opt
     options the run was trained with, as it recorded them when it had them)."""
     from bayeslora.io import read_json
 
+    record = _with_exact_predictions(record, run_dir, settings)
     record = _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
     record = _with_posterior_width(record, run_dir)
     recorded = run_dir / OPTIONS_FILE
@@ -527,46 +567,99 @@ def _probs(result: dict[str, Any], which: str = "probs", ood_task: str | None = 
     return None if values is None else torch.tensor(values, dtype=torch.float64)
 
 
-def _side(results: list[dict[str, Any]], task: str, name: str) -> tuple[dict[int, Any], str]:
-    """Seed -> probabilities of a pair's side, ``variant`` or ``variant+ts`` (temperature-scaled)."""
+def _labels(result: dict[str, Any], ood_task: str | None = None):
+    """A result's per-question answers on its task or an out-of-distribution one."""
+    import torch
+
+    kept = result["predictions"]
+    return torch.tensor((kept if ood_task is None else kept["ood"][ood_task])["labels"])
+
+
+def _lossy(result: dict[str, Any], which: str, ood_task: str | None) -> bool:
+    """Whether a result's kept probabilities miss its evaluation's NLL by more than 1e-3 nats (a record kept in
+    the old 6-decimal format with answers of probability below 5e-7): its per-question NLL is not known."""
+    from bayeslora.evaluation.metrics import negative_log_likelihood
+
+    if (result.get("predictions") or {}).get("format") == PREDICTION_FORMAT:
+        return False
+    if ood_task is None:
+        recorded = (result["ts"] if which == "ts" else result["final"])["nll"]
+    else:
+        recorded = (result["ood"][ood_task]["ts"] if which == "ts" else result["ood"][ood_task])["nll"]
+    return abs(negative_log_likelihood(_probs(result, which, ood_task), _labels(result, ood_task)) - recorded) > 1e-3
+
+
+def _side(results: list[dict[str, Any]], task: str, name: str, ood_task: str | None = None) -> dict[int, Any]:
+    """Seed -> the run of a pair's side, ``variant`` or ``variant+ts`` (temperature-scaled), that keeps its
+    probabilities on ``ood_task`` (default: the training task): ``(probs, labels, lossy)``."""
     variant, _, scaled = name.partition("+")
-    rows = [r for r in results if r["task"] == task and r["variant"] == variant]
-    return {r["seed"]: _probs(r, "ts" if scaled else "probs") for r in rows}, variant
+    which = "ts" if scaled else "probs"
+    return {
+        r["seed"]: (probs, _labels(r, ood_task), _lossy(r, which, ood_task))
+        for r in results
+        if r["task"] == task and r["variant"] == variant and (probs := _probs(r, which, ood_task)) is not None
+    }
 
 
-def intervals_section(results: list[dict[str, Any]], pairs: list[str]) -> list[str]:
-    """Markdown: for each task and pair ``a:b``, the seed mean of a − b of accuracy, ECE and NLL with its 95 %
-    paired-bootstrap interval over the questions (resampled once for all seeds), on the seeds both have."""
+def _pair_row(task: str, ood_task: str | None, a_name: str, b_name: str, a: dict, b: dict) -> str | None:
+    """One row of the paired differences (None without a seed both sides have): the NLL's cell is left out where
+    a side's kept probabilities do not reproduce its NLL."""
     import torch
 
     from bayeslora.evaluation.significance import paired_bootstrap_seeds
 
+    seeds = sorted(s for s in a if s in b)
+    if not seeds:
+        return None
+    if differing := [s for s in seeds if not torch.equal(a[s][1], b[s][1])]:
+        raise ValueError(
+            f"{task} {ood_task or ''}: {a_name} and {b_name} were evaluated on other questions at seed(s) "
+            f"{differing}: a paired difference needs the same questions (evaluate both with the same --eval-size)"
+        )
+    cells = []
+    for metric, scale, digits in (("accuracy", 100, 1), ("ece", 100, 1), ("nll", 1, 3)):
+        if metric == "nll" and any(a[s][2] or b[s][2] for s in seeds):
+            cells.append("– (kept probabilities lossy)")
+            continue
+        d = paired_bootstrap_seeds([a[s][0] for s in seeds], [b[s][0] for s in seeds], a[seeds[0]][1], metric)
+        mark = " **" if d.excludes_zero else ""
+        cells.append(
+            f"{scale * d.difference:+.{digits}f} [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]{mark}"
+        )
+    where = task if ood_task is None else f"{task} → {ood_task}"
+    return f"| {where} | {a_name} − {b_name} | {' '.join(map(str, seeds))} | " + " | ".join(cells) + " |"
+
+
+def intervals_section(results: list[dict[str, Any]], pairs: list[str], families: Sequence[str] = ()) -> list[str]:
+    """Markdown: for each task and pair ``a:b``, the seed mean of a − b of accuracy, ECE and NLL with its 95 %
+    paired-bootstrap interval over the questions (resampled once for all seeds), on the seeds both have; then the
+    same on every out-of-distribution task both sides were evaluated on (trained on the task, evaluated there).
+    A side named after one of the ``--select`` ``families`` is the variant chosen for the task."""
+    choices = family_choices(results, list(families))
+
+    def chosen(task: str, name: str) -> str:
+        variant, plus, scaled = name.partition("+")
+        return choices.get((task, variant), variant) + plus + scaled
+
     lines = []
     for task in sorted({r["task"] for r in results}):
-        for pair in pairs:
-            a_name, _, b_name = pair.partition(":")
-            a, _ = _side(results, task, a_name)
-            b, _ = _side(results, task, b_name)
-            seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
-            if not seeds:
-                continue
-            labels_row = next(r for r in results if r["task"] == task and r["variant"] == a_name.partition("+")[0])
-            labels = torch.tensor(labels_row["predictions"]["labels"])
-            cells = []
-            for metric, scale, digits in (("accuracy", 100, 1), ("ece", 100, 1), ("nll", 1, 3)):
-                d = paired_bootstrap_seeds([a[s] for s in seeds], [b[s] for s in seeds], labels, metric)
-                mark = " **" if d.excludes_zero else ""
-                cells.append(
-                    f"{scale * d.difference:+.{digits}f} [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]"
-                    f"{mark}"
-                )
-            lines.append(f"| {task} | {a_name} − {b_name} | {' '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+        ood_tasks = sorted(
+            {t for r in results if r["task"] == task for t in (r.get("predictions") or {}).get("ood", {})}
+        )
+        for ood_task in [None, *ood_tasks]:
+            for pair in pairs:
+                a_name, b_name = (chosen(task, name) for name in pair.split(":", 1))
+                a, b = _side(results, task, a_name, ood_task), _side(results, task, b_name, ood_task)
+                if (row := _pair_row(task, ood_task, a_name, b_name, a, b)) is not None:
+                    lines.append(row)
     if not lines:
         return []
     return [
         "",
         "Paired differences, seed means, with 95 % bootstrap intervals over the questions (resampled once for all "
-        "seeds); ** where the interval excludes 0, the only differences to read as real:",
+        "seeds); ** where the interval excludes 0, the only differences to read as real. `task → other`: trained on "
+        "the task, evaluated on the other (+ts: with the temperature fitted on the training task's held-out "
+        "questions):",
         "",
         "| task | difference | seeds | accuracy (pts) | ECE (pts) | NLL |",
         "|---|---|---|---|---|---|",
@@ -744,7 +837,7 @@ def summarize(results: list[dict[str, Any]], settings: dict[str, Any], variants:
                 f"{c['melora_minus_lora_acc_points']:+.1f} {'✓' if c['acc_within_1pt_of_lora'] else '✗'} |"
             )
     lines += selection_section(results, settings.get("select", []))
-    lines += intervals_section(results, settings.get("pairs", []))
+    lines += intervals_section(results, settings.get("pairs", []), settings.get("select", []))
     lines += ood_section(results, keys)
     lines += selective_section(results, keys)
     lines += posterior_width_section(results, keys)
@@ -827,8 +920,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="A:B",
-        help="Differences to give paired intervals for, as variant names (b+ts: b temperature-scaled), e.g. "
-        "melora:lora+ts.",
+        help="Differences to give paired intervals for, as variant names or --select family names (the family's "
+        "chosen variant for the task; b+ts: b temperature-scaled), e.g. melora-free:lora+ts.",
     )
     parser.add_argument(
         "--ood-tasks",

@@ -9,7 +9,8 @@
 #   benchmarks/evidence.sh seeds       # seeds 2 and 3 of the fixed variants, held-out Laplace and, of each
 #                                      # searched family, the variant `select` chose for the task (lowest held-out
 #                                      # NLL at seed 1; refused until seed 1 of every member is finished)
-#   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions
+#   benchmarks/evidence.sh tabulate    # benchmarks/results/calibration/evidence.{md,json} and its predictions, with
+#                                      # the paired intervals of the differences the README reads (or PAIRS="a:b ...")
 #   benchmarks/evidence.sh all         # select, seeds, widths, tabulate in turn (what is finished is not redone)
 #   benchmarks/evidence.sh widths      # Me-LoRA (the chosen variant of the free, unit and log-uniform families,
 #                                      # or WIDTHS="name ...") on 80 and 1,280 ARC-Easy questions (320 is
@@ -62,8 +63,10 @@ case "${1:-select}" in
     # the posterior width of each size (the 320-question runs are select's), from the runs' records
     exec $PY benchmarks/calibration.py --tag evidence --table posterior-width-by-size --tasks arc-easy \
         --heldout-eval 200 --seeds 1 --tabulate --variants "${TABLE[@]}" ;;
+  # the differences the README reads (PAIRS: others), each family standing for the variant it chose on the task
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
-                 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" ${PAIRS:+--pairs $PAIRS} ;;
+                 --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" \
+                 --pairs ${PAIRS:-melora-free:blob melora-free:lora melora-free:lora+ts melora-free:lora-es} ;;
   all)      for mode in select seeds widths tabulate; do bash "$0" "$mode"; done ;;
   *) echo "usage: $0 select|seeds|tabulate|widths|all" >&2; exit 2 ;;
 esac

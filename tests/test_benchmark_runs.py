@@ -355,3 +355,68 @@ def test_the_selection_table_says_when_a_choice_waits_for_members():
     assert "| t | a | a-lo (best so far: 1 of 2) | 1.200 |" in partial and "**chosen**" not in partial
     complete = "\n".join(selection_section([record("a-lo", 1.2), record("a-hi", 0.9)], ["a=a-lo,a-hi"]))
     assert "| t | a | a-hi **chosen** | 0.900 |" in complete and "| t | a | a-lo | 1.200 |" in complete
+
+
+def test_kept_probabilities_keep_their_relative_precision_however_small():
+    """6 significant digits, not 6 decimals: an answer's probability of 1e-9 would have become 0 (an NLL of 745
+    nats for that question instead of 20.7)."""
+    from calibration import _rounded
+
+    probs = torch.tensor([[1 - 1.234567e-9 - 0.3, 1.234567e-9, 0.3]], dtype=torch.float64)
+    kept = torch.tensor(_rounded(probs), dtype=torch.float64)
+    assert torch.allclose(kept, probs, rtol=5e-6, atol=0)
+    assert abs(kept[0, 1].log() - probs[0, 1].log()) < 1e-5
+
+
+def test_a_runs_record_in_the_lossy_format_reads_its_probabilities_again_from_the_run(tiny_llama_dir, tmp_path):
+    """A finished run whose record kept 6 decimals gets its per-question probabilities from its evaluation again
+    (the table's paired NLL needs them exact), in the record and in the run's benchmark.json."""
+    from _toy_models import train_toy
+    from bayeslora.evaluation import load_predictions
+    from calibration import PREDICTION_FORMAT, _with_exact_predictions
+
+    task, run = write_word_task(tmp_path / "toy.jsonl", 8), tmp_path / "lora"
+    train_toy(tiny_llama_dir, task, run, method="lora")
+    exact = load_predictions(eval_dir(run, "toy")).probs
+    old = {"task": "toy", "predictions": {"probs": [[round(float(p), 6) for p in row] for row in exact.tolist()]}}
+    record = _with_exact_predictions(old, run, {})
+    assert record["predictions"]["format"] == PREDICTION_FORMAT
+    assert torch.allclose(torch.tensor(record["predictions"]["probs"], dtype=torch.float64), exact.double(), rtol=5e-6)
+    assert read_json(run / "benchmark.json") == record
+    assert _with_exact_predictions(record, tmp_path / "gone", {}) is record  # already exact: the run is not read
+
+
+def _kept(variant: str, probs: list, labels: list, nll: float, exact: bool) -> dict:
+    from calibration import PREDICTION_FORMAT
+
+    predictions = {"probs": probs, "labels": labels, **({"format": PREDICTION_FORMAT} if exact else {})}
+    return {"task": "t", "variant": variant, "seed": 1, "final": {"nll": nll}, "predictions": predictions}
+
+
+def test_a_paired_nll_is_left_out_where_kept_probabilities_do_not_reproduce_it():
+    """An old record whose answer's probability was rounded to 0 (its NLL was 14.5 for that question, not 690)
+    gets no NLL interval; accuracy and ECE, which rounding does not move, keep theirs."""
+    from calibration import intervals_section
+
+    labels = [0, 1, 0, 1]
+    sure = [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]]
+    a = _kept("a", sure, labels, 0.30, exact=True)
+    lossy = _kept("b", [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [1.0, 0.0]], labels, 3.72, exact=False)
+    (row,) = [line for line in intervals_section([a, lossy], ["a:b"]) if line.startswith("| t |")]
+    assert row.endswith("| – (kept probabilities lossy) |") and row.count("[") == 2
+    exact_b = _kept("b", [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.9999999, 1e-7]], labels, 4.1, exact=True)
+    (row,) = [line for line in intervals_section([a, exact_b], ["a:b"]) if line.startswith("| t |")]
+    assert row.count("[") == 3 and "lossy" not in row
+    other_questions = _kept("b", sure, [1, 1, 0, 1], 0.5, exact=True)
+    with pytest.raises(ValueError, match="other questions"):
+        intervals_section([a, other_questions], ["a:b"])
+
+
+def test_a_pairs_side_named_after_a_family_is_the_variant_it_chose_on_the_task():
+    from calibration import intervals_section
+
+    labels, probs = [0, 1], [[0.9, 0.1], [0.2, 0.8]]
+    lo, hi, b = (_kept(v, probs, labels, 0.16, exact=True) for v in ("a-lo", "a-hi", "b"))
+    lo["heldout"], hi["heldout"] = {"nll": 0.9, "accuracy": 1, "ece": 0}, {"nll": 0.7, "accuracy": 1, "ece": 0}
+    rows = [line for line in intervals_section([lo, hi, b], ["a:b"], ["a=a-lo,a-hi"]) if line.startswith("| t |")]
+    assert [row.split(" | ")[1] for row in rows] == ["a-hi − b"]

@@ -59,13 +59,16 @@ def finished_or_stored(
     options: dict[str, Any],
     ood_tasks: Sequence[str] = (),
     needs: Sequence[str] = (),
+    refresh: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """(label, record or None) of a configuration, what ``run_benchmark(finished=...)`` takes (``--tabulate``):
     its run's ``benchmark.json`` under ``settings["root"]`` if the run was made with ``options`` (the recipe, the
-    defaults of now, every OOD task), else its record in the record store ``settings["store"]`` under the same
-    conditions and with every key in ``needs``."""
+    defaults of now, every OOD task), passed through ``refresh(record, run_dir)`` if given, else its record in the
+    record store ``settings["store"]`` under the same conditions and with every key in ``needs``."""
     run_dir = run_directory(settings["root"], task, variant, seed)
     record = finished_record(run_dir, variant, ood_tasks, options)
+    if record is not None and refresh is not None:
+        record = refresh(record, run_dir)
     if record is None:
         record = RecordStore(Path(settings["store"])).load(run_dir, variant, options, ood_tasks, needs)
     return f"{task} {variant.name} seed {seed}", record

@@ -196,8 +196,9 @@ def _add_scaled_predictions(record: dict[str, Any], run_dir: Path) -> None:
 
 def _with_exact_predictions(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The record with its per-question probabilities read again from its run's evaluations if it kept them in an
-    older, lossy format (6 decimals: every probability below 5e-7 became 0, and an NLL recomputed from them was
-    that of the smallest float64), written back to the run's ``benchmark.json``."""
+    older, lossy format (6 decimals: every probability below 5e-7 became 0, so that an NLL recomputed from them was
+    that of the smallest float64, and the small ones that stayed were off by up to half their value), written back
+    to the run's ``benchmark.json``."""
     from bayeslora.io import write_json_atomic
 
     if "predictions" not in record or record["predictions"].get("format") == PREDICTION_FORMAT:
@@ -419,21 +420,33 @@ def _added_evaluations(settings: dict[str, Any]) -> list[str]:
 
 
 def stored_or_finished(task: str, variant: Variant, seed: int, settings: dict[str, Any]) -> tuple[str, Any]:
-    """(label, record or None) of a configuration for ``--tabulate``: its run's record, else the stored one."""
+    """(label, record or None) of a configuration for ``--tabulate``: its run's record (with its probabilities read
+    again from the run if it kept them lossily, and so stored), else the stored one."""
     options, ood = run_options(task, variant, seed, settings), settings.get("ood", {}).get(task, ())
-    return finished_or_stored(settings, task, variant, seed, options, ood, _added_evaluations(settings))
+
+    def exact(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        if (refreshed := _with_exact_predictions(record, run_dir, settings)) is not record:
+            _save(run_dir, refreshed, settings, options)
+        return refreshed
+
+    return finished_or_stored(settings, task, variant, seed, options, ood, _added_evaluations(settings), exact)
+
+
+def _save(run_dir: Path, record: dict[str, Any], settings: dict[str, Any], options: dict[str, Any]) -> None:
+    """Keep the run's record in the record store, with the options the run was trained with (as it recorded them
+    when it had them)."""
+    from bayeslora.io import read_json
+
+    recorded = run_dir / OPTIONS_FILE
+    _store(settings).save(run_dir, record, read_json(recorded) if recorded.is_file() else options)
 
 
 def _finish(run_dir: Path, record: dict[str, Any], settings: dict[str, Any], options: dict[str, Any]) -> dict:
-    """The record with its held-out and temperature-scaled evaluations, also kept in the record store (with the
-    options the run was trained with, as it recorded them when it had them)."""
-    from bayeslora.io import read_json
-
+    """The record with its held-out and temperature-scaled evaluations, also kept in the record store."""
     record = _with_exact_predictions(record, run_dir, settings)
     record = _with_temperature(with_heldout(record, run_dir, settings), run_dir, settings)
     record = _with_posterior_width(record, run_dir)
-    recorded = run_dir / OPTIONS_FILE
-    _store(settings).save(run_dir, record, read_json(recorded) if recorded.is_file() else options)
+    _save(run_dir, record, settings, options)
     return record
 
 
@@ -611,10 +624,11 @@ def _pair_row(task: str, ood_task: str | None, a_name: str, b_name: str, a: dict
     seeds = sorted(s for s in a if s in b)
     if not seeds:
         return None
-    if differing := [s for s in seeds if not torch.equal(a[s][1], b[s][1])]:
+    if differing := [s for s in seeds for side in (a, b) if not torch.equal(side[s][1], a[seeds[0]][1])]:
         raise ValueError(
-            f"{task} {ood_task or ''}: {a_name} and {b_name} were evaluated on other questions at seed(s) "
-            f"{differing}: a paired difference needs the same questions (evaluate both with the same --eval-size)"
+            f"{task} {ood_task or ''}: {a_name} − {b_name}: seed(s) {sorted(set(differing))} were evaluated on other "
+            "questions than the rest: a paired difference needs the same questions (evaluate all with the same "
+            "--eval-size)"
         )
     cells = []
     for metric, scale, digits in (("accuracy", 100, 1), ("ece", 100, 1), ("nll", 1, 3)):
@@ -635,11 +649,16 @@ def intervals_section(results: list[dict[str, Any]], pairs: list[str], families:
     paired-bootstrap interval over the questions (resampled once for all seeds), on the seeds both have; then the
     same on every out-of-distribution task both sides were evaluated on (trained on the task, evaluated there).
     A side named after one of the ``--select`` ``families`` is the variant chosen for the task."""
-    choices = family_choices(results, list(families))
+    choices, members = family_choices(results, list(families)), dict(parse_families(list(families)))
 
-    def chosen(task: str, name: str) -> str:
+    def chosen(task: str, name: str) -> tuple[str, str]:
+        """(variant name, its label in the table) of a pair's side."""
         variant, plus, scaled = name.partition("+")
-        return choices.get((task, variant), variant) + plus + scaled
+        if (task, variant) not in choices:
+            return name, name
+        scored, size = len(_scored_members(results, members[variant], task)), len(members[variant])
+        name = choices[task, variant] + plus + scaled
+        return name, name + (f" (best so far: {scored} of {size})" if scored < size else "")
 
     lines = []
     for task in sorted({r["task"] for r in results}):
@@ -648,9 +667,9 @@ def intervals_section(results: list[dict[str, Any]], pairs: list[str], families:
         )
         for ood_task in [None, *ood_tasks]:
             for pair in pairs:
-                a_name, b_name = (chosen(task, name) for name in pair.split(":", 1))
+                (a_name, a_label), (b_name, b_label) = (chosen(task, name) for name in pair.split(":", 1))
                 a, b = _side(results, task, a_name, ood_task), _side(results, task, b_name, ood_task)
-                if (row := _pair_row(task, ood_task, a_name, b_name, a, b)) is not None:
+                if (row := _pair_row(task, ood_task, a_label, b_label, a, b)) is not None:
                     lines.append(row)
     if not lines:
         return []
@@ -939,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if unpaired := [pair for pair in args.pairs if pair.count(":") != 1]:
+        parser.error(f"--pairs takes A:B (a difference A − B), not {', '.join(unpaired)}")
     variants = [parse_variant(v) for v in args.variants]
     settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out", "tabulate", "ood_tasks", "table")}
     settings["ood"] = {spec.partition("=")[0]: spec.partition("=")[2].split(",") for spec in args.ood_tasks}

@@ -368,55 +368,140 @@ def test_kept_probabilities_keep_their_relative_precision_however_small():
     assert abs(kept[0, 1].log() - probs[0, 1].log()) < 1e-5
 
 
-def test_a_runs_record_in_the_lossy_format_reads_its_probabilities_again_from_the_run(tiny_llama_dir, tmp_path):
-    """A finished run whose record kept 6 decimals gets its per-question probabilities from its evaluation again
-    (the table's paired NLL needs them exact), in the record and in the run's benchmark.json."""
+def _evaluation_like(run: Path, source: str, task: str, generator: torch.Generator) -> torch.Tensor:
+    """A copy of the run's evaluation on ``source`` as one on ``task``, with other probabilities (so that reading
+    the wrong folder shows)."""
+    from safetensors.torch import save_file
+
+    from bayeslora.evaluation.evaluate import PREDICTIONS_FILE
+
+    shutil.copytree(eval_dir(run, source), eval_dir(run, task))
+    labels = load_file(str(eval_dir(run, source) / PREDICTIONS_FILE))["labels"]
+    probs = torch.randn(labels.shape[0], 2, generator=generator).mul(8).softmax(-1)
+    save_file({"probs": probs, "labels": labels}, str(eval_dir(run, task) / PREDICTIONS_FILE))
+    return probs
+
+
+def test_a_runs_record_in_the_lossy_format_reads_its_probabilities_again_from_the_run(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """A finished run whose record kept 6 decimals gets every per-question probability (its task, an
+    out-of-distribution one, both temperature-scaled) from its evaluations again, in the record, the run's
+    benchmark.json and, when a table reads the run, the record store."""
+    import calibration
     from _toy_models import train_toy
     from bayeslora.evaluation import load_predictions
     from calibration import PREDICTION_FORMAT, _with_exact_predictions
 
     task, run = write_word_task(tmp_path / "toy.jsonl", 8), tmp_path / "lora"
     train_toy(tiny_llama_dir, task, run, method="lora")
-    exact = load_predictions(eval_dir(run, "toy")).probs
-    old = {"task": "toy", "predictions": {"probs": [[round(float(p), 6) for p in row] for row in exact.tolist()]}}
+    generator = torch.Generator().manual_seed(0)
+    expected = {"own": load_predictions(eval_dir(run, "toy")).probs}
+    for name, source, target in (("ts", "toy", "toy-ts"), ("ood", "toy", "other"), ("ood-ts", "toy", "other-ts")):
+        expected[name] = _evaluation_like(run, source, target, generator)
+    metrics = read_json(eval_dir(run, "toy") / "metrics.json")
+    write_json_atomic(eval_dir(run, "toy") / "metrics.json", {**metrics, "ood": {"other": {"auroc_entropy": 0.5}}})
+
+    def lossy(probs: torch.Tensor) -> list:
+        return [[round(float(p), 6) for p in row] for row in probs.tolist()]
+
+    old = {
+        "task": "toy",
+        "ts": {"nll": 1.0},
+        "ood": {"other": {"nll": 1.0}},
+        "predictions": {"probs": lossy(expected["own"]), "ts": lossy(expected["ts"]), "ood": {"other": {}}},
+    }
     record = _with_exact_predictions(old, run, {})
-    assert record["predictions"]["format"] == PREDICTION_FORMAT
-    assert torch.allclose(torch.tensor(record["predictions"]["probs"], dtype=torch.float64), exact.double(), rtol=5e-6)
+    kept = record["predictions"]
+    assert kept["format"] == PREDICTION_FORMAT
+    assert kept["labels"] == load_predictions(eval_dir(run, "toy")).labels.tolist()
+    for name, values in (("own", kept["probs"]), ("ts", kept["ts"]), ("ood", kept["ood"]["other"]["probs"]),
+                         ("ood-ts", kept["ood"]["other"]["ts"])):  # fmt: skip
+        assert torch.allclose(torch.tensor(values, dtype=torch.float64), expected[name].double(), rtol=5e-6), name
+    assert record["ood"] == old["ood"] and record["ts"] == old["ts"]
     assert read_json(run / "benchmark.json") == record
     assert _with_exact_predictions(record, tmp_path / "gone", {}) is record  # already exact: the run is not read
 
+    # a table reading the run: the record it gets, and the store, hold the exact probabilities
+    saved = []
+    monkeypatch.setattr(calibration, "_save", lambda run_dir, record, *_: saved.append((run_dir, record)))
+    monkeypatch.setattr(calibration, "run_options", lambda *_: {})
+    monkeypatch.setattr(
+        calibration, "finished_or_stored", lambda *args: ("label", args[-1](old, run))
+    )  # what finished_or_stored does with a run's record
+    _, tabulated = calibration.stored_or_finished("toy", Variant("lora", "lora", {}), 1, {})
+    assert tabulated["predictions"]["format"] == PREDICTION_FORMAT and saved == [(run, tabulated)]
 
-def _kept(variant: str, probs: list, labels: list, nll: float, exact: bool) -> dict:
+
+def test_a_runs_record_is_refreshed_only_when_it_comes_from_the_run(monkeypatch, tmp_path):
+    import _shared
+
+    settings = {"root": str(tmp_path / "runs"), "store": str(tmp_path / "records")}
+    variant = Variant("lora", "lora", {})
+    monkeypatch.setattr(_shared, "finished_record", lambda *_: {"from": "run"})
+    refreshed = _shared.finished_or_stored(settings, "t", variant, 1, {}, refresh=lambda r, d: {**r, "at": d.name})
+    assert refreshed[1] == {"from": "run", "at": "t-lora-seed1"}
+    monkeypatch.setattr(_shared, "finished_record", lambda *_: None)
+    assert _shared.finished_or_stored(settings, "t", variant, 1, {}, refresh=lambda r, d: 1 / 0)[1] is None
+
+
+def _kept(variant: str, probs: list, labels: list, nll: float, exact: bool, **more) -> dict:
     from calibration import PREDICTION_FORMAT
 
     predictions = {"probs": probs, "labels": labels, **({"format": PREDICTION_FORMAT} if exact else {})}
-    return {"task": "t", "variant": variant, "seed": 1, "final": {"nll": nll}, "predictions": predictions}
+    return {"task": "t", "variant": variant, "seed": 1, "final": {"nll": nll}, "predictions": predictions, **more}
+
+
+def _rows(section: list[str]) -> dict[str, str]:
+    """{`task | difference` cells: the row} of an intervals section."""
+    return {
+        " | ".join(line.split(" | ")[:2]).lstrip("| "): line for line in section if line.startswith(("| t |", "| t → "))
+    }
 
 
 def test_a_paired_nll_is_left_out_where_kept_probabilities_do_not_reproduce_it():
     """An old record whose answer's probability was rounded to 0 (its NLL was 14.5 for that question, not 690)
-    gets no NLL interval; accuracy and ECE, which rounding does not move, keep theirs."""
+    gets no NLL interval, on its task, temperature-scaled, or out of distribution; accuracy and ECE, which rounding
+    does not move, keep theirs; an old record whose probabilities reproduce its NLL keeps its NLL interval."""
+    from bayeslora.evaluation.metrics import negative_log_likelihood
     from calibration import intervals_section
 
     labels = [0, 1, 0, 1]
     sure = [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]]
-    a = _kept("a", sure, labels, 0.30, exact=True)
-    lossy = _kept("b", [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [1.0, 0.0]], labels, 3.72, exact=False)
-    (row,) = [line for line in intervals_section([a, lossy], ["a:b"]) if line.startswith("| t |")]
-    assert row.endswith("| – (kept probabilities lossy) |") and row.count("[") == 2
-    exact_b = _kept("b", [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.9999999, 1e-7]], labels, 4.1, exact=True)
-    (row,) = [line for line in intervals_section([a, exact_b], ["a:b"]) if line.startswith("| t |")]
-    assert row.count("[") == 3 and "lossy" not in row
+    rounded = [[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [1.0, 0.0]]  # the answer's 3e-7 kept as 0
+
+    def nll(probs: list) -> float:
+        return negative_log_likelihood(torch.tensor(probs), torch.tensor(labels))
+
+    ood = {"o": {"probs": sure, "ts": rounded, "labels": labels}}
+    a = _kept("a", sure, labels, nll(sure), exact=True, ts={"nll": nll(sure)})
+    a["predictions"].update(ts=sure, ood=ood)
+    b = _kept("b", rounded, labels, 3.72, exact=False, ts={"nll": nll(sure)},
+              ood={"o": {"nll": nll(sure), "ts": {"nll": 3.72}}})  # fmt: skip
+    b["predictions"].update(ts=sure, ood=ood)
+    rows = _rows(intervals_section([a, b], ["a:b", "a:b+ts"]))
+    lossy = ["t | a − b", "t → o | a − b+ts"]
+    exact = ["t | a − b+ts", "t → o | a − b"]
+    assert sorted(rows) == sorted(lossy + exact)
+    for key in lossy:
+        assert rows[key].endswith("| – (kept probabilities lossy) |") and rows[key].count("[") == 2, key
+    for key in exact:
+        assert rows[key].count("[") == 3 and "lossy" not in rows[key], key
+    reproduced = _kept("b", sure, labels, nll(sure), exact=False)
+    assert _rows(intervals_section([a, reproduced], ["a:b"]))["t | a − b"].count("[") == 3
     other_questions = _kept("b", sure, [1, 1, 0, 1], 0.5, exact=True)
     with pytest.raises(ValueError, match="other questions"):
         intervals_section([a, other_questions], ["a:b"])
 
 
-def test_a_pairs_side_named_after_a_family_is_the_variant_it_chose_on_the_task():
+def test_a_pairs_side_named_after_a_family_is_the_variant_it_chose_on_held_out_questions():
+    """The choice is the member with the lowest held-out NLL (a-hi here), not the lowest evaluation NLL (a-lo);
+    before every member is in, the row says the choice may change."""
     from calibration import intervals_section
 
     labels, probs = [0, 1], [[0.9, 0.1], [0.2, 0.8]]
-    lo, hi, b = (_kept(v, probs, labels, 0.16, exact=True) for v in ("a-lo", "a-hi", "b"))
+    lo, hi, b = (_kept(v, probs, labels, nll, exact=True) for v, nll in (("a-lo", 0.1), ("a-hi", 0.5), ("b", 0.2)))
     lo["heldout"], hi["heldout"] = {"nll": 0.9, "accuracy": 1, "ece": 0}, {"nll": 0.7, "accuracy": 1, "ece": 0}
-    rows = [line for line in intervals_section([lo, hi, b], ["a:b"], ["a=a-lo,a-hi"]) if line.startswith("| t |")]
-    assert [row.split(" | ")[1] for row in rows] == ["a-hi − b"]
+    assert list(_rows(intervals_section([lo, hi, b], ["a:b"], ["a=a-lo,a-hi"]))) == ["t | a-hi − b"]
+    partial = _rows(intervals_section([lo, b], ["a:b"], ["a=a-lo,a-hi"]))
+    assert list(partial) == ["t | a-lo (best so far: 1 of 2) − b"]

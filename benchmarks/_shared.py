@@ -364,6 +364,23 @@ def with_heldout(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]
     return record
 
 
+#: How a benchmark record keeps its per-question probabilities (``predictions["format"]``): each to 6 significant
+#: digits. Records without it kept 6 decimals, which turned every probability below 5e-7 into 0.
+PREDICTION_FORMAT = "6 significant digits"
+
+
+def lossy_probabilities(kept_format: str | None, probs: Any, labels: Any, recorded_nll: float) -> bool:
+    """Whether per-question probabilities (``probs``: (n, k) tensor, ``labels``: (n,)) that a record kept in
+    ``kept_format`` miss the NLL their evaluation recorded, −(1/n)·Σᵢ log pᵢ,yᵢ, by more than 1e-3 nats: a record of
+    the old 6-decimal format with answers of probability below 5e-7, whose per-question NLL is not known. Records
+    in :data:`PREDICTION_FORMAT` are exact."""
+    from bayeslora.evaluation.metrics import negative_log_likelihood
+
+    if kept_format == PREDICTION_FORMAT:
+        return False
+    return abs(negative_log_likelihood(probs, labels) - recorded_nll) > 1e-3
+
+
 def interval_text(difference: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
     """``+d [low, high]`` of a paired difference (``PairedDifference.to_dict()``), times ``scale`` (100: points)."""
     values = (scale * difference[key] for key in ("difference", "low", "high"))

@@ -52,11 +52,13 @@ from typing import Any
 
 from _shared import (
     OPTIONS_FILE,
+    PREDICTION_FORMAT,
     TABULATE_HELP,
     RecordStore,
     Variant,
     finished_or_stored,
     finished_record,
+    lossy_probabilities,
     mean_std,
     metrics_row,
     parse_variant,
@@ -230,11 +232,6 @@ def _with_posterior_width(record: dict[str, Any], run_dir: Path) -> dict[str, An
     record = {**record, "posterior_width": summarize_widths(posterior_widths(loaded.model))}
     write_json_atomic(run_dir / "benchmark.json", record)
     return record
-
-
-#: How a record keeps its per-question probabilities (``predictions["format"]``): each to 6 significant digits.
-#: Records without it kept 6 decimals, which turned every probability below 5e-7 into 0.
-PREDICTION_FORMAT = "6 significant digits"
 
 
 def _rounded(probs) -> list[list[float]]:
@@ -591,15 +588,14 @@ def _labels(result: dict[str, Any], ood_task: str | None = None):
 def _lossy(result: dict[str, Any], which: str, ood_task: str | None) -> bool:
     """Whether a result's kept probabilities miss its evaluation's NLL by more than 1e-3 nats (a record kept in
     the old 6-decimal format with answers of probability below 5e-7): its per-question NLL is not known."""
-    from bayeslora.evaluation.metrics import negative_log_likelihood
-
-    if (result.get("predictions") or {}).get("format") == PREDICTION_FORMAT:
+    kept_format = (result.get("predictions") or {}).get("format")
+    if kept_format == PREDICTION_FORMAT:  # exact: nothing to check (nor a recorded NLL needed)
         return False
     if ood_task is None:
         recorded = (result["ts"] if which == "ts" else result["final"])["nll"]
     else:
         recorded = (result["ood"][ood_task]["ts"] if which == "ts" else result["ood"][ood_task])["nll"]
-    return abs(negative_log_likelihood(_probs(result, which, ood_task), _labels(result, ood_task)) - recorded) > 1e-3
+    return lossy_probabilities(kept_format, _probs(result, which, ood_task), _labels(result, ood_task), recorded)
 
 
 def _side(results: list[dict[str, Any]], task: str, name: str, ood_task: str | None = None) -> dict[int, Any]:

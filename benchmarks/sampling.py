@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import evaluation_complete, in_fresh_process, interval_text, stale_defaults
+from _shared import evaluation_complete, in_fresh_process, interval_text, lossy_probabilities, stale_defaults
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,7 +163,8 @@ def quality(
     each OOD task) of the calibration benchmark's runs under ``root``, or of their records in the record store
     ``store`` for runs that are not on this machine; for ``all`` the runs of ``every_layer`` = (root, store,
     variant) if given. Each row with per-question predictions also has its paired 95 % bootstrap intervals
-    against the run of the same task and seed with the posterior in every layer (``minus_all``)."""
+    against the run of the same task and seed with the posterior in every layer (``minus_all``), but for the NLL
+    where a side's kept probabilities do not reproduce its recorded NLL (an old 6-decimal record)."""
     import torch
 
     from bayeslora.evaluation.significance import compare
@@ -203,21 +204,29 @@ def quality(
                     },
                     "predictions": record.get("predictions"),
                 }
+                if kept := row["predictions"]:
+                    probs = torch.tensor(kept["probs"], dtype=torch.float64)
+                    row["lossy"] = lossy_probabilities(
+                        kept.get("format"), probs, torch.tensor(kept["labels"]), final["nll"]
+                    )
                 rows.append(row)
-    everywhere = {(r["task"], r["seed"]): r["predictions"] for r in rows if r["bayesian_layers"] == "all"}
+    everywhere = {(r["task"], r["seed"]): r for r in rows if r["bayesian_layers"] == "all"}
     for row in rows:  # against the posterior in every layer, question by question
         theirs = everywhere.get((row["task"], row["seed"]))
-        if row["predictions"] and theirs:
+        if row["predictions"] and theirs and theirs["predictions"]:
             mine = row["predictions"]
-            if mine["labels"] != theirs["labels"]:
+            if mine["labels"] != theirs["predictions"]["labels"]:
                 raise RuntimeError(f"{row['task']} seed {row['seed']}: {row['bayesian_layers']} and all were evaluated "
                                    "on other questions")  # fmt: skip
             differences = compare(
-                torch.tensor(mine["probs"]), torch.tensor(theirs["probs"]), torch.tensor(mine["labels"])
+                torch.tensor(mine["probs"]), torch.tensor(theirs["predictions"]["probs"]), torch.tensor(mine["labels"])
             )
             row["minus_all"] = {metric: d.to_dict() for metric, d in differences.items()}
+            if row["lossy"] or theirs["lossy"]:  # the per-question NLL of a side is not known
+                del row["minus_all"]["nll"]
     for row in rows:
         del row["predictions"]
+        row.pop("lossy", None)
     return rows
 
 
@@ -366,7 +375,7 @@ def markdown(
             d = row.get("minus_all") if row["bayesian_layers"] != "all" else None
             deltas = (
                 f"{interval_text(d['accuracy'], 100, 1)} | {interval_text(d['ece'], 100, 1)} | "
-                f"{interval_text(d['nll'])}"
+                f"{interval_text(d['nll']) if 'nll' in d else '– (kept probabilities lossy)'}"
                 if d
                 else "– | – | –"
             )

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import sampling
+from _shared import PREDICTION_FORMAT
 from _toy_models import train_toy, write_word_task
 
 
@@ -93,7 +94,8 @@ def test_the_quality_table_compares_each_k_with_the_every_layer_run_question_by_
     def record(probs: list[list[float]], heldout_nll: float) -> dict:
         metrics = {"accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}
         heldout = {"accuracy": 0.5, "ece": 0.1, "nll": heldout_nll}
-        return {"seed": 1, "final": metrics, "heldout": heldout, "predictions": {"probs": probs, "labels": labels}}
+        kept = {"format": PREDICTION_FORMAT, "probs": probs, "labels": labels}
+        return {"seed": 1, "final": metrics, "heldout": heldout, "predictions": kept}
 
     head = [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]]
     every = [[0.6, 0.4], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
@@ -112,3 +114,38 @@ def test_the_quality_table_compares_each_k_with_the_every_layer_run_question_by_
     timing = {"eval_questions": 16, "samples": 10, "base_dtype": "bfloat16", "rounds": 1, "rows": []}
     text = sampling.markdown(timing, rows)
     assert "| arc-easy | lm_head only | 1 | 0.800 |" in text and "| arc-easy | all blocks | 1 | 0.900 |" in text
+
+
+def test_the_quality_table_gives_no_nll_interval_against_a_record_whose_kept_probabilities_are_lossy(tmp_path):
+    """An every-layer record kept in the old 6-decimal format, with an answer of probability below 5e-7 stored as 0,
+    does not reproduce its NLL: the paired NLL against it (which would be log(1e-300)-sized) is left out, the
+    accuracy and ECE intervals stay; an old-format record that does reproduce its NLL keeps its NLL interval."""
+    import torch
+
+    from bayeslora.evaluation.metrics import negative_log_likelihood
+    from bayeslora.io import write_json_atomic
+
+    labels = [0, 1, 1, 0]
+    head = [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]]
+    rounded = [[0.6, 0.4], [1.0, 0.0], [0.5, 0.5], [0.5, 0.5]]  # question 2's answer had probability 3e-7
+
+    def record(probs: list[list[float]], nll: float, exact: bool) -> dict:
+        metrics = {"accuracy": 0.5, "ece": 0.1, "nll": nll, "brier": 0.5}
+        kept = {"probs": probs, "labels": labels, **({"format": PREDICTION_FORMAT} if exact else {})}
+        return {"seed": 1, "final": metrics, "predictions": kept}
+
+    def nll_of(probs: list[list[float]]) -> float:
+        return float(negative_log_likelihood(torch.tensor(probs, dtype=torch.float64), torch.tensor(labels)))
+
+    true_nll = (-torch.tensor([0.6, 3e-7, 0.5, 0.5], dtype=torch.float64).log().mean()).item()
+    for every, nll, lossy in ((rounded, true_nll, True), (head, nll_of(head), False)):
+        write_json_atomic(tmp_path / "records" / "arc-easy-melora-last0-seed1.json", record(head, nll_of(head), True))
+        write_json_atomic(tmp_path / "evidence" / "arc-easy-every-seed1.json", record(every, nll, exact=False))
+        rows = sampling.quality(
+            tmp_path / "runs", tmp_path / "records", ["arc-easy"],
+            every_layer=(tmp_path / "no-runs", tmp_path / "evidence", "every"),
+        )  # fmt: skip
+        differences = rows[0]["minus_all"]
+        assert {"accuracy", "ece"} <= set(differences) and ("nll" not in differences) == lossy
+        timing = {"eval_questions": 16, "samples": 10, "base_dtype": "bfloat16", "rounds": 1, "rows": []}
+        assert ("– (kept probabilities lossy)" in sampling.markdown(timing, rows)) == lossy

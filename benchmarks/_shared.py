@@ -367,6 +367,8 @@ def with_heldout(record: dict[str, Any], run_dir: Path, settings: dict[str, Any]
 #: How a benchmark record keeps its per-question probabilities (``predictions["format"]``): each to 6 significant
 #: digits. Records without it kept 6 decimals, which turned every probability below 5e-7 into 0.
 PREDICTION_FORMAT = "6 significant digits"
+#: A table's NLL cell where a side's kept probabilities are lossy (:func:`lossy_probabilities`).
+LOSSY_CELL = "– (kept probabilities lossy)"
 
 
 def lossy_probabilities(kept_format: str | None, probs: Any, labels: Any, recorded_nll: float) -> bool:

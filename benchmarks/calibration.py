@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from _shared import (
+    LOSSY_CELL,
     OPTIONS_FILE,
     PREDICTION_FORMAT,
     TABULATE_HELP,
@@ -629,7 +630,7 @@ def _pair_row(task: str, ood_task: str | None, a_name: str, b_name: str, a: dict
     cells = []
     for metric, scale, digits in (("accuracy", 100, 1), ("ece", 100, 1), ("nll", 1, 3)):
         if metric == "nll" and any(a[s][2] or b[s][2] for s in seeds):
-            cells.append("– (kept probabilities lossy)")
+            cells.append(LOSSY_CELL)
             continue
         d = paired_bootstrap_seeds([a[s][0] for s in seeds], [b[s][0] for s in seeds], a[seeds[0]][1], metric)
         mark = " **" if d.excludes_zero else ""

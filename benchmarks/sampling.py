@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _shared import evaluation_complete, in_fresh_process, interval_text, lossy_probabilities, stale_defaults
+from _shared import (
+    LOSSY_CELL,
+    evaluation_complete,
+    in_fresh_process,
+    interval_text,
+    lossy_probabilities,
+    stale_defaults,
+)
 from bayeslora.io import read_json, write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -375,7 +382,7 @@ def markdown(
             d = row.get("minus_all") if row["bayesian_layers"] != "all" else None
             deltas = (
                 f"{interval_text(d['accuracy'], 100, 1)} | {interval_text(d['ece'], 100, 1)} | "
-                f"{interval_text(d['nll']) if 'nll' in d else '– (kept probabilities lossy)'}"
+                f"{interval_text(d['nll']) if 'nll' in d else LOSSY_CELL}"
                 if d
                 else "– | – | –"
             )

@@ -63,10 +63,12 @@ case "${1:-select}" in
     # the posterior width of each size (the 320-question runs are select's), from the runs' records
     exec $PY benchmarks/calibration.py --tag evidence --table posterior-width-by-size --tasks arc-easy \
         --heldout-eval 200 --seeds 1 --tabulate --variants "${TABLE[@]}" ;;
-  # the differences the README reads (PAIRS: others), each family standing for the variant it chose on the task
+  # the differences the README reads (PAIRS: others), each family standing for the variant it chose on the task;
+  # the last, unit against free factors, is what the identifiable parametrisation does
   tabulate) exec $PY benchmarks/calibration.py "${COMMON[@]}" --seeds 1 2 3 --tabulate \
                  --variants "${FIXED[@]}" "${SEARCHED[@]}" "${LAST[@]}" \
-                 --pairs ${PAIRS:-melora-free:blob melora-free:lora melora-free:lora+ts melora-free:lora-es} ;;
+                 --pairs ${PAIRS:-melora-free:blob melora-free:lora melora-free:lora+ts melora-free:lora-es
+                                  melora-unit:melora-free} ;;
   all)      for mode in select seeds widths tabulate; do bash "$0" "$mode"; done ;;
   *) echo "usage: $0 select|seeds|tabulate|widths|all" >&2; exit 2 ;;
 esac
